@@ -1,0 +1,1 @@
+"""medit core: hookspecs, plugin manager, requests, hparams, model handle, edits, scoring, evaluation."""

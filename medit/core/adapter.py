@@ -1,0 +1,72 @@
+"""Model-family adapters: map standard names to module paths (TransformerLens style).
+
+An adapter is registered by a family plugin and picked from ``config.model_type`` only.
+Standard names: ``layers``, ``mlp_in``, ``mlp_out`` (the rewrite module), ``attn``, ``ln_f``,
+``lm_head``, ``embed``. Per-layer paths contain ``{}`` for the layer index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+STANDARD_NAMES = ("layers", "mlp_in", "mlp_out", "attn", "ln_f", "lm_head", "embed")
+PER_LAYER = ("mlp_in", "mlp_out", "attn")
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    """A short model name users type (``llama-2-7b``): its hub id and an embedded config so that
+    ``--random-init`` works offline. ``local`` optionally resolves to a local file (e.g. a GGUF
+    shipped in an installed package); it returns None when unavailable."""
+
+    name: str
+    hub_id: str
+    config: dict[str, Any]
+    description: str = ""
+    local: Any = None  # Callable[[], tuple[str, str] | None]: (path or folder, gguf file name or "")
+    dtype: str = "float32"
+
+
+@dataclass
+class ModelAdapter:
+    """Base class for a model family. Subclasses set the class attributes."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    paths: ClassVar[dict[str, str]] = {}
+    #: GPT-2 style Conv1D stores weights as (in, out) instead of nn.Linear's (out, in).
+    transposed: ClassVar[bool] = False
+    encoder_decoder: ClassVar[bool] = False
+    #: config attribute holding the number of layers that the per-layer paths index.
+    n_layers_attr: ClassVar[str] = "num_hidden_layers"
+    aliases: ClassVar[tuple[ModelAlias, ...]] = ()
+    #: text inserted between a prompt and its target when the target does not start with a space.
+    target_sep: ClassVar[str] = " "
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, std: str, layer: int | None = None) -> str:
+        """Module path for a standard name (and layer, for per-layer names)."""
+        if std not in self.paths:
+            raise KeyError(f"{self.name} adapter has no module for {std!r}")
+        p = self.paths[std]
+        if "{}" in p:
+            if layer is None:
+                raise ValueError(f"{std!r} is per-layer; give a layer index")
+            return p.format(layer)
+        return p
+
+    def n_layers(self, config: Any) -> int:
+        return int(getattr(config, self.n_layers_attr))
+
+    def join(self, prompt: str, target: str) -> tuple[str, str]:
+        """Return (prompt, target) so that prompt + target is the natural text of the answer.
+
+        Causal models get a separating space inside the target (BPE tokens carry their leading
+        space); encoder-decoder models take the target on its own (it goes to the decoder).
+        """
+        if self.encoder_decoder:
+            return prompt, target.strip()
+        if target.startswith(" ") or prompt.endswith(" ") or not self.target_sep:
+            return prompt, target
+        return prompt, self.target_sep + target

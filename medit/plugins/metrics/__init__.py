@@ -1,0 +1,1 @@
+"""medit plugins."""
