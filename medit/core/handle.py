@@ -39,7 +39,7 @@ class ModelHandle:
     model_id: str = "model"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
-    _fingerprints: dict[Any, str] = field(default_factory=dict, repr=False)
+    _base_fingerprint: str = field(default="", repr=False)
 
     @property
     def config(self) -> Any:
@@ -80,30 +80,30 @@ class ModelHandle:
         return w.T if self.adapter.transposed else w
 
     def fingerprint(self, param_names: Iterable[str] | None = None) -> str:
-        """Stable id of this model: config + checksum of the given parameters (all if None)."""
-        names = tuple(sorted(param_names)) if param_names is not None else None
-        if names in self._fingerprints:
-            return self._fingerprints[names]
-        h = hashlib.sha256()
-        cfg = self.config.to_dict()
-        for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
-            cfg.pop(k, None)
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-        params = dict(self.model.named_parameters())
-        for n in names if names is not None else sorted(params):
-            t = params[n].detach()
-            h.update(n.encode())
-            # A strided sample plus the sum is cheap and still catches different weights.
-            flat = t.reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            h.update(flat[::step].float().cpu().numpy().tobytes())
-            h.update(str(float(t.double().sum())).encode())
-        fp = h.hexdigest()[:16]
-        self._fingerprints[names] = fp
-        return fp
+        """Stable id: model type + names, shapes and checksums of the given parameters' current values.
 
-    def invalidate_fingerprints(self) -> None:
-        self._fingerprints.clear()
+        With no names it covers every parameter and is computed once, on first use, so call it
+        before editing (the evaluation engine does) to get the fingerprint of the base model.
+        """
+        if param_names is None and self._base_fingerprint:
+            return self._base_fingerprint
+        h = hashlib.sha256()
+        # Names, shapes and values define the model; the config object is not hashed because
+        # transformers mutates it at run time (attention implementation, cache flags).
+        h.update(str(self.config.model_type).encode())
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n in sorted(param_names) if param_names is not None else sorted(params):
+                flat = params[n].detach().reshape(-1)
+                h.update(f"{n}{tuple(flat.shape)}{tuple(params[n].shape)}".encode())
+                # A strided sample plus the exact sum is cheap and still tells weights apart.
+                step = max(1, flat.numel() // 4096)
+                h.update(flat[::step].float().cpu().numpy().tobytes())
+                h.update(repr(float(flat.double().sum())).encode())
+        fp = h.hexdigest()[:16]
+        if param_names is None:
+            self._base_fingerprint = fp
+        return fp
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -240,7 +240,13 @@ def _gguf_cache(path: Path) -> Path | None:
 
 def _store_gguf_cache(path: Path, model: nn.Module, tok: Any) -> None:
     d = cache_dir("models") / _gguf_key(path)
+    # The weights are de-quantised float tensors by now; the GGUF "quantizer" only blocks saving.
+    quantizer = getattr(model, "hf_quantizer", None)
+    qcfg = getattr(model.config, "quantization_config", None)
     try:
+        model.hf_quantizer = None
+        if qcfg is not None:
+            del model.config.quantization_config
         tmp = d.with_suffix(".tmp")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -249,8 +255,10 @@ def _store_gguf_cache(path: Path, model: nn.Module, tok: Any) -> None:
             import shutil
             shutil.rmtree(d)
         tmp.rename(d)
-    except OSError:
+    except (OSError, ValueError):
         pass  # the cache is an optimisation only
+    finally:
+        model.hf_quantizer = quantizer
 
 
 def _random_init(spec: str, alias: ModelAlias | None, src: str, dtype: torch.dtype,

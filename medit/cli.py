@@ -1,0 +1,227 @@
+"""The ``medit`` command line. Thin: parses options, calls :mod:`medit.api`, prints."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from tabulate import tabulate
+from typer.core import TyperGroup
+
+from . import __version__
+from .core.errors import MeditError
+from .core.plugins import KINDS, get_plugins
+
+
+class _Group(TyperGroup):
+    """Turns typed medit errors into one-line messages with exit code 2 (no traceback)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MeditError as exc:
+            typer.echo(f"Error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("Interrupted; results written so far are kept (continue with --resume).", err=True)
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+                  help="medit: edit facts in language models, measure the edit, save and undo it.")
+
+# ---------------------------------------------------------------- shared options
+ModelOpt = typer.Option(..., "--model", "-m", help="alias (see `medit list models`), hub id, local folder or .gguf file")
+MethodOpt = typer.Option(..., "--method", help="editing method (see `medit list methods`)")
+HparamsOpt = typer.Option(None, "--hparams", help="YAML file of hyperparameters (default: the method's file for this model)")
+SetOpt = typer.Option(None, "--set", help="override one hyperparameter: key=value (repeatable)")
+DtypeOpt = typer.Option(None, "--dtype", help="float32 (default), float16 or bfloat16")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+DeviceMapOpt = typer.Option(None, "--device-map", help="'auto' to shard a big model over devices")
+RandomOpt = typer.Option(False, "--random-init", help="random weights from the model's config (tests, speed benchmarks)")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="allow model code from the hub (off by default)")
+ProtoOpt = typer.Option(None, "--protocol", help="comma list of generate,token_acc,exact,prob (default: all)")
+OutOpt = typer.Option(None, "--out", help="run folder (default: a new folder under runs/)")
+GenOpt = typer.Option(8, "--gen-tokens", help="max new tokens for the generate protocol")
+
+
+def _load(model: str, dtype: Optional[str], device: Optional[str], device_map: Optional[str],
+          random_init: bool, trust_remote_code: bool) -> Any:
+    from .core.handle import load_model
+    return load_model(model, dtype=dtype, device=device, device_map=device_map,
+                      random_init=random_init, trust_remote_code=trust_remote_code)
+
+
+def _protocols(spec: Optional[str]) -> dict[str, Any]:
+    if not spec:
+        return {}
+    return {"protocols": tuple(p.strip() for p in spec.split(",") if p.strip())}
+
+
+def _print_completions(summary: dict[str, Any]) -> None:
+    rows = [[c["case_id"], c["generated"]["prompt"], c["request"]["target_new"],
+             (c["generated"]["pre"] or "").strip(), (c["generated"]["post"] or "").strip()]
+            for c in summary["cases"] if c.get("generated")]
+    if rows:
+        typer.echo(tabulate(rows, headers=["case", "prompt", "target", "before", "after"], tablefmt="simple",
+                            maxcolwidths=[8, 40, 16, 30, 30]))
+        typer.echo("")
+
+
+def _report(summary: dict[str, Any], out: Path) -> None:
+    from .core.evaluate import summary_table
+    typer.echo(summary_table(summary))
+    typer.echo(f"results: {out}/summary.json, {out}/cases.jsonl")
+
+
+# ---------------------------------------------------------------- commands
+@app.command()
+def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
+         method: str = MethodOpt, model: str = ModelOpt, hparams: Optional[str] = HparamsOpt,
+         set_: Optional[list[str]] = SetOpt,
+         mode: Optional[str] = typer.Option(None, "--mode", help="batch or sequential (default: batch when the method can)"),
+         save_patch: Optional[str] = typer.Option(None, "--save-patch", help="write the edit as a patch folder"),
+         out: Optional[str] = OutOpt, protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt,
+         dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
+         random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """Apply the edits in FILE, show before/after completions and metrics, optionally save a patch."""
+    from . import api
+    from .core.dataset import load_dataset
+    from .core.hparams import parse_sets
+
+    overrides = parse_sets(set_)
+    requests, info = load_dataset(file)
+    meth = api.get_method(method)
+    handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
+    run_dir = Path(out) if out else api.default_run_dir("edit", method)
+    summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, hparams_file=hparams,
+                          overrides=overrides, out_dir=run_dir, gen_tokens=gen_tokens, **_protocols(protocol))
+    _print_completions(summary)
+    _report(summary, run_dir)
+    if save_patch:
+        typer.echo(f"patch: {summary['patch']}")
+
+
+@app.command("eval")
+def eval_(method: str = MethodOpt, model: str = ModelOpt,
+          dataset: str = typer.Option(..., "--dataset", help="PATH or FORMAT:PATH (e.g. counterfact:dev.json)"),
+          n: Optional[int] = typer.Option(None, "--n", help="number of cases"),
+          offset: int = typer.Option(0, "--offset", help="skip this many cases first"),
+          seed: Optional[int] = typer.Option(None, "--seed", help="shuffle cases with this seed before selecting"),
+          mode: str = typer.Option("single", "--mode", help="single, batch or sequential"),
+          batch_size: int = typer.Option(0, "--batch-size", help="edits per batch in batch mode (0: all)"),
+          hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
+          protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt,
+          metrics: Optional[str] = typer.Option(None, "--metrics", help="comma list of metrics (default: all built-in)"),
+          out: Optional[str] = OutOpt, resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
+          dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
+          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """Evaluate a method on a dataset; writes manifest.json, cases.jsonl and summary.json."""
+    from . import api
+    from .core.dataset import load_dataset
+    from .core.hparams import parse_sets
+
+    if resume and not out:
+        raise MeditError("--resume needs --out RUN_DIR naming the run to continue")
+    overrides = parse_sets(set_)
+    requests, info = load_dataset(dataset, n=n, offset=offset, seed=seed)  # fail fast, before loading the model
+    meth = api.get_method(method)
+    cfg: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "gen_tokens": gen_tokens, **_protocols(protocol)}
+    if metrics:
+        for name in (m.strip() for m in metrics.split(",")):
+            get_plugins().metrics.get(name)
+        cfg["metrics"] = tuple(m.strip() for m in metrics.split(","))
+    handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
+    run_dir = Path(out) if out else api.default_run_dir("eval", method)
+    summary, _ = api.run(handle, meth, requests, dataset_info=info, seed=seed, hparams_file=hparams,
+                         overrides=overrides, out_dir=run_dir, resume=resume, **cfg)
+    _report(summary, run_dir)
+
+
+@app.command()
+def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", help="patch folder from --save-patch"),
+          prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="prompt to complete before/after (repeatable; default: the patch's edit prompts)"),
+          save: Optional[str] = typer.Option(None, "--save", help="write the edited model to this folder"),
+          gen_tokens: int = GenOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
+          device_map: Optional[str] = DeviceMapOpt, random_init: bool = RandomOpt,
+          trust_remote_code: bool = TrustOpt) -> None:
+    """Apply a saved patch to a fresh model and show its effect."""
+    from .core.edit import load_patch
+    from .core.scoring import GenQuery, Scorer
+
+    handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
+    scorer = Scorer(handle)
+    before_edit: dict[str, str] = {}
+    manifest = json.loads((Path(patch) / "manifest.json").read_text()) if (Path(patch) / "manifest.json").is_file() else {}
+    prompts = list(prompt or [r["prompt"] for r in manifest.get("requests", [])])
+    qs = [GenQuery(p, gen_tokens) for p in prompts]
+    before_edit = dict(zip(prompts, scorer.generate(qs)))
+    ed = load_patch(handle, patch)
+    after = scorer.generate(qs, ed.transform_prompts)
+    typer.echo(f"applied {ed.method} patch with {len(ed.requests)} edit(s) to {handle.model_id}")
+    if prompts:
+        typer.echo(tabulate([[p, before_edit[p].strip(), a.strip()] for p, a in zip(prompts, after)],
+                            headers=["prompt", "before", "after"], tablefmt="simple", maxcolwidths=[40, 30, 30]))
+    if save:
+        handle.model.save_pretrained(save)
+        handle.tokenizer.save_pretrained(save)
+        typer.echo(f"edited model written to {save}")
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """List loaded plugins, their distribution and version, and what each registers."""
+    p = get_plugins()
+    rows = [{"plugin": i.name, "distribution": i.dist, "version": i.version,
+             "registers": {k: v for k, v in i.registered.items()}} for i in sorted(p.info, key=lambda i: (i.dist != "medit", i.name))]
+    if as_json:
+        typer.echo(json.dumps({"plugins": rows, "problems": p.problems}, indent=2))
+        return
+    table = [[r["plugin"], r["distribution"], r["version"],
+              "; ".join(f"{k}: {', '.join(v)}" for k, v in r["registers"].items())] for r in rows]
+    typer.echo(tabulate(table, headers=["plugin", "distribution", "version", "registers"], tablefmt="simple"))
+
+
+@app.command("list")
+def list_(kind: str = typer.Argument(..., help="methods, models, metrics or datasets"),
+          as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """List registered methods, model families (with aliases), metrics or dataset formats."""
+    if kind not in KINDS:
+        raise MeditError(f"cannot list {kind!r}; choose one of {', '.join(KINDS)}")
+    reg = get_plugins().registries[kind]
+    rows = []
+    for e in reg:
+        row = {"name": e.name, "description": e.description, "plugin": e.plugin, "distribution": e.dist}
+        if kind == "models":
+            row["model_types"] = ", ".join(e.obj.model_types)
+            row["aliases"] = ", ".join(a.name for a in e.obj.aliases)
+        rows.append(row)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    cols = ["name", "description"] + (["model_types", "aliases"] if kind == "models" else []) + ["distribution"]
+    typer.echo(tabulate([[r[c] for c in cols] for r in rows], headers=cols, tablefmt="simple",
+                        maxcolwidths=[None, 60] + [None] * (len(cols) - 2)))
+
+
+@app.command()
+def version() -> None:
+    """Print the medit version."""
+    typer.echo(__version__)
+
+
+def _register_plugin_commands() -> None:
+    get_plugins().pm.hook.register_commands(cli=app)
+
+
+_register_plugin_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

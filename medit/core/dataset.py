@@ -1,0 +1,470 @@
+"""Dataset formats and :func:`load_dataset`.
+
+A dataset format is a plugin object (``register_datasets`` hook) that turns a file into
+:class:`~medit.core.requests.EditRequest` objects. :func:`load_dataset` takes ``PATH`` (the format
+is detected from the first record's fields) or ``FORMAT:PATH`` (named format), selects a slice
+(``offset``/``n``, optionally after a deterministic shuffle with ``seed``) and returns the requests
+plus a :class:`DatasetInfo` describing exactly what was read (path, format, content fingerprint).
+
+The JSON / JSONL reading helpers here give every format the same error messages: each names the
+file and, where there is one, the line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import InputFileError, UnknownNameError, ValidationError
+from .requests import EditRequest, PromptAnswer
+
+__all__ = [
+    "DatasetFormat", "DatasetInfo", "MalformedFileError", "RawRecord", "ReadResult", "load_dataset",
+    "parse_spec", "select",
+    "read_records", "first_record", "file_fingerprint", "get_format", "format_names",
+    "str_list", "item_list", "prompt_answer_items", "target_str", "require",
+]
+
+_FORMAT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
+
+
+# --------------------------------------------------------------------------------------------
+# objects
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record as read from a JSON list or a JSONL line, with where it came from."""
+
+    data: dict[str, Any]
+    index: int  # 0-based position among the file's records
+    line: int  # 1-based line on which the record starts
+    where: str  # "PATH:LINE" for JSONL, "PATH:LINE (record INDEX)" for a JSON list
+    jsonl: bool = False  # read from a JSON Lines file (else from a JSON list)
+
+
+@dataclass
+class ReadResult:
+    """What a format read: the requests and how many records it skipped (with a warning)."""
+
+    requests: list[EditRequest]
+    skipped: int = 0
+
+
+@dataclass
+class DatasetInfo:
+    """What :func:`load_dataset` read: recorded in run manifests."""
+
+    path: str  # absolute path of the file
+    format: str  # registered format name
+    fingerprint: str  # sha256 of the file's bytes, first 16 hex characters
+    n_total: int  # requests in the file (after any skipped records)
+    n: int  # requests selected
+    offset: int
+    seed: int | None
+    skipped: int = 0  # records the format skipped (a warning said how many and why)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DatasetFormat:
+    """Base class of dataset formats. Subclasses set ``name``/``description`` and implement
+    :meth:`detect` and :meth:`read` (or :meth:`load`, when records may be skipped)."""
+
+    name: str = ""
+    description: str = ""
+
+    def detect(self, path: Path, first_record: dict[str, Any] | None) -> bool:
+        """Whether ``path`` looks like this format, judging by its first record's fields.
+
+        ``first_record`` is None when the file is not a JSON list / JSONL of objects.
+        """
+        return False
+
+    def read(self, path: Path) -> list[EditRequest]:
+        """Read every request in ``path``; raise :class:`InputFileError` / :class:`ValidationError`."""
+        return self.load(path).requests
+
+    def load(self, path: Path) -> ReadResult:
+        """Like :meth:`read`, also reporting skipped records. Override one of the two."""
+        if type(self).read is DatasetFormat.read:
+            raise NotImplementedError(f"dataset format {self.name!r} implements neither read() nor load()")
+        return ReadResult(self.read(path))
+
+    def __repr__(self) -> str:
+        return f"<dataset format {self.name!r}>"
+
+
+# --------------------------------------------------------------------------------------------
+# file reading helpers
+
+
+class MalformedFileError(InputFileError):
+    """The file exists and is readable but is not valid JSON / JSONL / UTF-8."""
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise InputFileError(f"dataset file '{path}' does not exist; check the path (relative paths "
+                             f"are resolved from the current directory '{os.getcwd()}')")
+    if path.is_dir():
+        raise InputFileError(f"dataset path '{path}' is a directory, not a file; pass the path of a "
+                             f".json or .jsonl file inside it")
+    if not path.is_file():
+        raise InputFileError(f"dataset path '{path}' is not a regular file; pass the path of a .json "
+                             f"or .jsonl file")
+
+
+def _read_bytes(path: Path) -> bytes:
+    _check_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputFileError(f"dataset file '{path}' cannot be read ({exc.strerror or exc}); check "
+                             f"its permissions") from None
+
+
+def _read_text(path: Path) -> str:
+    raw = _read_bytes(path)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise MalformedFileError(f"dataset file '{path}' line {line} is not valid UTF-8 ({exc.reason}); "
+                             f"save the file as UTF-8") from None
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> str:
+    """sha256 of the file's bytes, first 16 hex characters."""
+    return hashlib.sha256(_read_bytes(Path(path))).hexdigest()[:16]
+
+
+def _type_name(x: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(x), type(x).__name__)
+
+
+def _parse_jsonl(path: Path, text: str) -> list[RawRecord]:
+    out: list[RawRecord] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as exc:
+            raise MalformedFileError(f"dataset file '{path}' line {lineno} is not valid JSON ({exc.msg} at "
+                                 f"column {exc.colno}); each non-blank line must hold one JSON object "
+                                 f"(lines starting with '#' are comments)") from None
+        if not isinstance(obj, dict):
+            raise MalformedFileError(f"dataset file '{path}' line {lineno} holds {_type_name(obj)}, not a "
+                                 f"JSON object; each non-blank line must hold one edit record")
+        out.append(RawRecord(obj, len(out), lineno, f"{path}:{lineno}", jsonl=True))
+    return out
+
+
+def _record_lines(text: str) -> list[int] | None:
+    """1-based start line of each element of the (valid) top-level JSON list in ``text``."""
+    dec = json.JSONDecoder()
+    ws = " \t\r\n"
+    try:
+        i = 0
+        while text[i] in ws:
+            i += 1
+        i += 1  # '['
+        lines: list[int] = []
+        line, pos = 1, 0
+        while True:
+            while text[i] in ws:
+                i += 1
+            if text[i] == "]":
+                return lines
+            line += text.count("\n", pos, i)
+            pos = i
+            lines.append(line)
+            _, i = dec.raw_decode(text, i)
+            while text[i] in ws:
+                i += 1
+            if text[i] == ",":
+                i += 1
+    except (IndexError, ValueError):
+        return None
+
+
+def _parse_json(path: Path, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MalformedFileError(f"dataset file '{path}' is not valid JSON: line {exc.lineno} column "
+                             f"{exc.colno}: {exc.msg}; fix the file (a JSON list of records, or one "
+                             f"JSON object per line in a .jsonl file)") from None
+
+
+def _parse_json_list(path: Path, text: str, obj: list[Any]) -> list[RawRecord]:
+    lines = _record_lines(text) or [0] * len(obj)
+    out: list[RawRecord] = []
+    for i, (item, line) in enumerate(zip(obj, lines)):
+        where = f"{path}:{line} (record {i})" if line else f"{path} (record {i})"
+        if not isinstance(item, dict):
+            raise MalformedFileError(f"dataset file '{path}' record {i}" + (f" (line {line})" if line else "")
+                                 + f" is {_type_name(item)}, not a JSON object; the file must be a "
+                                   f"list of edit records")
+        out.append(RawRecord(item, i, line, where))
+    return out
+
+
+def read_records(path: str | os.PathLike[str]) -> list[RawRecord]:
+    """Read the records of a JSON-list or JSONL file, with file/line-naming errors.
+
+    A file whose content starts with ``[`` is a JSON list; a ``.json`` file holding one JSON value
+    is read as JSON; anything else is read as JSONL (blank lines and ``#`` lines skipped).
+    Raises :class:`InputFileError` for a missing, unreadable, malformed, empty or record-less file.
+    """
+    p = Path(path)
+    text = _read_text(p)
+    stripped = text.lstrip()
+    if not stripped:
+        raise InputFileError(f"dataset file '{p}' is empty; it must hold at least one edit record")
+    if stripped.startswith("["):
+        obj = _parse_json(p, text)
+        records = _parse_json_list(p, text, obj)
+    elif p.suffix.lower() == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            records = _parse_jsonl(p, text)  # JSON Lines stored under a .json name
+        else:
+            if isinstance(obj, dict):
+                raise MalformedFileError(f"dataset file '{p}' holds a single JSON object, not a list of "
+                                     f"records; wrap the records in [ ... ] or write one per line "
+                                     f"(JSONL)")
+            raise MalformedFileError(f"dataset file '{p}' holds {_type_name(obj)}, not a list of records; "
+                                 f"write a JSON list of edit records or one record per line (JSONL)")
+    else:
+        records = _parse_jsonl(p, text)
+    if not records:
+        raise InputFileError(f"dataset file '{p}' holds no records (only blank lines, comments or an "
+                             f"empty list); it must hold at least one edit record")
+    return records
+
+
+def first_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The first record of a JSON-list or JSONL file (errors as :func:`read_records`)."""
+    return read_records(path)[0].data
+
+
+# --------------------------------------------------------------------------------------------
+# field helpers shared by formats
+
+
+def str_list(value: Any, origin: str, field_name: str) -> list[str]:
+    """``None`` -> [], ``"x"`` -> ["x"], a list of strings -> itself; anything else is an error."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValidationError(f"{origin}: field {field_name!r} must be a string or a list of strings, "
+                          f"got {value!r}")
+
+
+def item_list(value: Any, origin: str, field_name: str) -> list[Any]:
+    """``None`` -> [], one item (object or string) -> [item], a list -> itself; else an error."""
+    if value is None:
+        return []
+    if isinstance(value, (dict, str)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValidationError(f"{origin}: field {field_name!r} must be a list of "
+                          f"{{'prompt': ..., 'answer': ...}} objects, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# registry access and load_dataset
+
+
+def _registry() -> Any:
+    from .plugins import get_plugins  # late import: plugins imports hookspecs only, but keep it lazy
+
+    return get_plugins().datasets
+
+
+def format_names() -> list[str]:
+    """Names of all registered dataset formats."""
+    return _registry().names()
+
+
+def get_format(name: str) -> DatasetFormat:
+    """The registered format ``name``; :class:`UnknownNameError` listing the known ones otherwise."""
+    return _registry().get(name)
+
+
+def parse_spec(spec: str | os.PathLike[str]) -> tuple[str | None, Path]:
+    """Split ``FORMAT:PATH`` / ``PATH`` into (format name or None, path).
+
+    The prefix before the first ``:`` is a format name if it is registered. It is reported as an
+    unknown format if it looks like one (lowercase name, two or more characters, so not a Windows
+    drive letter) and ``spec`` is not itself an existing file. Otherwise ``spec`` is a path.
+    """
+    if not isinstance(spec, str):
+        return None, Path(spec)
+    if ":" in spec:
+        prefix, rest = spec.split(":", 1)
+        registry = _registry()
+        if prefix in registry:
+            if not rest:
+                raise InputFileError(f"dataset spec {spec!r} names format {prefix!r} but no file; "
+                                     f"write {prefix}:PATH")
+            return prefix, Path(rest).expanduser()
+        if len(prefix) > 1 and _FORMAT_NAME_RE.match(prefix) and not Path(spec).expanduser().exists():
+            raise UnknownNameError("dataset format", prefix, registry.names(),
+                                   hint=f"write FORMAT:PATH with a known format, or just PATH to "
+                                        f"detect the format; {spec!r} is not an existing file either")
+    return None, Path(spec).expanduser()
+
+
+def _detect(path: Path) -> str:
+    registry = _registry()
+    try:
+        record: dict[str, Any] | None = first_record(path)
+        parse_error: InputFileError | None = None
+    except MalformedFileError as exc:
+        record, parse_error = None, exc  # maybe a non-JSON format a plugin can detect by itself
+    matches: list[str] = []
+    for entry in registry:
+        try:
+            if entry.obj.detect(path, record):
+                matches.append(entry.name)
+        except Exception:  # a broken detect() must not hide the other formats
+            continue
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(registry.names()) or "(none)"
+    if len(matches) > 1:
+        raise InputFileError(f"dataset file '{path}' matches several formats ({', '.join(matches)}); "
+                             f"name one as FORMAT:PATH, e.g. {matches[0]}:{path}")
+    if parse_error is not None:
+        raise parse_error
+    fields = ", ".join(sorted(record)) if record else "(none)"
+    raise InputFileError(f"cannot detect the format of dataset file '{path}': its first record has "
+                         f"the fields {fields}, which match none of the known formats ({known}); "
+                         f"fix the fields or name the format as FORMAT:PATH")
+
+
+def _check_unique_ids(path: Path, requests: Sequence[EditRequest]) -> None:
+    seen: dict[str, EditRequest] = {}
+    for r in requests:
+        other = seen.get(r.case_id)
+        if other is not None:
+            raise ValidationError(f"case id {r.case_id!r} occurs twice in dataset file '{path}' "
+                                  f"({other.where or '?'} and {r.where or '?'}); case ids must be "
+                                  f"unique: change one, or drop the case_id fields of a medit JSONL "
+                                  f"file to number the cases by line")
+        seen[r.case_id] = r
+
+
+def select(items: Sequence[Any], n: int | None = None, offset: int = 0,
+           seed: int | None = None) -> list[Any]:
+    """The ``offset``/``n`` slice of ``items``, after a ``random.Random(seed)`` shuffle if seeded."""
+    order = list(range(len(items)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    stop = None if n is None else offset + n
+    return [items[i] for i in order[offset:stop]]
+
+
+def load_dataset(spec: str | os.PathLike[str], n: int | None = None, offset: int = 0,
+                 seed: int | None = None) -> tuple[list[EditRequest], DatasetInfo]:
+    """Read ``PATH`` (format auto-detected) or ``FORMAT:PATH`` and select cases.
+
+    With ``seed`` the cases are shuffled deterministically (``random.Random(seed)``) before the
+    ``offset``/``n`` slice is taken. ``n`` larger than what remains yields what remains
+    (``DatasetInfo.n`` says how many). Raises :class:`InputFileError`, :class:`ValidationError`
+    or :class:`UnknownNameError` with messages naming the file, line, case id and field.
+    """
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValidationError(f"the number of cases n must be a positive integer (or unset for all), "
+                              f"got {n!r}")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValidationError(f"offset must be an integer >= 0, got {offset!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValidationError(f"seed must be an integer (or unset for file order), got {seed!r}")
+
+    name, path = parse_spec(spec)
+    _check_file(path)
+    if name is None:
+        name = _detect(path)
+    fmt = get_format(name)
+    result = fmt.load(path)
+    requests = list(result.requests)
+    if not requests:
+        raise InputFileError(f"dataset file '{path}' yielded no edit requests as format {name!r}"
+                             + (f" ({result.skipped} records skipped)" if result.skipped else "")
+                             + "; check that the file holds records of that format")
+    _check_unique_ids(path, requests)
+    if offset >= len(requests):
+        raise ValidationError(f"offset {offset} is past the end of dataset file '{path}' "
+                              f"({len(requests)} cases); use an offset below {len(requests)}")
+    chosen = select(requests, n=n, offset=offset, seed=seed)
+    info = DatasetInfo(path=str(path.resolve()), format=name, fingerprint=file_fingerprint(path),
+                       n_total=len(requests), n=len(chosen), offset=offset, seed=seed,
+                       skipped=result.skipped)
+    return chosen, info
+
+
+def prompt_answer_items(value: Any, origin: str, field_name: str) -> list[PromptAnswer]:
+    """Prompt/answer pairs from the layouts edit datasets use.
+
+    Accepts ``None``, one item or a list of items, each ``{"prompt": ..., "answer": ...}``,
+    EasyEdit's ``{"New Question": ..., "New Answer": ...}``, ``{"prompt": ..., "ground_truth": ...}``
+    or a bare prompt string. A list answer (aliases) yields its first element.
+    """
+    out: list[PromptAnswer] = []
+    for item in item_list(value, origin, field_name):
+        if isinstance(item, str):
+            out.append(PromptAnswer(item, ""))
+            continue
+        if isinstance(item, dict):
+            prompt = next((item[k] for k in ("prompt", "New Question", "question") if k in item), None)
+            answer = next((item[k] for k in ("answer", "New Answer", "ground_truth", "target")
+                           if k in item), "")
+            if isinstance(answer, list):
+                answer = next((a for a in answer if isinstance(a, str) and a.strip()), "")
+            if isinstance(prompt, str) and prompt.strip() and isinstance(answer, str):
+                out.append(PromptAnswer(prompt, answer.strip()))
+                continue
+        raise ValidationError(f"{origin}: each {field_name!r} item must be {{'prompt': str, 'answer': "
+                              f"str}} (or EasyEdit's {{'New Question': str, 'New Answer': str}}), "
+                              f"got {item!r}")
+    return out
+
+
+def target_str(value: Any, origin: str, field_name: str, *, required: bool = True) -> str | None:
+    """A target string, stripped of surrounding whitespace; a list of aliases yields its first.
+
+    An absent (``None``) optional target yields None; an absent or empty required one, or a value
+    of another type, raises :class:`ValidationError` naming ``field_name``.
+    """
+    if value is None and not required:
+        return None
+    if isinstance(value, list):
+        value = next((v for v in value if isinstance(v, str) and v.strip()), value[0] if value else "")
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(f"{origin}: field {field_name!r} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def require(record: RawRecord, fields: Iterable[str], origin: str, fmt: str) -> None:
+    """Raise :class:`ValidationError` naming the first of ``fields`` missing from ``record``."""
+    for f in fields:
+        if f not in record.data:
+            raise ValidationError(f"{origin}: missing required {fmt} field {f!r}; fields found: "
+                                  f"{', '.join(sorted(record.data)) or '(none)'}")

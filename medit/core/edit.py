@@ -1,0 +1,251 @@
+"""Edits: what applying a method produced. They revert exactly and save as patches."""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+
+from .errors import PatchError
+from .io import atomic_write_text
+
+if TYPE_CHECKING:
+    from .handle import ModelHandle
+    from .requests import EditRequest
+
+PATCH_FORMAT = "medit-patch"
+PATCH_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+
+
+class Edit:
+    """Base class. An active edit changes what the model answers; :meth:`revert` undoes it exactly.
+
+    Methods that keep the weights (IKE, GRACE, ...) subclass this and may override
+    :meth:`transform_prompts` (e.g. to prepend demonstrations); the evaluation engine calls it on
+    every prompt it scores while the edit is active, so it sees one scoring interface for all edits.
+    """
+
+    kind = "weights"
+
+    def __init__(self, handle: "ModelHandle", method: str, requests: Sequence["EditRequest"],
+                 hparams: dict[str, Any]) -> None:
+        self.handle = handle
+        self.method = method
+        self.requests = list(requests)
+        self.hparams = dict(hparams)
+        self.active = True
+        self.info: dict[str, Any] = {}
+
+    def transform_prompts(self, prompts: list[str]) -> list[str]:
+        return prompts
+
+    def revert(self) -> None:
+        """Restore the model exactly as it was before this edit. Idempotent."""
+        self.active = False
+
+    def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(extra manifest fields, tensors) describing this edit; subclasses implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved")
+
+    def save(self, path: str | Path) -> Path:
+        """Write a patch folder: ``manifest.json`` and ``tensors.safetensors``. Atomic."""
+        from safetensors.torch import save_file
+        from .. import __version__
+
+        extra, tensors = self.payload()
+        out = Path(path)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
+        manifest = {
+            "format": PATCH_FORMAT, "version": PATCH_VERSION, "medit_version": __version__,
+            "kind": self.kind, "method": self.method,
+            "model": {"id": self.handle.model_id, "model_type": self.handle.config.model_type,
+                      "family": self.handle.adapter.name},
+            "hparams": self.hparams, "requests": [r.to_dict() for r in self.requests],
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **extra,
+        }
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        if out.exists():
+            import shutil
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return out
+
+
+class WeightEdit(Edit):
+    """An edit that changed parameters. Keeps bit-exact originals for :meth:`revert`.
+
+    ``factors`` optionally hold a low-rank form of each delta in storage orientation,
+    ``delta = u @ v.T``; patches then store the factors instead of the dense matrix.
+    """
+
+    def __init__(self, handle: "ModelHandle", method: str, requests: Sequence["EditRequest"],
+                 hparams: dict[str, Any], originals: dict[str, torch.Tensor],
+                 base_fingerprint: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        super().__init__(handle, method, requests, hparams)
+        self.originals = originals
+        self.base_fingerprint = base_fingerprint
+        self.factors = factors or {}
+
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        params = dict(self.handle.model.named_parameters())
+        return {n: params[n] for n in self.originals}
+
+    def revert(self) -> None:
+        if not self.active:
+            return
+        with torch.no_grad():
+            for name, p in self._params().items():
+                p.copy_(self.originals[name])
+        self.active = False
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """Dense deltas (current - original) of every changed parameter."""
+        with torch.no_grad():
+            return {n: (p.detach() - self.originals[n].to(p.device)) for n, p in self._params().items()}
+
+    def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors: dict[str, torch.Tensor] = {}
+        params: dict[str, Any] = {}
+        dense = self.deltas() if set(self.factors) != set(self.originals) else {}
+        for name, orig in self.originals.items():
+            if name in self.factors:
+                u, v = self.factors[name]
+                tensors[f"{name}::u"], tensors[f"{name}::v"] = u, v
+                params[name] = {"shape": list(orig.shape), "storage": "lowrank", "rank": int(u.shape[1])}
+            else:
+                tensors[name] = dense[name]
+                params[name] = {"shape": list(orig.shape), "storage": "dense"}
+        return {"base_fingerprint": self.base_fingerprint, "params": params}, tensors
+
+    @classmethod
+    @contextlib.contextmanager
+    def recording(cls, handle: "ModelHandle", param_names: Sequence[str], method: str,
+                  requests: Sequence["EditRequest"], hparams: dict[str, Any]) -> Iterator["WeightEdit"]:
+        """Snapshot ``param_names``; the block may change them in place. If the block raises, the
+        parameters are restored before the exception propagates."""
+        params = dict(handle.model.named_parameters())
+        originals = {n: params[n].detach().clone() for n in param_names}
+        edit = cls(handle, method, requests, hparams, originals, handle.fingerprint(param_names))
+        try:
+            yield edit
+        except BaseException:
+            edit.revert()
+            raise
+
+    @classmethod
+    def from_deltas(cls, handle: "ModelHandle", method: str, requests: Sequence["EditRequest"],
+                    hparams: dict[str, Any], dense: dict[str, torch.Tensor] | None = None,
+                    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> "WeightEdit":
+        """Add dense deltas and/or low-rank factors (``u @ v.T``) to the named parameters."""
+        names = list(dense or {}) + list(factors or {})
+        with cls.recording(handle, names, method, requests, hparams) as edit:
+            params = dict(handle.model.named_parameters())
+            with torch.no_grad():
+                for n, d in (dense or {}).items():
+                    params[n].add_(d.to(params[n].device, params[n].dtype))
+                for n, (u, v) in (factors or {}).items():
+                    p = params[n]
+                    p.add_((u.to(p.device, torch.float32) @ v.to(p.device, torch.float32).T).to(p.dtype))
+            edit.factors = {n: (u.detach().cpu(), v.detach().cpu()) for n, (u, v) in (factors or {}).items()}
+        return edit
+
+    @classmethod
+    def from_patch(cls, handle: "ModelHandle", manifest: dict[str, Any],
+                   tensors: dict[str, torch.Tensor]) -> "WeightEdit":
+        specs = manifest.get("params") or {}
+        model_params = dict(handle.model.named_parameters())
+        for name, spec in specs.items():
+            if name not in model_params or list(model_params[name].shape) != list(spec["shape"]):
+                raise PatchError(f"patch parameter {name!r} does not exist with shape {spec['shape']} in "
+                                 f"{handle.model_id}; apply the patch to the model it was made for "
+                                 f"({manifest['model']['id']})")
+        fp = handle.fingerprint(list(specs))
+        if fp != manifest.get("base_fingerprint"):
+            raise PatchError(f"patch was made for model {manifest['model']['id']!r} (fingerprint "
+                             f"{manifest.get('base_fingerprint')}) but {handle.model_id!r} has fingerprint {fp}; "
+                             "apply it to the unedited model it was made for")
+        dense = {n: tensors[n] for n, s in specs.items() if s["storage"] == "dense"}
+        factors = {n: (tensors[f"{n}::u"], tensors[f"{n}::v"]) for n, s in specs.items() if s["storage"] == "lowrank"}
+        from .requests import EditRequest
+        reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
+        return cls.from_deltas(handle, manifest["method"], reqs, manifest.get("hparams", {}), dense, factors)
+
+
+class CompositeEdit(Edit):
+    """Several edits applied one after another (sequential mode, or ``medit edit`` of many facts)."""
+
+    def __init__(self, handle: "ModelHandle", edits: Sequence[Edit]) -> None:
+        method = edits[0].method if edits else "none"
+        reqs = [r for e in edits for r in e.requests]
+        super().__init__(handle, method, reqs, edits[0].hparams if edits else {})
+        self.edits = list(edits)
+        self.kind = edits[0].kind if edits else "weights"
+
+    def transform_prompts(self, prompts: list[str]) -> list[str]:
+        for e in self.edits:
+            prompts = e.transform_prompts(prompts)
+        return prompts
+
+    def revert(self) -> None:
+        for e in reversed(self.edits):
+            e.revert()
+        self.active = False
+
+    def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        if len(self.edits) == 1:
+            return self.edits[0].payload()
+        if not all(isinstance(e, WeightEdit) for e in self.edits):
+            raise PatchError(f"cannot combine {len(self.edits)} {self.method} edits into one patch; "
+                             "save them one at a time")
+        merged = _merge_weight_edits(self.handle, self.edits)  # type: ignore[arg-type]
+        return merged.payload()
+
+
+def _merge_weight_edits(handle: "ModelHandle", edits: Sequence[WeightEdit]) -> WeightEdit:
+    """One WeightEdit equivalent to the stack: originals from the first edit touching each
+    parameter; factors concatenated when every edit of a parameter is low-rank."""
+    originals: dict[str, torch.Tensor] = {}
+    factor_lists: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    dense_needed: set[str] = set()
+    for e in edits:
+        for n, t in e.originals.items():
+            originals.setdefault(n, t)
+            if n in e.factors:
+                factor_lists.setdefault(n, []).append(e.factors[n])
+            else:
+                dense_needed.add(n)
+    factors = {n: (torch.cat([u for u, _ in fl], 1), torch.cat([v for _, v in fl], 1))
+               for n, fl in factor_lists.items() if n not in dense_needed}
+    first = edits[0]
+    merged = WeightEdit(handle, first.method, [r for e in edits for r in e.requests], first.hparams,
+                        originals, first.base_fingerprint, factors)
+    return merged
+
+
+def load_patch(handle: "ModelHandle", path: str | Path) -> Edit:
+    """Apply a saved patch to ``handle`` and return the (revertable) Edit."""
+    from safetensors.torch import load_file
+    from .plugins import get_plugins
+
+    p = Path(path)
+    if not (p / MANIFEST).is_file():
+        raise PatchError(f"{str(p)!r} is not a medit patch (no {MANIFEST} inside); pass the folder "
+                         "written by `medit edit --save-patch`")
+    try:
+        manifest = json.loads((p / MANIFEST).read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        raise PatchError(f"patch manifest {str(p / MANIFEST)!r} is unreadable ({exc}); re-create the patch") from None
+    if manifest.get("format") != PATCH_FORMAT:
+        raise PatchError(f"{str(p)!r} is not a medit patch (format {manifest.get('format')!r})")
+    tensors = load_file(str(p / TENSORS)) if (p / TENSORS).is_file() else {}
+    method = get_plugins().methods.get(manifest["method"])
+    return method.load_patch(handle, manifest, tensors)

@@ -1,0 +1,288 @@
+"""The evaluation engine: applies edits in an explicit mode, scores pre/post in shared batches,
+writes results incrementally and never reloads the model (it reverts in place)."""
+from __future__ import annotations
+
+import datetime as _dt
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tabulate import tabulate
+
+from .edit import CompositeEdit, Edit
+from .errors import MeditError, UnknownNameError
+from .handle import ModelHandle
+from .hparams import HParams
+from .io import JsonlAppender, atomic_write_json, read_jsonl_tolerant
+from .method import MODES, Method
+from .metric import PROTOCOLS, Metric, mean
+from .plugins import get_plugins
+from .requests import EditRequest
+from .scoring import Scorer
+
+DEFAULT_METRICS = ("reliability", "generalization", "locality", "portability", "efficiency")
+
+
+@dataclass
+class EvalConfig:
+    """How to run an evaluation. ``batch_size`` is edits per batch (batch mode);
+    ``score_batch_size`` is sequences per forward pass when scoring."""
+
+    mode: str = "single"
+    protocols: tuple[str, ...] = PROTOCOLS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    batch_size: int = 0
+    score_batch_size: int = 32
+    gen_tokens: int = 8
+    out_dir: Path | None = None
+    resume: bool = False
+    progress: bool = True
+    dataset: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    #: keep the edits applied after the run (``medit edit``): available in sequential mode and in
+    #: batch mode with a single batch; the edit is then in ``Evaluator.final_edit``.
+    keep_edit: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UnknownNameError("mode", self.mode, MODES)
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad:
+            raise UnknownNameError("protocol", bad[0], PROTOCOLS, hint="pass a comma list to --protocol")
+        if not self.protocols:
+            raise MeditError(f"no protocol selected; pass --protocol with some of {', '.join(PROTOCOLS)}")
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="case", disable=None if enabled else True, leave=False)
+
+
+class Evaluator:
+    """Runs one method over requests. Use :func:`evaluate` for the common path."""
+
+    def __init__(self, handle: ModelHandle, method: Method, hparams: HParams, cfg: EvalConfig) -> None:
+        self.handle, self.method, self.hparams, self.cfg = handle, method, hparams, cfg
+        registry = get_plugins().metrics
+        self.metrics: list[Metric] = [registry.get(m) for m in cfg.metrics]
+        self.scorer = Scorer(handle, cfg.score_batch_size)
+        method.check_supported(handle, cfg.mode)
+        self.final_edit: Edit | None = None
+
+    # ------------------------------------------------------------------ scoring helpers
+    def _queries(self, reqs: Sequence[EditRequest]) -> list[Any]:
+        return [q for r in reqs for m in self.metrics for q in m.queries(r, self.cfg.protocols, self.cfg.gen_tokens)]
+
+    def _score(self, reqs: Sequence[EditRequest], edit: Edit | None = None) -> dict:
+        return self.scorer.run(self._queries(reqs), edit.transform_prompts if edit is not None else None)
+
+    def _case_record(self, req: EditRequest, pre: dict, post: dict, ctx: dict[str, Any]) -> dict[str, Any]:
+        ctx = {**ctx, "gen_tokens": self.cfg.gen_tokens}
+        rec: dict[str, Any] = {"case_id": req.case_id, "metrics": {}, "efficiency": {}}
+        for m in self.metrics:
+            vals = m.compute(req, pre, post, self.cfg.protocols, ctx)
+            if m.name == "efficiency":
+                rec["efficiency"] = {k: v["post"] for k, v in vals.items()}
+            elif vals:
+                rec["metrics"][m.name] = vals
+        if "generate" in self.cfg.protocols:
+            from .scoring import GenQuery
+            q = GenQuery(req.prompt, self.cfg.gen_tokens)
+            rec["generated"] = {"prompt": req.prompt, "pre": pre.get(q), "post": post.get(q)}
+        rec["request"] = req.to_dict()
+        return rec
+
+    # ------------------------------------------------------------------ modes
+    def run(self, requests: Sequence[EditRequest]) -> dict[str, Any]:
+        cfg = self.cfg
+        out = Path(cfg.out_dir) if cfg.out_dir else None
+        done: dict[str, dict[str, Any]] = {}
+        if out is not None:
+            if cfg.resume:
+                done = {str(r["case_id"]): r for r in read_jsonl_tolerant(out / "cases.jsonl")}
+                if done:
+                    _rewrite_cases(out / "cases.jsonl", list(done.values()))
+            elif (out / "cases.jsonl").exists():
+                raise MeditError(f"run folder {str(out)!r} already holds results; pass --resume to continue "
+                                 "it or choose another --out")
+        self.base_fingerprint = self.handle.fingerprint()
+        start = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        manifest = self._manifest(requests, start, None)
+        if out is not None:
+            atomic_write_json(out / "manifest.json", manifest)
+        todo = [r for r in requests if r.case_id not in done]
+        t0 = time.perf_counter()
+        records = list(done.values())
+        writer = JsonlAppender(out / "cases.jsonl") if out is not None else None
+        try:
+            bar = _progress(len(todo), f"{self.method.name} pre-edit scoring", cfg.progress)
+            pre_all = self._score(todo) if todo else {}
+            bar.close()
+            bar = _progress(len(todo), f"{self.method.name} {cfg.mode}", cfg.progress)
+            for rec in self._run_mode(todo, pre_all, bar):
+                records.append(rec)
+                if writer is not None:
+                    writer.write(rec)
+            bar.close()
+        finally:
+            if writer is not None:
+                writer.close()
+        eval_s = time.perf_counter() - t0
+        order = {r.case_id: i for i, r in enumerate(requests)}
+        records.sort(key=lambda r: order.get(str(r["case_id"]), 0))
+        summary = summarise(records, self.method.name, self.handle.model_id, cfg.mode, eval_s)
+        if out is not None:
+            atomic_write_json(out / "manifest.json", self._manifest(requests, start,
+                                                                    _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")))
+            atomic_write_json(out / "summary.json", summary)
+        summary["cases"] = records
+        return summary
+
+    def _apply(self, reqs: Sequence[EditRequest]) -> tuple[Edit, float]:
+        t = time.perf_counter()
+        edit = self.method.apply(self.handle, list(reqs), self.hparams)
+        if self.handle.device.type == "cuda":
+            torch.cuda.synchronize()
+        return edit, time.perf_counter() - t
+
+    def _ctx(self, edit_s: float, edit: Edit) -> dict[str, Any]:
+        ctx: dict[str, Any] = {"edit_s": round(edit_s, 4), "peak_rss_mb": peak_rss_mb(),
+                               "stats_s": edit.info.get("stats_s")}
+        if self.handle.device.type == "cuda":
+            ctx["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return ctx
+
+    def _run_mode(self, todo: list[EditRequest], pre: dict, bar: Any) -> Any:
+        mode = self.cfg.mode
+        if mode == "single":
+            for req in todo:
+                edit, s = self._apply([req])
+                try:
+                    post = self._score([req], edit)
+                finally:
+                    edit.revert()
+                yield self._case_record(req, pre, post, self._ctx(s, edit))
+                bar.update(1)
+        elif mode == "batch":
+            size = self.cfg.batch_size or len(todo)
+            for i in range(0, len(todo), size):
+                chunk = todo[i:i + size]
+                edit, s = self._apply(chunk)
+                keep = self.cfg.keep_edit and size >= len(todo)
+                try:
+                    post = self._score(chunk, edit)
+                finally:
+                    if keep:
+                        self.final_edit = edit
+                    else:
+                        edit.revert()
+                for req in chunk:
+                    yield self._case_record(req, pre, post, self._ctx(s / len(chunk), edit))
+                bar.update(len(chunk))
+        else:  # sequential: every case is scored after the last edit (retention)
+            edits: list[Edit] = []
+            times: list[float] = []
+            ok = False
+            try:
+                for req in todo:
+                    edit, s = self._apply([req])
+                    edits.append(edit)
+                    times.append(s)
+                    bar.update(1)
+                whole = CompositeEdit(self.handle, edits)
+                post = self._score(todo, whole)
+                for req, edit, s in zip(todo, edits, times):
+                    yield self._case_record(req, pre, post, self._ctx(s, edit))
+                ok = True
+            finally:
+                if ok and self.cfg.keep_edit:
+                    self.final_edit = CompositeEdit(self.handle, edits)
+                else:
+                    for e in reversed(edits):
+                        e.revert()
+
+    def _manifest(self, requests: Sequence[EditRequest], start: str, end: str | None) -> dict[str, Any]:
+        from .. import __version__
+        return {"medit_version": __version__,
+                "model": {"id": self.handle.model_id, "fingerprint": self.base_fingerprint,
+                          "model_type": self.handle.config.model_type, "dtype": str(self.handle.dtype),
+                          "device": str(self.handle.device)},
+                "method": self.method.name, "hparams": self.hparams.to_dict(), "mode": self.cfg.mode,
+                "batch_size": self.cfg.batch_size, "protocols": list(self.cfg.protocols),
+                "metrics": list(self.cfg.metrics), "gen_tokens": self.cfg.gen_tokens,
+                "dataset": self.cfg.dataset, "n": len(requests),
+                "offset": self.cfg.dataset.get("offset", 0), "seed": self.cfg.seed,
+                "start_time": start, "end_time": end}
+
+
+def _rewrite_cases(path: Path, records: list[dict[str, Any]]) -> None:
+    """Drop a torn trailing line left by a crash so appends continue on a clean file."""
+    from .io import atomic_write_text
+    import json
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
+
+
+def summarise(records: list[dict[str, Any]], method: str, model: str, mode: str, eval_s: float) -> dict[str, Any]:
+    """Means over cases of every metric/protocol/stage, plus efficiency totals."""
+    acc: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for r in records:
+        for metric, protos in r["metrics"].items():
+            for proto, stages in protos.items():
+                for stage, v in stages.items():
+                    if v is not None:
+                        acc.setdefault(metric, {}).setdefault(proto, {}).setdefault(stage, []).append(v)
+    metrics = {m: {p: {"pre": mean(st.get("pre", [])), "post": mean(st.get("post", []))}
+                   for p, st in protos.items()} for m, protos in acc.items()}
+    edit_s = [r["efficiency"]["edit_s"] for r in records if r.get("efficiency", {}).get("edit_s") is not None]
+    stats = [r["efficiency"].get("stats_s") for r in records if r.get("efficiency", {}).get("stats_s")]
+    eff = {"edit_s_mean": mean(edit_s), "edit_s_total": round(sum(edit_s), 4), "eval_s_total": round(eval_s, 3),
+           "stats_s": round(sum(stats), 3) if stats else 0.0, "peak_rss_mb": peak_rss_mb()}
+    if torch.cuda.is_available():
+        eff["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return {"method": method, "model": model, "mode": mode, "n": len(records), "metrics": metrics, "efficiency": eff}
+
+
+def summary_table(summary: dict[str, Any], fmt: str = "github") -> str:
+    """Metrics × protocols, each cell ``pre → post`` (``generate`` first: it is the honest number)."""
+    protos: list[str] = []
+    for m in summary["metrics"].values():
+        for p in m:
+            if p not in protos:
+                protos.append(p)
+    order = {p: i for i, p in enumerate(("generate", "token_acc", "exact", "prob", "agreement", "generate_agreement"))}
+    protos.sort(key=lambda p: order.get(p, 99))
+
+    def cell(v: dict[str, float | None] | None) -> str:
+        if not v:
+            return ""
+        post = "-" if v.get("post") is None else f"{v['post']:.3f}"
+        return post if v.get("pre") is None else f"{v['pre']:.3f} → {post}"
+
+    rows = [[name] + [cell(summary["metrics"][name].get(p)) for p in protos] for name in summary["metrics"]]
+    table = tabulate(rows, headers=["metric (pre → post)"] + protos, tablefmt=fmt)
+    eff = summary.get("efficiency", {})
+    tail = (f"n={summary['n']}  mode={summary['mode']}  edit s/case={_fmt(eff.get('edit_s_mean'))}  "
+            f"eval s={_fmt(eff.get('eval_s_total'))}  peak RSS MB={_fmt(eff.get('peak_rss_mb'))}")
+    return table + "\n" + tail
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def evaluate(handle: ModelHandle, method: Method | str, requests: Sequence[EditRequest],
+             hparams: HParams | None = None, **cfg: Any) -> dict[str, Any]:
+    """Library entry point: evaluate ``method`` on ``requests``; returns the summary (with ``cases``)."""
+    m = get_plugins().methods.get(method) if isinstance(method, str) else method
+    hp = hparams if hparams is not None else m.resolve_hparams(handle)
+    return Evaluator(handle, m, hp, EvalConfig(**cfg)).run(requests)

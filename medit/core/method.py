@@ -1,0 +1,72 @@
+"""The method contract: a typed hparams dataclass plus ``apply(handle, requests, hparams) -> Edit``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+from .errors import MethodError, UnknownNameError
+from .hparams import HParams, read_yaml
+
+if TYPE_CHECKING:
+    from .edit import Edit
+    from .handle import ModelHandle
+    from .requests import EditRequest
+
+MODES = ("single", "batch", "sequential")
+
+
+class Method:
+    """Base class for editing methods. Subclasses set the class attributes and implement :meth:`apply`.
+
+    ``hparams_dir`` holds ``<family-or-model>.yaml`` files with default values; lookup order is
+    the model alias (e.g. ``smollm2-135m.yaml``), then the family (``llama.yaml``), then ``default.yaml``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    hparams_class: ClassVar[type[HParams]] = HParams
+    modes: ClassVar[tuple[str, ...]] = ("single", "sequential")
+    #: families this method refuses (e.g. ROME on T5), by adapter registry name.
+    unsupported_families: ClassVar[tuple[str, ...]] = ()
+    hparams_dir: ClassVar[Path | None] = None
+
+    def apply(self, handle: "ModelHandle", requests: Sequence["EditRequest"], hparams: HParams) -> "Edit":
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- hparams resolution
+    def default_hparams_file(self, handle: "ModelHandle") -> Path | None:
+        if self.hparams_dir is None:
+            return None
+        for stem in (handle.model_id, handle.adapter.name, "default"):
+            p = self.hparams_dir / f"{stem}.yaml"
+            if p.is_file():
+                return p
+        return None
+
+    def resolve_hparams(self, handle: "ModelHandle", hparams_file: str | Path | None = None,
+                        overrides: dict[str, Any] | None = None) -> HParams:
+        """Defaults for this model (or ``hparams_file``), then ``overrides`` (from ``--set``)."""
+        values: dict[str, Any] = {}
+        source = "defaults"
+        path = Path(hparams_file) if hparams_file else self.default_hparams_file(handle)
+        if path is not None:
+            values.update(read_yaml(path))
+            source = str(path)
+        values.update(overrides or {})
+        return self.hparams_class.from_dict(values, source if not overrides else f"{source} and --set")
+
+    def check_supported(self, handle: "ModelHandle", mode: str) -> None:
+        if handle.adapter.name in self.unsupported_families:
+            raise MethodError(f"method {self.name!r} does not support the {handle.adapter.name} family "
+                              f"({handle.model_id}); choose another method (see `medit list methods`)")
+        if mode not in MODES:
+            raise UnknownNameError("mode", mode, MODES)
+        if mode not in self.modes:
+            raise MethodError(f"method {self.name!r} cannot run in {mode!r} mode; use --mode "
+                              f"{' or --mode '.join(self.modes)}")
+
+    def load_patch(self, handle: "ModelHandle", manifest: dict[str, Any], tensors: dict[str, Any]) -> "Edit":
+        """Rebuild an Edit from a saved patch. Weight patches are handled here; methods that keep
+        the weights override this."""
+        from .edit import WeightEdit
+        return WeightEdit.from_patch(handle, manifest, tensors)

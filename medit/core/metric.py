@@ -1,0 +1,91 @@
+"""The metric contract. A metric declares the queries it needs for a request; the evaluation
+engine scores the queries of many cases in shared batches, pre- and post-edit, and hands each
+metric its results. Every value a metric returns is keyed by the protocol that produced it."""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+from .requests import EditRequest
+from .scoring import GenQuery, TFQuery, TFResult, generation_matches
+
+PROTOCOLS = ("generate", "token_acc", "exact", "prob")
+#: protocol -> {"pre": value or None, "post": value}
+Values = dict[str, dict[str, float | None]]
+Results = Mapping[Any, Any]
+
+
+class Metric:
+    """Base class for metrics; subclasses implement :meth:`queries` and :meth:`compute`."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: protocols this metric can report (besides the metric-specific ones such as ``agreement``).
+    protocols: ClassVar[tuple[str, ...]] = ("generate", "token_acc", "exact")
+
+    def queries(self, req: EditRequest, protocols: tuple[str, ...], gen_tokens: int) -> list[Any]:
+        return []
+
+    def compute(self, req: EditRequest, pre: Results | None, post: Results,
+                protocols: tuple[str, ...], ctx: dict[str, Any]) -> Values:
+        raise NotImplementedError
+
+
+def mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+class TargetMetric(Metric):
+    """Shared logic of reliability, generalization and portability: each of a list of prompts
+    should be answered with a target; scored under every requested protocol."""
+
+    def pairs(self, req: EditRequest) -> list[tuple[str, str, str | None]]:
+        """(prompt, expected answer, competing answer for ``prob`` or None)."""
+        raise NotImplementedError
+
+    def queries(self, req: EditRequest, protocols: tuple[str, ...], gen_tokens: int) -> list[Any]:
+        qs: list[Any] = []
+        for prompt, target, rival in self.pairs(req):
+            if {"token_acc", "exact", "prob"} & set(protocols):
+                qs.append(TFQuery(prompt, target))
+            if "prob" in protocols and rival:
+                qs.append(TFQuery(prompt, rival))
+            if "generate" in protocols:
+                qs.append(GenQuery(prompt, gen_tokens))
+        return qs
+
+    def _score(self, res: Results, protocol: str, prompt: str, target: str, rival: str | None,
+               gen_tokens: int) -> float | None:
+        if protocol == "token_acc":
+            return res[TFQuery(prompt, target)].token_acc
+        if protocol == "exact":
+            return res[TFQuery(prompt, target)].exact
+        if protocol == "prob":
+            if not rival:
+                return None
+            r_new: TFResult = res[TFQuery(prompt, target)]
+            r_old: TFResult = res[TFQuery(prompt, rival)]
+            return float(r_new.mean_logprob > r_old.mean_logprob)
+        if protocol == "generate":
+            gen = res.get(GenQuery(prompt, gen_tokens))
+            return None if gen is None else generation_matches(gen, target)
+        return None
+
+    def compute(self, req: EditRequest, pre: Results | None, post: Results,
+                protocols: tuple[str, ...], ctx: dict[str, Any]) -> Values:
+        out: Values = {}
+        pairs = self.pairs(req)
+        if not pairs:
+            return out
+        for proto in protocols:
+            if proto not in self.protocols:
+                continue
+            vals: dict[str, float | None] = {}
+            for stage, res in (("pre", pre), ("post", post)):
+                if res is None:
+                    vals[stage] = None
+                    continue
+                scores = [s for p, t, r in pairs if (s := self._score(res, proto, p, t, r, ctx["gen_tokens"])) is not None]
+                vals[stage] = mean(scores)
+            if vals.get("post") is not None:
+                out[proto] = vals
+        return out

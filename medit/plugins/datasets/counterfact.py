@@ -1,0 +1,107 @@
+"""CounterFact (Meng et al. 2022) edit cases.
+
+Two layouts are read:
+
+- EasyEdit / MEND (``counterfact-edit.json``, ``counterfact-train.json``): a JSON list of
+  ``{"case_id", "prompt", "subject", "target_new", "ground_truth", "rephrase_prompt",
+  "locality_prompt", "locality_ground_truth"}``, optionally ``portability``. Mapped to
+  ``target_true = ground_truth``, ``rephrase = [rephrase_prompt]``,
+  ``locality = [(locality_prompt, locality_ground_truth)]``.
+- ROME's original ``counterfact.json``: ``{"case_id", "requested_rewrite": {"prompt": "{} ...",
+  "subject", "target_new": {"str"}, "target_true": {"str"}}, "paraphrase_prompts",
+  "neighborhood_prompts", ...}``. ``{}`` in the prompt is replaced by the subject; the neighborhood
+  prompts' answer is the true target.
+
+Required (EasyEdit layout): prompt, subject, target_new, ground_truth; the other fields are
+optional, a missing ``case_id`` defaults to the record's index, unknown fields are ignored.
+Each of rephrase_prompt / locality_prompt / locality_ground_truth may also be a list.
+Targets are stripped of surrounding whitespace (the model adapter adds the separating space).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medit import hookimpl
+from medit.core.dataset import (DatasetFormat, RawRecord, prompt_answer_items, read_records, require,
+                                str_list, target_str)
+from medit.core.errors import ValidationError
+from medit.core.requests import EditRequest, PromptAnswer
+
+REQUIRED = ("prompt", "subject", "target_new", "ground_truth")
+MARKERS = ("ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
+
+
+class CounterFact(DatasetFormat):
+    name = "counterfact"
+    description = ("CounterFact edit cases, EasyEdit/MEND layout (prompt, subject, target_new, "
+                   "ground_truth, rephrase_prompt, locality_prompt, ...) or ROME's requested_rewrite layout")
+
+    def detect(self, path: Path, first_record: dict[str, Any] | None) -> bool:
+        if first_record is None:
+            return False
+        if isinstance(first_record.get("requested_rewrite"), dict):
+            return True
+        return (all(k in first_record for k in ("prompt", "subject", "target_new"))
+                and any(k in first_record for k in MARKERS))
+
+    def read(self, path: Path) -> list[EditRequest]:
+        return [self._one(rec) for rec in read_records(path)]
+
+    def _one(self, rec: RawRecord) -> EditRequest:
+        d = rec.data
+        case_id = str(d.get("case_id", rec.index))
+        origin = f"case {case_id!r} ({rec.where})"
+        if "requested_rewrite" in d:
+            return self._rome(rec, case_id, origin)
+        require(rec, REQUIRED, origin, "CounterFact")
+        loc_prompts = str_list(d.get("locality_prompt"), origin, "locality_prompt")
+        loc_answers = str_list(d.get("locality_ground_truth"), origin, "locality_ground_truth")
+        if loc_answers and len(loc_answers) != len(loc_prompts):
+            raise ValidationError(f"{origin}: 'locality_prompt' has {len(loc_prompts)} prompt(s) but "
+                                  f"'locality_ground_truth' {len(loc_answers)} answer(s); give one "
+                                  f"answer per prompt")
+        locality = [PromptAnswer(p, (loc_answers[i].strip() if loc_answers else ""))
+                    for i, p in enumerate(loc_prompts)]
+        return EditRequest(
+            prompt=d["prompt"], subject=d["subject"],
+            target_new=target_str(d["target_new"], origin, "target_new"),
+            target_true=target_str(d["ground_truth"], origin, "ground_truth"),
+            rephrase=tuple(str_list(d.get("rephrase_prompt"), origin, "rephrase_prompt")),
+            locality=tuple(locality),
+            portability=tuple(prompt_answer_items(d.get("portability"), origin, "portability")),
+            case_id=case_id, where=rec.where)
+
+    def _rome(self, rec: RawRecord, case_id: str, origin: str) -> EditRequest:
+        rr = rec.data["requested_rewrite"]
+        if not isinstance(rr, dict):
+            raise ValidationError(f"{origin}: field 'requested_rewrite' must be an object, got {rr!r}")
+        for f in ("prompt", "subject", "target_new"):
+            if f not in rr:
+                raise ValidationError(f"{origin}: missing required CounterFact field "
+                                      f"'requested_rewrite.{f}'; fields found: {', '.join(sorted(rr))}")
+
+        def obj_str(v: Any, name: str, required: bool) -> str | None:
+            if isinstance(v, dict):
+                v = v.get("str")
+            return target_str(v, origin, f"requested_rewrite.{name}", required=required)
+
+        subject, template = rr["subject"], rr["prompt"]
+        if not isinstance(template, str) or not isinstance(subject, str):
+            raise ValidationError(f"{origin}: fields 'requested_rewrite.prompt' and "
+                                  f"'requested_rewrite.subject' must be strings")
+        prompt = template.replace("{}", subject) if "{}" in template else template
+        target_true = obj_str(rr.get("target_true"), "target_true", False)
+        neighborhood = str_list(rec.data.get("neighborhood_prompts"), origin, "neighborhood_prompts")
+        return EditRequest(
+            prompt=prompt, subject=subject,
+            target_new=obj_str(rr["target_new"], "target_new", True),  # type: ignore[arg-type]
+            target_true=target_true,
+            rephrase=tuple(str_list(rec.data.get("paraphrase_prompts"), origin, "paraphrase_prompts")),
+            locality=tuple(PromptAnswer(p, target_true or "") for p in neighborhood),
+            case_id=case_id, where=rec.where)
+
+
+@hookimpl
+def register_datasets(register):  # type: ignore[no-untyped-def]
+    register(CounterFact())

@@ -1,0 +1,54 @@
+"""The medit JSONL edit format (DESIGN.md, "The medit JSONL edit format (a contract)").
+
+One edit per line: ``{"case_id", "prompt", "subject", "target_new", "target_true", "rephrase",
+"locality": [{"prompt", "answer"}], "portability": [{"prompt", "answer"}]}``. Only ``prompt``,
+``subject`` and ``target_new`` are required; ``case_id`` defaults to the line number; blank lines
+and lines starting with ``#`` are skipped; unknown fields are rejected. A ``.json`` file holding a
+list of such records is read too (``case_id`` then defaults to the record's index).
+Values are taken verbatim (targets are not stripped).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medit import hookimpl
+from medit.core.dataset import DatasetFormat, item_list, read_records, str_list
+from medit.core.requests import EditRequest
+
+REQUIRED = ("prompt", "subject", "target_new")
+ALLOWED = frozenset({"case_id", "prompt", "subject", "target_new", "target_true", "rephrase",
+                     "locality", "portability"})
+
+
+class MeditJsonl(DatasetFormat):
+    name = "medit-jsonl"
+    description = ("medit's own edit format: one JSON object per line with prompt, subject, target_new "
+                   "and optional case_id, target_true, rephrase, locality, portability")
+
+    def detect(self, path: Path, first_record: dict[str, Any] | None) -> bool:
+        if first_record is None or not all(k in first_record for k in REQUIRED):
+            return False
+        # A .jsonl file with the required fields is ours (an unknown field then gets a precise
+        # error on reading); in any other file every field must be one of ours, so that layouts
+        # that merely share prompt/subject/target_new (CounterFact) are not claimed.
+        return path.suffix.lower() == ".jsonl" or set(first_record) <= ALLOWED
+
+    def read(self, path: Path) -> list[EditRequest]:
+        out = []
+        for rec in read_records(path):
+            d = dict(rec.data)
+            default_id = str(rec.line) if rec.jsonl else str(rec.index)
+            origin = f"case {str(d.get('case_id', default_id))!r} ({rec.where})"
+            if "rephrase" in d:
+                d["rephrase"] = str_list(d["rephrase"], origin, "rephrase")
+            for key in ("locality", "portability"):
+                if key in d:
+                    d[key] = item_list(d[key], origin, key)
+            out.append(EditRequest.from_dict(d, default_id=default_id, where=rec.where))
+        return out
+
+
+@hookimpl
+def register_datasets(register):  # type: ignore[no-untyped-def]
+    register(MeditJsonl())

@@ -1,0 +1,27 @@
+"""Efficiency: wall time of each edit and the process's peak memory."""
+from __future__ import annotations
+
+from typing import Any
+
+from medit import hookimpl
+from medit.core.metric import Metric, Results, Values
+from medit.core.requests import EditRequest
+
+
+class Efficiency(Metric):
+    name = "efficiency"
+    description = "seconds per edit and peak memory (RSS, and GPU when used)"
+    protocols = ()
+
+    def compute(self, req: EditRequest, pre: Results | None, post: Results,
+                protocols: tuple[str, ...], ctx: dict[str, Any]) -> Values:
+        out: Values = {"edit_s": {"pre": None, "post": ctx.get("edit_s")},
+                       "peak_rss_mb": {"pre": None, "post": ctx.get("peak_rss_mb")}}
+        if ctx.get("peak_gpu_mb") is not None:
+            out["peak_gpu_mb"] = {"pre": None, "post": ctx["peak_gpu_mb"]}
+        return out
+
+
+@hookimpl
+def register_metrics(register):  # type: ignore[no-untyped-def]
+    register(Efficiency())

@@ -1,0 +1,68 @@
+"""Locality: unrelated prompts must keep their answers.
+
+Reported as ``agreement`` (teacher-forced on the locality answer: fraction of answer tokens whose
+argmax is the same before and after the edit, EasyEdit's definition), ``generate_agreement``
+(greedy continuations identical before and after), and, where the data gives a ground truth,
+post-edit accuracy under ``token_acc``/``exact``/``generate``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from medit import hookimpl
+from medit.core.metric import Metric, Results, Values, mean
+from medit.core.requests import EditRequest
+from medit.core.scoring import GenQuery, TFQuery, generation_matches
+
+
+class Locality(Metric):
+    name = "locality"
+    description = "unrelated prompts keep their predictions (agreement) and ground-truth answers"
+    protocols = ("generate", "token_acc", "exact")
+
+    def queries(self, req: EditRequest, protocols: tuple[str, ...], gen_tokens: int) -> list[Any]:
+        qs: list[Any] = []
+        for pa in req.locality:
+            if pa.answer:
+                qs.append(TFQuery(pa.prompt, pa.answer))
+            if "generate" in protocols:
+                qs.append(GenQuery(pa.prompt, gen_tokens))
+        return qs
+
+    def compute(self, req: EditRequest, pre: Results | None, post: Results,
+                protocols: tuple[str, ...], ctx: dict[str, Any]) -> Values:
+        out: Values = {}
+        with_answer = [pa for pa in req.locality if pa.answer]
+        if pre is not None and with_answer:
+            agree = []
+            for pa in with_answer:
+                a, b = pre[TFQuery(pa.prompt, pa.answer)], post[TFQuery(pa.prompt, pa.answer)]
+                agree.append(sum(x == y for x, y in zip(a.argmax, b.argmax)) / len(a.argmax))
+            out["agreement"] = {"pre": None, "post": mean(agree)}
+        if pre is not None and "generate" in protocols and req.locality:
+            g = ctx["gen_tokens"]
+            same = [float(pre[GenQuery(pa.prompt, g)] == post[GenQuery(pa.prompt, g)]) for pa in req.locality]
+            if same:
+                out["generate_agreement"] = {"pre": None, "post": mean(same)}
+        for proto in protocols:
+            if proto not in self.protocols or not with_answer:
+                continue
+            vals: dict[str, float | None] = {}
+            for stage, res in (("pre", pre), ("post", post)):
+                if res is None:
+                    vals[stage] = None
+                    continue
+                if proto == "generate":
+                    scores = [generation_matches(res[GenQuery(pa.prompt, ctx["gen_tokens"])], pa.answer)
+                              for pa in with_answer]
+                else:
+                    scores = [getattr(res[TFQuery(pa.prompt, pa.answer)], proto) for pa in with_answer]
+                vals[stage] = mean(scores)
+            if vals.get("post") is not None:
+                out[proto] = vals
+        return out
+
+
+@hookimpl
+def register_metrics(register):  # type: ignore[no-untyped-def]
+    register(Locality())
