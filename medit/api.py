@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from .core.dataset import load_dataset
 from .core.edit import Edit, load_patch
+from .core.errors import MeditError, UnknownNameError
 from .core.evaluate import EvalConfig, Evaluator
 from .core.handle import ModelHandle, load_model
 from .core.hparams import HParams
@@ -20,6 +21,7 @@ from .core.plugins import get_plugins
 from .core.requests import EditRequest
 
 load = load_model
+EDIT_MODES = ("batch", "sequential")
 
 
 def default_run_dir(kind: str, method: str) -> Path:
@@ -72,15 +74,30 @@ def edit(handle: ModelHandle, method: str | Method, requests: Sequence[EditReque
     """Apply all requests together (batch if the method can, else one after another), score them,
     optionally save the combined edit as a patch. With ``keep`` the edit stays applied and is
     returned (call ``.revert()`` to undo it); otherwise the model is restored."""
+    check_edit_mode(mode)
     m = get_method(method) if isinstance(method, str) else method
     mode = mode or ("batch" if "batch" in m.modes else "sequential")
     summary, edit_obj = run(handle, m, requests, mode=mode, keep_edit=True, **kw)
-    if edit_obj is not None and save_patch:
+    if save_patch:
+        if edit_obj is None:
+            raise MeditError(f"no combined edit was kept in {mode!r} mode, so no patch can be saved to "
+                             f"{str(save_patch)!r}; use mode 'batch' with one batch or 'sequential'")
         summary["patch"] = str(edit_obj.save(save_patch))
     if edit_obj is not None and not keep:
         edit_obj.revert()
         edit_obj = None
     return summary, edit_obj
+
+
+def check_edit_mode(mode: str | None) -> None:
+    """:func:`edit` keeps its edits applied together: only ``batch`` and ``sequential`` make sense."""
+    if mode is None or mode in EDIT_MODES:
+        return
+    if mode == "single":
+        raise MeditError("--mode single does not apply to `medit edit`, which keeps all its edits applied "
+                         "together; use --mode batch or --mode sequential (or score edits one at a time "
+                         "with `medit eval --mode single`)")
+    raise UnknownNameError("mode", mode, EDIT_MODES, hint="`medit edit` applies all its edits together")
 
 
 def apply_patch(handle: ModelHandle, path: str | Path) -> Edit:

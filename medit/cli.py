@@ -11,7 +11,7 @@ from tabulate import tabulate
 from typer.core import TyperGroup
 
 from . import __version__
-from .core.errors import MeditError
+from .core.errors import MeditError, UnknownNameError
 from .core.plugins import KINDS, get_plugins
 
 
@@ -55,9 +55,17 @@ def _load(model: str, dtype: Optional[str], device: Optional[str], device_map: O
 
 
 def _protocols(spec: Optional[str]) -> dict[str, Any]:
+    """``--protocol`` as EvalConfig keywords, checked before any model is loaded."""
     if not spec:
         return {}
-    return {"protocols": tuple(p.strip() for p in spec.split(",") if p.strip())}
+    from .core.metric import PROTOCOLS
+    protos = tuple(p.strip() for p in spec.split(",") if p.strip())
+    bad = [p for p in protos if p not in PROTOCOLS]
+    if bad:
+        raise UnknownNameError("protocol", bad[0], PROTOCOLS, hint="pass a comma list to --protocol")
+    if not protos:
+        raise MeditError(f"--protocol {spec!r} names no protocol; pass some of {', '.join(PROTOCOLS)}")
+    return {"protocols": protos}
 
 
 def _print_completions(summary: dict[str, Any]) -> None:
@@ -92,12 +100,14 @@ def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registe
     from .core.hparams import parse_sets
 
     overrides = parse_sets(set_)
+    api.check_edit_mode(mode)
+    protos = _protocols(protocol)
     requests, info = load_dataset(file)
     meth = api.get_method(method)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
     run_dir = Path(out) if out else api.default_run_dir("edit", method)
     summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, hparams_file=hparams,
-                          overrides=overrides, out_dir=run_dir, gen_tokens=gen_tokens, **_protocols(protocol))
+                          overrides=overrides, out_dir=run_dir, gen_tokens=gen_tokens, **protos)
     _print_completions(summary)
     _report(summary, run_dir)
     if save_patch:
@@ -126,6 +136,9 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     if resume and not out:
         raise MeditError("--resume needs --out RUN_DIR naming the run to continue")
     overrides = parse_sets(set_)
+    from .core.method import MODES
+    if mode not in MODES:
+        raise UnknownNameError("mode", mode, MODES)
     requests, info = load_dataset(dataset, n=n, offset=offset, seed=seed)  # fail fast, before loading the model
     meth = api.get_method(method)
     cfg: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "gen_tokens": gen_tokens, **_protocols(protocol)}
@@ -213,7 +226,14 @@ def version() -> None:
 
 
 def _register_plugin_commands() -> None:
-    get_plugins().pm.hook.register_commands(cli=app)
+    """Let plugins add commands; one that fails is reported in one line and skipped."""
+    from .core.plugins import _one_line
+    for impl in get_plugins().pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=app)
+        except Exception as exc:  # a broken plugin must never take the CLI down
+            print(f"medit: warning: plugin {impl.plugin_name!r} failed in register_commands and was "
+                  f"skipped: {_one_line(exc)}", file=sys.stderr)
 
 
 _register_plugin_commands()

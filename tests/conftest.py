@@ -15,6 +15,7 @@ Everything here is built offline in a few seconds and cached for the session:
 ``MEDIT_CACHE`` points at a session temporary folder, except its ``models`` sub-folder (the
 float32 conversion of GGUF files) which lives in pytest's cache folder so that SmolLM2 is
 de-quantised once, not once per session. ``MEDIT_TEST_MODEL_CACHE`` overrides that location.
+``HF_HUB_OFFLINE`` defaults to 1: no test reaches the Hugging Face hub.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ from typing import Any, Callable
 
 import pytest
 import torch
+
+# Tests never touch the network: set before transformers / huggingface_hub are imported, so an
+# online machine behaves like this offline one (hub ids fail at once with ModelError).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _HERE = Path(__file__).resolve()
 # ../shared/data next to the checkout (or shared/ inside it, where a copy carries one).

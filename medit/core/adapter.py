@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 STANDARD_NAMES = ("layers", "mlp_in", "mlp_out", "attn", "ln_f", "lm_head", "embed")
+#: optional: ``pos_embed`` (learned absolute position embeddings, GPT-2), used by tracing.
 PER_LAYER = ("mlp_in", "mlp_out", "attn")
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -44,7 +45,7 @@ class RawRecord:
     data: dict[str, Any]
     index: int  # 0-based position among the file's records
     line: int  # 1-based line on which the record starts
-    where: str  # "PATH:LINE" for JSONL, "PATH:LINE (record INDEX)" for a JSON list
+    where: str  # "PATH:LINE" for JSONL, "PATH:LINE, record INDEX" for a JSON list
     jsonl: bool = False  # read from a JSON Lines file (else from a JSON list)
 
 
@@ -210,7 +211,7 @@ def _parse_json_list(path: Path, text: str, obj: list[Any]) -> list[RawRecord]:
     lines = _record_lines(text) or [0] * len(obj)
     out: list[RawRecord] = []
     for i, (item, line) in enumerate(zip(obj, lines)):
-        where = f"{path}:{line} (record {i})" if line else f"{path} (record {i})"
+        where = f"{path}:{line}, record {i}" if line else f"{path}, record {i}"
         if not isinstance(item, dict):
             raise MalformedFileError(f"dataset file '{path}' record {i}" + (f" (line {line})" if line else "")
                                  + f" is {_type_name(item)}, not a JSON object; the file must be a "
@@ -343,8 +344,9 @@ def _detect(path: Path) -> str:
         try:
             if entry.obj.detect(path, record):
                 matches.append(entry.name)
-        except Exception:  # a broken detect() must not hide the other formats
-            continue
+        except Exception as exc:  # a broken detect() must not hide the other formats
+            print(f"medit: warning: dataset format {entry.name!r} ({entry.dist}) failed in detect() "
+                  f"and was skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
     if len(matches) == 1:
         return matches[0]
     known = ", ".join(registry.names()) or "(none)"

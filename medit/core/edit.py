@@ -132,6 +132,7 @@ class WeightEdit(Edit):
                   requests: Sequence["EditRequest"], hparams: dict[str, Any]) -> Iterator["WeightEdit"]:
         """Snapshot ``param_names``; the block may change them in place. If the block raises, the
         parameters are restored before the exception propagates."""
+        handle.fingerprint()  # pin the base-model fingerprint before the first change
         params = dict(handle.model.named_parameters())
         originals = {n: params[n].detach().clone() for n in param_names}
         edit = cls(handle, method, requests, hparams, originals, handle.fingerprint(param_names))

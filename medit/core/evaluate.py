@@ -112,10 +112,11 @@ class Evaluator:
                 done = {str(r["case_id"]): r for r in read_jsonl_tolerant(out / "cases.jsonl")}
                 if done:
                     _rewrite_cases(out / "cases.jsonl", list(done.values()))
-            elif (out / "cases.jsonl").exists():
+            elif read_jsonl_tolerant(out / "cases.jsonl"):  # a run that failed before its first case is reusable
                 raise MeditError(f"run folder {str(out)!r} already holds results; pass --resume to continue "
                                  "it or choose another --out")
         self.base_fingerprint = self.handle.fingerprint()
+        self.method.start_run(self.handle)
         start = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest = self._manifest(requests, start, None)
         if out is not None:

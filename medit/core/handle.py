@@ -40,6 +40,9 @@ class ModelHandle:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     _base_fingerprint: str = field(default="", repr=False)
+    #: per-model memo for derived data (context templates, statistics, projections); never a
+    #: module-level global, so two loaded models never share it.
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def config(self) -> Any:
@@ -66,9 +69,12 @@ class ModelHandle:
         return layer
 
     def module(self, std: str, layer: int | None = None) -> nn.Module:
-        """The module for a standard name (and layer index for per-layer names)."""
+        """The module for a standard name (and layer index for per-layer names); ``("layers", i)``
+        is the i-th transformer block."""
         if layer is not None:
             self.check_layer(layer)
+            if std == "layers":
+                return self.model.get_submodule(f"{self.adapter.path('layers')}.{layer}")
         return self.model.get_submodule(self.adapter.path(std, layer))
 
     def param_name(self, std: str, layer: int | None = None, what: str = "weight") -> str:
@@ -190,6 +196,40 @@ def load_model(spec: str, *, dtype: str | None = None, device: str | None = None
     return ModelHandle(model, tok, adapter, model_id=spec, device=device_final, dtype=torch_dtype)
 
 
+_hub_reachable: bool | None = None
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub can be reached (checked once per process).
+
+    False when ``HF_HUB_OFFLINE`` is set or a TCP connection to the hub fails. Loaders then pass
+    ``local_files_only=True``, so an offline machine fails (or uses its HF cache) at once instead
+    of spending ~25 s in hub retries per lookup. Behind a proxy the hub is assumed reachable.
+    """
+    global _hub_reachable
+    if _hub_reachable is None:
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+            _hub_reachable = False
+        elif any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+            _hub_reachable = True
+        else:
+            import socket
+            from urllib.parse import urlparse
+
+            host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+            try:
+                socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+                _hub_reachable = True
+            except OSError:
+                _hub_reachable = False
+    return _hub_reachable
+
+
+def _hub_kw(src: str) -> dict[str, Any]:
+    """``local_files_only=True`` for a hub id while the hub is unreachable (see :func:`hub_reachable`)."""
+    return {} if Path(src).is_dir() or hub_reachable() else {"local_files_only": True}
+
+
 def _prepare_tokenizer(tok: Any, adapter: ModelAdapter) -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
@@ -208,11 +248,12 @@ def _load_pretrained(spec: str, src: str, gguf: str, dtype: torch.dtype, device_
         cached = _gguf_cache(Path(src) / gguf)
         if cached is not None:
             src, gguf = str(cached), ""
-    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, **_hub_kw(src)}
     if gguf:
         kw["gguf_file"] = gguf
     try:
         config = AutoConfig.from_pretrained(src, **kw)
+        adapter_for_model_type(config.model_type)  # unsupported family: say so before loading weights
         cls = _model_class(config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -270,10 +311,11 @@ def _random_init(spec: str, alias: ModelAlias | None, src: str, dtype: torch.dty
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     else:
         try:
-            config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **_hub_kw(src))
         except (OSError, ValueError):
             raise ModelError(f"cannot get a config for {spec!r} to random-initialise it; use an alias "
                              f"({', '.join(sorted(all_aliases()))}) or a local folder") from None
+    adapter_for_model_type(config.model_type)  # unsupported family: say so before building it
     tok = _offline_tokenizer(src, trust_remote_code)
     if len(tok) > getattr(config, "vocab_size", len(tok)):
         config.vocab_size = len(tok)
@@ -287,7 +329,7 @@ def _offline_tokenizer(src: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **_hub_kw(src))
     except (OSError, ValueError):
         pass
     smol = all_aliases().get("smollm2-135m")

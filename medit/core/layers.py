@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from .errors import HParamsError
+from .errors import HParamsError, MethodError
 
 if TYPE_CHECKING:
     from .handle import ModelHandle
@@ -21,7 +21,8 @@ def resolve_layers(handle: "ModelHandle", layers: Sequence[int] | str, auto: Seq
         return picked
     out = []
     for layer in layers:
-        idx = layer + n if layer < 0 else layer
-        handle.check_layer(idx, what=f"layer {layer} in hparam {what!r}:")
-        out.append(idx)
+        if not -n <= layer < n:
+            raise MethodError(f"hparam {what!r}: layer {layer} is out of range for {handle.model_id} "
+                              f"({n} layers: use 0..{n - 1}, or -1..-{n} counting from the end)")
+        out.append(layer + n if layer < 0 else layer)
     return out

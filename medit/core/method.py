@@ -33,6 +33,10 @@ class Method:
     def apply(self, handle: "ModelHandle", requests: Sequence["EditRequest"], hparams: HParams) -> "Edit":
         raise NotImplementedError
 
+    def start_run(self, handle: "ModelHandle") -> None:
+        """Called by the evaluation engine before the first edit of a run: reset any state that
+        must be scoped to one run (e.g. AlphaEdit's cache of preserved keys)."""
+
     # ---------------------------------------------------------------- hparams resolution
     def default_hparams_file(self, handle: "ModelHandle") -> Path | None:
         if self.hparams_dir is None:

@@ -121,6 +121,12 @@ def _allowed_third_party() -> set[str] | None:
     return {p.strip() for p in raw.split(",") if p.strip()}
 
 
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: a problem is always reported on one line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
     dist = getattr(ep, "dist", None)
     if dist is None:
@@ -131,7 +137,9 @@ def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
 def _load_entry_points(pm: pluggy.PluginManager, problems: list[str]) -> dict[str, tuple[str, str]]:
     allowed = _allowed_third_party()
     origins: dict[str, tuple[str, str]] = {}
-    for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    # Built-ins first, so a third-party entry point reusing a built-in's name is the one skipped.
+    for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP),
+                     key=lambda e: (_dist_of(e)[0] != BUILTIN_DIST, e.name)):
         dist, version = _dist_of(ep)
         builtin = dist == BUILTIN_DIST
         if not builtin and allowed is not None and ep.name not in allowed and dist not in allowed:
@@ -144,7 +152,7 @@ def _load_entry_points(pm: pluggy.PluginManager, problems: list[str]) -> dict[st
             pm.register(module, name=ep.name)
         except Exception as exc:  # a broken plugin must never take medit down
             problems.append(f"plugin {ep.name!r} from {dist} failed to load and was skipped: "
-                            f"{type(exc).__name__}: {exc}")
+                            f"{_one_line(exc)}")
             continue
         origins[ep.name] = (dist, version)
     return origins
@@ -186,7 +194,7 @@ def _collect(pm: pluggy.PluginManager, origins: dict[str, tuple[str, str]],
                 impl.function(register=register)
             except Exception as exc:
                 problems.append(f"plugin {info.name!r} failed in register_{kind} and was skipped: "
-                                f"{type(exc).__name__}: {exc}")
+                                f"{_one_line(exc)}")
     return registries, list(infos.values())
 
 

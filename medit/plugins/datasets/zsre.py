@@ -34,7 +34,8 @@ class _SubjectMissing(Exception):
 
 class Zsre(DatasetFormat):
     name = "zsre"
-    description = "zsRE question-answer edits, MEND/EasyEdit layout (subject, src, alt, answers, rephrase, loc, loc_ans)"
+    description = ("zsRE question-answer edits, MEND/EasyEdit layout (subject, src, alt, answers, rephrase, "
+                   "loc, loc_ans)")
 
     def detect(self, path: Path, first_record: dict[str, Any] | None) -> bool:
         return first_record is not None and all(k in first_record for k in REQUIRED)

@@ -36,6 +36,7 @@ class GPT2Adapter(ModelAdapter):
         "ln_f": "transformer.ln_f",
         "lm_head": "lm_head",
         "embed": "transformer.wte",
+        "pos_embed": "transformer.wpe",
     }
     transposed: ClassVar[bool] = True
     n_layers_attr: ClassVar[str] = "n_layer"

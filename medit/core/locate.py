@@ -1,0 +1,110 @@
+"""Shared pieces of locate-then-edit methods: their common hyperparameters, and the multi-layer
+least-squares spreading of target residuals used by MEMIT-style methods (MEMIT, AlphaEdit...).
+A method composes these; it never carries its own copy."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from .context import context_templates
+from .errors import HParamsError
+from .rewrite import DeltaSpec, compute_keys, optimise_deltas
+from .stats import second_moments
+
+if TYPE_CHECKING:
+    from .handle import ModelHandle
+    from .requests import EditRequest
+
+#: (d_in x d_in covariance-like matrix, keys [d_in, n]) -> X [d_in, n]; the update is R Xᵀ.
+Solver = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LocateHParams:
+    """Hyperparameters every locate-then-edit method shares (mixed into each method's dataclass)."""
+
+    #: statistics corpus: local .txt/.jsonl file or Hugging Face dataset ``name[:config]``.
+    stats_corpus: str = "wikitext:wikitext-103-raw-v1"
+    #: corpus paragraphs used for the key covariance.
+    stats_samples: int = 1000
+    stats_max_len: int = 128
+    stats_dtype: str = "float32"
+    #: context templates: (new tokens, count) pairs, plus the bare prompt.
+    context_templates: list[list[int]] = field(default_factory=lambda: [[5, 10]])
+    #: which subject token the key is read at: ``last`` or ``first``.
+    fact_token: str = "last"
+    v_steps: int = 25
+    v_lr: float = 0.5
+    v_kl_factor: float = 0.0625
+    v_weight_decay: float = 1e-3
+    v_clamp_norm_factor: float = 4.0
+    v_early_stop_nll: float = 0.05
+    v_chunk: int = 8
+
+    def check_locate(self) -> None:
+        for name in ("stats_samples", "stats_max_len", "v_steps", "v_chunk"):
+            if getattr(self, name) < 1:
+                raise HParamsError(f"hparam {name!r} must be >= 1, got {getattr(self, name)}")
+        for name in ("v_lr", "v_clamp_norm_factor"):
+            if getattr(self, name) <= 0:
+                raise HParamsError(f"hparam {name!r} must be > 0, got {getattr(self, name)}")
+        if self.fact_token not in ("last", "first"):
+            raise HParamsError(f"hparam 'fact_token' must be 'last' or 'first', got {self.fact_token!r}")
+        if self.stats_dtype not in ("float32", "float64"):
+            raise HParamsError(f"hparam 'stats_dtype' must be float32 or float64, got {self.stats_dtype!r}")
+        if any(len(x) != 2 or x[0] < 1 or x[1] < 0 for x in self.context_templates):
+            raise HParamsError("hparam 'context_templates' must be a list of [new_tokens, count] pairs, "
+                               f"got {self.context_templates!r}")
+
+    def delta_spec(self) -> DeltaSpec:
+        return DeltaSpec(steps=self.v_steps, lr=self.v_lr, kl_factor=self.v_kl_factor,
+                         weight_decay=self.v_weight_decay, clamp_norm_factor=self.v_clamp_norm_factor,
+                         early_stop_nll=self.v_early_stop_nll, chunk=self.v_chunk)
+
+    def templates(self, handle: "ModelHandle") -> list[str]:
+        return context_templates(handle, [tuple(x) for x in self.context_templates])  # type: ignore[misc]
+
+    def stats(self, handle: "ModelHandle", layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], float]:
+        return second_moments(handle, layers, self.stats_corpus, self.stats_samples, self.stats_max_len,
+                              self.stats_dtype)
+
+
+def storage_factors(handle: "ModelHandle", out_vecs: torch.Tensor, in_vecs: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (u, v) with ``u @ v.T`` equal to the update ``out_vecs @ in_vecs.T`` in the
+    weight's storage orientation ((out, in) for Linear, (in, out) for GPT-2's Conv1D)."""
+    return (in_vecs, out_vecs) if handle.adapter.transposed else (out_vecs, in_vecs)
+
+
+def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: Sequence[int],
+                  hp: LocateHParams, solver: Solver, on_keys: Callable[[int, torch.Tensor], None] | None = None
+                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """MEMIT's algorithm: optimise target residuals at the last layer, then for each layer (lowest
+    first) solve for the update that moves the keys towards an equal share of what remains.
+
+    Applies the updates in place (the caller records originals) and returns per-parameter
+    low-rank factors and info. ``solver(layer, K)`` returns X with the update ``R Xᵀ``.
+    """
+    templates = hp.templates(handle)
+    z_layer = layers[-1]
+    deltas, infos = optimise_deltas(handle, reqs, z_layer, templates, hp.delta_spec(), "resid", hp.fact_token)
+    _, z0 = compute_keys(handle, reqs, [], templates, hp.fact_token, out_layer=z_layer)
+    targets = z0 + deltas.float()
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    params = dict(handle.model.named_parameters())
+    for i, layer in enumerate(layers):
+        keys, cur = compute_keys(handle, reqs, [layer], templates, hp.fact_token, out_layer=z_layer)
+        K = keys[layer].T  # [d_in, n]
+        R = ((targets - cur) / (len(layers) - i)).T  # [d_out, n]
+        X = solver(layer, K)
+        u, v = storage_factors(handle, R, X)
+        name = handle.param_name("mlp_out", layer)
+        p = params[name]
+        with torch.no_grad():
+            p.add_((u @ v.T).to(p.dtype))
+        factors[name] = (u.detach().cpu(), v.detach().cpu())
+        if on_keys is not None:
+            on_keys(layer, K)
+    return factors, {"delta_steps": [x["steps"] for x in infos], "delta_nll": [x["nll"] for x in infos]}

@@ -1,0 +1,212 @@
+"""Keys and target vectors for locate-then-edit methods (ROME, MEMIT, AlphaEdit, ...).
+
+* :func:`compute_keys`: the rewrite module's input at the subject token, averaged over context
+  templates, in one batched forward pass.
+* :func:`optimise_deltas`: the ``v``/``z`` step — a vector added to the residual stream after
+  the edit layer at the subject token, optimised so the model produces the target. The layers
+  below the edit layer run once; each step runs only the layers above it, and the LM head only
+  at the target positions (and the KL positions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from .context import fill, subject_token_index
+from .scoring import Scorer
+from .tracing import capture, layers_above, run_until
+
+if TYPE_CHECKING:
+    from .handle import ModelHandle
+    from .requests import EditRequest
+
+
+@dataclass
+class _Rows:
+    """A right-padded batch with, per row, the subject position and owning request."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    lookup: list[int]
+    owner: list[int]
+    targets: list[list[int]] = field(default_factory=list)  # target ids per row ([] for KL rows)
+    starts: list[int] = field(default_factory=list)  # position predicting the first target token
+    kl: list[bool] = field(default_factory=list)
+
+
+def _pad(handle: "ModelHandle", seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return Scorer(handle)._pad(seqs)
+
+
+def _subject_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates: Sequence[str],
+                  which: str) -> tuple[list[list[int]], list[int], list[int]]:
+    seqs, lookup, owner = [], [], []
+    for i, r in enumerate(reqs):
+        for t in templates:
+            text, off = fill(t, r.prompt)
+            seqs.append(handle.tokenizer(text).input_ids)
+            lookup.append(subject_token_index(handle, text, off + r.prompt.index(r.subject), r.subject, which))
+            owner.append(i)
+    return seqs, lookup, owner
+
+
+@torch.no_grad()
+def compute_keys(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: Sequence[int],
+                 templates: Sequence[str], which: str = "last", out_layer: int | None = None
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """Keys [n_requests, d_in] per layer, averaged over templates; optionally also the residual
+    stream after ``out_layer`` at the subject token of the bare prompt (template ``"{}"``)."""
+    seqs, lookup, owner = _subject_rows(handle, reqs, templates, which)
+    ids, mask = _pad(handle, seqs)
+    ids, mask = ids.to(handle.device), mask.to(handle.device)
+    rows = torch.arange(len(seqs), device=handle.device)
+    pos = torch.tensor(lookup, device=handle.device)
+    own = torch.tensor(owner, device=handle.device)
+    keys: dict[int, torch.Tensor] = {}
+    resid = None
+    deepest = max(list(layers) + ([out_layer] if out_layer is not None else []))
+    with capture(handle, "mlp_out", layers, what="input") as kstore, \
+            capture(handle, "layers", [out_layer] if out_layer is not None else [], what="output") as zstore:
+        with capture(handle, "layers", [deepest], what="output", stop=True):
+            run_until(handle, lambda: handle.model(input_ids=ids, attention_mask=mask, use_cache=False))
+    for layer in layers:
+        k = kstore[layer][rows, pos].float()
+        summed = torch.zeros(len(reqs), k.shape[1], device=k.device).index_add_(0, own, k)
+        keys[layer] = summed / torch.bincount(own, minlength=len(reqs))[:, None]
+    if out_layer is not None:
+        bare = [templates.index("{}") + i * len(templates) for i in range(len(reqs))]
+        resid = zstore[out_layer][rows[bare], pos[bare]].float()
+    return keys, resid
+
+
+@dataclass
+class DeltaSpec:
+    """Settings of the target-vector optimisation (shared by every locate-then-edit method)."""
+
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    early_stop_nll: float = 0.05
+    kl_prompt: str = "{} is a"
+    #: requests optimised together (the optimisation of each stays independent).
+    chunk: int = 8
+
+
+def optimise_deltas(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer: int,
+                    templates: Sequence[str], spec: DeltaSpec, ref: str = "resid",
+                    which: str = "last") -> tuple[torch.Tensor, list[dict]]:
+    """Vectors δ [n_requests, d_model] added after ``layer`` at the subject token that make the
+    model produce each request's target_new. ``ref`` names what the norm clamp and weight decay
+    are relative to: the residual stream (``resid``, MEMIT) or the MLP output (``mlp``, ROME)."""
+    out, infos = [], []
+    for start in range(0, len(reqs), spec.chunk):
+        d, info = _optimise_chunk(handle, reqs[start:start + spec.chunk], layer, templates, spec, ref, which)
+        out.append(d)
+        infos.extend(info)
+    return torch.cat(out), infos
+
+
+def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates: Sequence[str],
+                spec: DeltaSpec, which: str) -> _Rows:
+    scorer = Scorer(handle)
+    seqs: list[list[int]] = []
+    r = _Rows(torch.empty(0), torch.empty(0), [], [])
+    for i, req in enumerate(reqs):
+        for t in templates:
+            text, off = fill(t, req.prompt)
+            ctx, tgt = scorer.encode_pair(text, req.target_new)
+            seqs.append(ctx + tgt[:-1])
+            r.lookup.append(subject_token_index(handle, text, off + req.prompt.index(req.subject), req.subject, which))
+            r.owner.append(i)
+            r.targets.append(tgt)
+            r.starts.append(len(ctx) - 1)
+            r.kl.append(False)
+        kl_text = spec.kl_prompt.format(req.subject)
+        seqs.append(handle.tokenizer(kl_text).input_ids)
+        r.lookup.append(subject_token_index(handle, kl_text, kl_text.index(req.subject), req.subject, which))
+        r.owner.append(i)
+        r.targets.append([])
+        r.starts.append(0)
+        r.kl.append(True)
+    r.ids, r.mask = _pad(handle, seqs)
+    return r
+
+
+def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer: int,
+                    templates: Sequence[str], spec: DeltaSpec, ref: str, which: str) -> tuple[torch.Tensor, list[dict]]:
+    dev = handle.device
+    rows = _build_rows(handle, reqs, templates, spec, which)
+    ids, mask = rows.ids.to(dev), rows.mask.to(dev)
+    n = len(reqs)
+    with torch.no_grad():
+        with capture(handle, "layers", [layer], what="output") as hs, \
+                capture(handle, "mlp_out", [layer], what="output") as ms:
+            with capture(handle, "layers", [layer], what="output", stop=True):
+                run_until(handle, lambda: handle.model(input_ids=ids, attention_mask=mask, use_cache=False))
+    hidden = hs[layer].detach()
+    r_idx = torch.arange(len(rows.lookup), device=dev)
+    look = torch.tensor(rows.lookup, device=dev)
+    owner = torch.tensor(rows.owner, device=dev)
+    first_row = [rows.owner.index(i) for i in range(n)]
+    ref_vec = (hidden if ref == "resid" else ms[layer].detach())[r_idx[first_row], look[first_row]].float()
+    ref_norm = ref_vec.norm(dim=1)
+
+    # Target positions and ids (rewrite rows) and KL positions (KL rows), flattened.
+    t_rows, t_cols, t_ids, t_own = [], [], [], []
+    for i, (tg, st) in enumerate(zip(rows.targets, rows.starts)):
+        for j, t in enumerate(tg):
+            t_rows.append(i)
+            t_cols.append(st + j)
+            t_ids.append(t)
+            t_own.append(rows.owner[i])
+    t_rows_t, t_cols_t = torch.tensor(t_rows, device=dev), torch.tensor(t_cols, device=dev)
+    t_ids_t, t_own_t = torch.tensor(t_ids, device=dev), torch.tensor(t_own, device=dev)
+    kl_rows = torch.tensor([i for i, k in enumerate(rows.kl) if k], device=dev)
+    kl_own = owner[kl_rows]
+    n_tok = torch.bincount(t_own_t, minlength=n).float()
+    head = handle.module("lm_head")
+
+    delta = torch.zeros(n, hidden.shape[-1], device=dev, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=spec.lr)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    frozen = torch.zeros_like(delta)
+    kl_ref = None
+    infos = [{"steps": spec.steps, "nll": None} for _ in range(n)]
+    with layers_above(handle, layer) as run:
+        for step in range(spec.steps):
+            h = hidden.clone()
+            h = h.index_put((r_idx, look), h[r_idx, look] + delta[owner].to(h.dtype))
+            final = run(h, mask)
+            logp = head(final[t_rows_t, t_cols_t]).float().log_softmax(-1)
+            tok_lp = logp.gather(1, t_ids_t[:, None])[:, 0]
+            nll = -torch.zeros(n, device=dev).index_add(0, t_own_t, tok_lp) / n_tok
+            kl_logp = head(final[kl_rows, look[kl_rows]]).float().log_softmax(-1)
+            if kl_ref is None:
+                kl_ref = kl_logp.detach()
+            kl = (kl_ref.exp() * (kl_ref - kl_logp)).sum(-1)
+            kl_per = torch.zeros(n, device=dev).index_add(0, kl_own, kl)
+            decay = spec.weight_decay * delta.norm(dim=1) ** 2 / ref_norm ** 2
+            newly = (nll.detach() < spec.early_stop_nll) & ~done
+            for i in torch.nonzero(newly).flatten().tolist():
+                infos[i].update(steps=step, nll=float(nll[i].detach()))
+                frozen[i] = delta.detach()[i]
+            done |= newly
+            if bool(done.all()):
+                break
+            loss = (nll + spec.kl_factor * kl_per + decay)[~done].sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                max_norm = spec.clamp_norm_factor * ref_norm
+                scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                delta.mul_(scale[:, None])
+                delta[done] = frozen[done]  # a request that reached its target keeps that delta
+        for i in range(n):
+            if infos[i]["nll"] is None:
+                infos[i]["nll"] = float(nll[i].detach())
+    return delta.detach(), infos

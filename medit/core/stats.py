@@ -1,0 +1,203 @@
+"""Covariance statistics: the second moment E[k kᵀ] of a rewrite module's input keys.
+
+One implementation for every method that needs it. All requested layers are collected in one
+streamed pass over the corpus; the forward pass stops once the deepest requested layer has been
+traced. Results are cached on disk keyed by model fingerprint, corpus fingerprint, layer,
+sample count, max length and dtype; an entry for other settings is never reused and a corrupt
+one is recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+
+from .errors import InputFileError, MeditError
+from .tracing import capture, run_until
+
+if TYPE_CHECKING:
+    from .handle import ModelHandle
+
+STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A text corpus: a local .txt (one paragraph per line) or .jsonl (``text`` field) file, or a
+    Hugging Face dataset ``name[:config]`` (online only)."""
+
+    spec: str
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.spec).exists() or self.spec.endswith((".txt", ".jsonl", ".json"))
+
+    def fingerprint(self) -> str:
+        if self.is_local:
+            p = self._path()
+            return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+        return hashlib.sha256(self.spec.encode()).hexdigest()[:16]
+
+    def _path(self) -> Path:
+        p = Path(self.spec)
+        if not p.is_file():
+            raise InputFileError(f"statistics corpus {self.spec!r} does not exist; pass a text or JSONL file "
+                                 "with --stats-corpus (e.g. ../shared/data/wikitext-2/valid.txt)")
+        return p
+
+    def paragraphs(self, n: int) -> list[str]:
+        """The first ``n`` non-empty paragraphs (WikiText headings skipped)."""
+        out: list[str] = []
+        for text in self._iter():
+            text = text.strip()
+            if not text or (text.startswith("=") and text.endswith("=")):
+                continue
+            out.append(text)
+            if len(out) >= n:
+                break
+        if not out:
+            raise InputFileError(f"statistics corpus {self.spec!r} holds no text; pass a non-empty corpus")
+        return out
+
+    def _iter(self) -> Iterator[str]:
+        if self.is_local:
+            p = self._path()
+            with open(p, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if p.suffix in (".jsonl", ".json") and line.lstrip().startswith("{"):
+                        try:
+                            yield str(json.loads(line).get("text", ""))
+                        except json.JSONDecodeError:
+                            raise InputFileError(f"statistics corpus {self.spec!r} has a malformed JSON line; "
+                                                 "fix it or use a plain text file") from None
+                    else:
+                        yield line
+            return
+        try:
+            import datasets  # type: ignore[import-not-found]
+        except ImportError:
+            raise MeditError(f"statistics corpus {self.spec!r} is not a local file and the `datasets` package is "
+                             "not installed; pass a local text file with --stats-corpus") from None
+        name, _, config = self.spec.partition(":")
+        try:
+            ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        except Exception as exc:  # offline or unknown name
+            raise MeditError(f"cannot load statistics corpus {self.spec!r} from the hub ({type(exc).__name__}); "
+                             "pass a local text file with --stats-corpus") from None
+        for row in ds:
+            yield str(row.get("text", ""))
+
+
+def _cache_path(handle: "ModelHandle", corpus_fp: str, layer: int, n: int, max_len: int, dtype: str) -> Path:
+    from .handle import cache_dir
+    return cache_dir("stats") / handle.fingerprint() / corpus_fp / f"{handle.adapter.name}-mlp_out-L{layer}-n{n}-len{max_len}-{dtype}.safetensors"
+
+
+def _load_cached(path: Path, expect: dict[str, str]) -> torch.Tensor | None:
+    from safetensors import safe_open
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if any(meta.get(k) != v for k, v in expect.items()):
+                return None
+            return f.get_tensor("mom2")
+    except Exception:  # corrupt or truncated: recompute
+        return None
+
+
+def second_moments(handle: "ModelHandle", layers: Sequence[int], corpus: str, n_samples: int = 1000,
+                   max_len: int = 128, dtype: str = "float32", batch_size: int = 16,
+                   progress: bool = True) -> tuple[dict[int, torch.Tensor], float]:
+    """E[k kᵀ] of the ``mlp_out`` input at each layer, from ``n_samples`` corpus paragraphs.
+
+    Returns ({layer: matrix on the model's device}, seconds spent computing; 0 when all cached).
+    """
+    from safetensors.torch import save_file
+
+    if dtype not in STATS_DTYPES:
+        raise MeditError(f"statistics dtype {dtype!r} is not supported; use one of {', '.join(STATS_DTYPES)}")
+    for layer in layers:
+        handle.check_layer(layer, what="statistics layer")
+    c = Corpus(corpus)
+    cfp = c.fingerprint()
+    result: dict[int, torch.Tensor] = {}
+    missing: list[int] = []
+    for layer in sorted(set(layers)):
+        memo_key = ("mom2", layer, cfp, n_samples, max_len, dtype)
+        if memo_key in handle.memo:
+            result[layer] = handle.memo[memo_key]
+            continue
+        expect = {"model": handle.fingerprint(), "corpus": cfp, "layer": str(layer), "n_samples": str(n_samples),
+                  "max_len": str(max_len), "dtype": dtype}
+        cached = _load_cached(_cache_path(handle, cfp, layer, n_samples, max_len, dtype), expect)
+        if cached is not None:
+            result[layer] = handle.memo[memo_key] = cached.to(handle.device)
+        else:
+            missing.append(layer)
+    if not missing:
+        return result, 0.0
+    t0 = time.perf_counter()
+    computed, count = _compute(handle, missing, c.paragraphs(n_samples), max_len, STATS_DTYPES[dtype], batch_size, progress)
+    seconds = time.perf_counter() - t0
+    for layer, mat in computed.items():
+        meta = {"model": handle.fingerprint(), "corpus": cfp, "corpus_spec": corpus, "layer": str(layer),
+                "n_samples": str(n_samples), "max_len": str(max_len), "dtype": dtype, "tokens": str(count),
+                "seconds": f"{seconds:.3f}"}
+        path = _cache_path(handle, cfp, layer, n_samples, max_len, dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"mom2": mat.contiguous().cpu()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+        result[layer] = handle.memo[("mom2", layer, cfp, n_samples, max_len, dtype)] = mat
+    return result, seconds
+
+
+def cache_file(handle: "ModelHandle", layer: int, corpus: str, n_samples: int, max_len: int, dtype: str) -> Path:
+    """Where the statistics for these settings are (or would be) cached."""
+    return _cache_path(handle, Corpus(corpus).fingerprint(), layer, n_samples, max_len, dtype)
+
+
+@torch.no_grad()
+def _compute(handle: "ModelHandle", layers: list[int], texts: list[str], max_len: int, dtype: torch.dtype,
+             batch_size: int, progress: bool) -> tuple[dict[int, torch.Tensor], int]:
+    from tqdm.auto import tqdm
+
+    tok = handle.tokenizer
+    encoded = [tok(t, truncation=True, max_length=max_len).input_ids for t in texts]
+    encoded = [e for e in encoded if e]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding per batch
+    d = handle.weight_out_in("mlp_out", layers[0]).shape[1]
+    acc = {layer: torch.zeros(d, d, dtype=dtype, device=handle.device) for layer in layers}
+    count = 0
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    bar = tqdm(total=sum(len(e) for e in encoded), unit="tok", unit_scale=True, disable=None if progress else True,
+               desc=f"statistics L{','.join(map(str, layers))}", leave=False)
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = [encoded[i] for i in order[start:start + batch_size]]
+            width = max(len(b) for b in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, b in enumerate(batch):
+                ids[i, :len(b)] = torch.tensor(b)
+                mask[i, :len(b)] = 1
+            ids, mask = ids.to(handle.device), mask.to(handle.device)
+            with capture(handle, "mlp_out", layers, what="input", stop=True) as store:
+                run_until(handle, lambda: handle.model(input_ids=ids, attention_mask=mask, use_cache=False))
+            sel = mask.bool()
+            for layer in layers:
+                k = store[layer][sel].to(dtype)
+                acc[layer].addmm_(k.T, k)
+            n_tok = int(sel.sum())
+            count += n_tok
+            bar.update(n_tok)
+    finally:
+        bar.close()
+    return {layer: (m / count).to(torch.float32) for layer, m in acc.items()}, count

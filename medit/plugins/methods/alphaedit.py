@@ -1,0 +1,116 @@
+"""AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of the preserved
+keys' covariance, so what the model knew is (to first order) untouched, plus a running cache of
+the keys edited earlier in the same sequential run.
+
+ΔW = R Xᵀ with X = (P (K Kᵀ + K_p K_pᵀ) + λ I)⁻¹ P K, where P projects onto the eigenvectors of
+C = E[k kᵀ] whose eigenvalues are below ``nullspace_threshold``. The cache K_p K_pᵀ lives in the
+model handle's memo, is reset at the start of every run, and an edit removes its keys on revert.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+import medit
+from medit import hookimpl
+from medit.core.edit import WeightEdit
+from medit.core.errors import HParamsError
+from medit.core.handle import ModelHandle
+from medit.core.hparams import HParams
+from medit.core.locate import LocateHParams, spread_update
+from medit.core.method import Method
+from medit.core.requests import EditRequest
+from medit.plugins.methods.memit import pick_layers
+
+CACHE = "alphaedit.preserved"
+
+
+@dataclass
+class AlphaEditHParams(LocateHParams, HParams):
+    """Hyperparameters of AlphaEdit (plus the shared statistics / target-vector settings)."""
+
+    layers: list[int] | str = "auto"
+    #: eigenvalues of C below this (relative to the largest) span the protected null space.
+    nullspace_threshold: float = 2e-2
+    #: λ: ridge of the projected normal equations.
+    L2: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.check_locate()
+        if not 0 < self.nullspace_threshold < 1:
+            raise HParamsError(f"hparam 'nullspace_threshold' must be in (0, 1), got {self.nullspace_threshold}")
+        if self.L2 < 0:
+            raise HParamsError(f"hparam 'L2' must be >= 0, got {self.L2}")
+
+
+class AlphaEditEdit(WeightEdit):
+    """A WeightEdit that also withdraws its keys from the run's preserved-key cache on revert."""
+
+    added: dict[int, torch.Tensor]
+
+    def revert(self) -> None:
+        if self.active:
+            cache = self.handle.memo.get(CACHE, {})
+            for layer, kk in getattr(self, "added", {}).items():
+                if layer in cache:
+                    cache[layer] -= kk
+        super().revert()
+
+
+def null_space_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(C.double())
+    keep = evecs[:, evals < threshold * evals.max()]
+    return (keep @ keep.T).float()
+
+
+class AlphaEdit(Method):
+    name = "alphaedit"
+    description = "AlphaEdit: MEMIT projected onto the null space of preserved knowledge, for sequential runs"
+    hparams_class = AlphaEditHParams
+    modes = ("single", "batch", "sequential")
+    unsupported_families = ("t5",)
+    hparams_dir = Path(medit.__file__).parent / "hparams" / "alphaedit"
+
+    def start_run(self, handle: ModelHandle) -> None:
+        handle.memo[CACHE] = {}
+
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: AlphaEditHParams) -> WeightEdit:  # type: ignore[override]
+        layers = pick_layers(handle, hparams.layers)
+        stats, stats_s = hparams.stats(handle, layers)
+        proj: dict[int, torch.Tensor] = {}
+        for layer in layers:
+            key: Any = ("alphaedit.P", layer, hparams.nullspace_threshold, hparams.stats_corpus, hparams.stats_samples)
+            if key not in handle.memo:
+                handle.memo[key] = null_space_projector(stats[layer], hparams.nullspace_threshold)
+            proj[layer] = handle.memo[key]
+        cache: dict[int, torch.Tensor] = handle.memo.setdefault(CACHE, {})
+        added: dict[int, torch.Tensor] = {}
+
+        def solve(layer: int, K: torch.Tensor) -> torch.Tensor:
+            P = proj[layer].double()
+            Kd = K.double()
+            prev = cache.get(layer)
+            A = P @ (Kd @ Kd.T + (prev.double() if prev is not None else 0))
+            A = A + hparams.L2 * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+            return torch.linalg.solve(A, P @ Kd).float()
+
+        def remember(layer: int, K: torch.Tensor) -> None:
+            kk = K @ K.T
+            cache[layer] = cache[layer] + kk if layer in cache else kk
+            added[layer] = kk
+
+        names = [handle.param_name("mlp_out", layer) for layer in layers]
+        with AlphaEditEdit.recording(handle, names, self.name, requests, hparams.to_dict()) as edit:
+            factors, info = spread_update(handle, requests, layers, hparams, solve, on_keys=remember)
+            edit.factors = factors
+            edit.added = added  # type: ignore[attr-defined]
+        edit.info.update(stats_s=stats_s, layers=layers, **info)
+        return edit
+
+
+@hookimpl
+def register_methods(register):  # type: ignore[no-untyped-def]
+    register(AlphaEdit())

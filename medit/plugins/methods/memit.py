@@ -1,0 +1,87 @@
+"""MEMIT (Meng et al. 2023): many edits at once, spread over several MLP layers.
+
+Target residuals are optimised at the last edit layer; each layer then takes an equal share of
+what remains through a least-squares update weighted by the key covariance:
+ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹. Stored as per-layer low-rank factors (rank = number of edits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import medit
+from medit import hookimpl
+from medit.core.edit import WeightEdit
+from medit.core.errors import HParamsError
+from medit.core.handle import ModelHandle
+from medit.core.hparams import HParams
+from medit.core.layers import resolve_layers
+from medit.core.locate import LocateHParams, spread_update
+from medit.core.method import Method
+from medit.core.requests import EditRequest
+
+#: ``layers: auto``: five consecutive layers ending at this fraction of the depth (LLaMA-7B's
+#: 4-8 of 32 and GPT-J's 3-8 of 28 in the MEMIT/EasyEdit defaults).
+AUTO_LAST = 0.25
+AUTO_COUNT = 5
+
+
+def auto_layers(n_layers: int) -> list[int]:
+    last = max(0, min(n_layers - 1, round(AUTO_LAST * (n_layers - 1))))
+    return list(range(max(0, last - AUTO_COUNT + 1), last + 1))
+
+
+@dataclass
+class MEMITHParams(LocateHParams, HParams):
+    """Hyperparameters of MEMIT (plus the shared statistics / target-vector settings)."""
+
+    #: edited layers (ascending), or ``auto``.
+    layers: list[int] | str = "auto"
+    #: λ: weight of the preserved-key covariance against the new keys.
+    mom2_update_weight: float = 15000.0
+
+    def __post_init__(self) -> None:
+        self.check_locate()
+        if self.mom2_update_weight < 0:
+            raise HParamsError(f"hparam 'mom2_update_weight' must be >= 0, got {self.mom2_update_weight}")
+        if isinstance(self.layers, list) and not self.layers:
+            raise HParamsError("hparam 'layers' must name at least one layer (or be 'auto')")
+
+
+def pick_layers(handle: ModelHandle, layers: list[int] | str) -> list[int]:
+    if layers == "auto":
+        return auto_layers(handle.n_layers)
+    return sorted(resolve_layers(handle, layers, auto=()))
+
+
+class MEMIT(Method):
+    name = "memit"
+    description = "MEMIT: batch edits spread over several MLP layers by covariance-weighted least squares"
+    hparams_class = MEMITHParams
+    modes = ("single", "batch", "sequential")
+    unsupported_families = ("t5",)
+    hparams_dir = Path(medit.__file__).parent / "hparams" / "memit"
+
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: MEMITHParams) -> WeightEdit:  # type: ignore[override]
+        layers = pick_layers(handle, hparams.layers)
+        stats, stats_s = hparams.stats(handle, layers)
+        lam = hparams.mom2_update_weight
+
+        def solve(layer: int, K: torch.Tensor) -> torch.Tensor:
+            A = lam * stats[layer].double() + K.double() @ K.double().T
+            return torch.linalg.solve(A, K.double()).float()
+
+        names = [handle.param_name("mlp_out", layer) for layer in layers]
+        with WeightEdit.recording(handle, names, self.name, requests, hparams.to_dict()) as edit:
+            factors, info = spread_update(handle, requests, layers, hparams, solve)
+            edit.factors = factors
+        edit.info.update(stats_s=stats_s, layers=layers, **info)
+        return edit
+
+
+@hookimpl
+def register_methods(register):  # type: ignore[no-untyped-def]
+    register(MEMIT())

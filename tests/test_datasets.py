@@ -1,0 +1,492 @@
+"""Dataset formats (medit-jsonl, counterfact, zsre) and load_dataset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from medit import hookimpl
+from medit.core.dataset import (DatasetFormat, DatasetInfo, load_dataset, parse_spec, read_records)
+from medit.core.errors import InputFileError, UnknownNameError, ValidationError
+from medit.core.plugins import get_plugins, register_plugin, unregister_plugin
+from medit.core.requests import EditRequest, PromptAnswer
+
+# ../shared/data next to the checkout, or shared/data inside it (where a copy carries one)
+_DATA_CANDIDATES = [Path(__file__).resolve().parents[i] / "shared" / "data" for i in (2, 1)]
+DATA = next((d for d in _DATA_CANDIDATES if (d / "counterfact" / "dev.json").exists()), _DATA_CANDIDATES[0])
+CF_DEV = DATA / "counterfact" / "dev.json"
+CF_TRAIN = DATA / "counterfact" / "train.json"
+ZSRE_DEV = DATA / "zsre" / "dev.json"
+needs_data = pytest.mark.skipif(not CF_DEV.exists(), reason="../shared/data not present")
+
+MEDIT = {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+         "target_new": "English"}
+CF = {"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "target_new": "English",
+      "subject": "Danielle Darrieux", "ground_truth": "French",
+      "rephrase_prompt": "Where Danielle Darrieux is from, people speak the language of",
+      "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"}
+ZSRE = {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "pred": "uniform",
+        "rephrase": "What will be the product of UniFirst?", "alt": "unmanned aircraft",
+        "answers": ["uniform"], "loc": "nq question: john goodman's character in the big lebowski",
+        "loc_ans": "Walter Sobchak", "cond": "uniform >> unmanned aircraft || ..."}
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj, indent=1))
+    return path
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+def test_formats_are_registered_as_plugins():
+    p = get_plugins()
+    for name in ("medit-jsonl", "counterfact", "zsre"):
+        assert name in p.datasets, p.datasets.names()
+        entry = p.datasets.entry(name)
+        assert isinstance(entry.obj, DatasetFormat)
+        assert entry.dist == "medit"
+        assert entry.description
+
+
+# ---------------------------------------------------------------------------- medit jsonl
+
+
+def test_medit_jsonl_parses(tmp_path):
+    f = write_jsonl(tmp_path / "e.jsonl", [
+        "# a comment",
+        dict(MEDIT, case_id="dd", target_true="French", rephrase=["Danielle Darrieux speaks"],
+             locality=[{"prompt": "Michel Rocard is a native speaker of", "answer": "French"}],
+             portability=[{"prompt": "Danielle Darrieux's mother tongue is spoken in", "answer": "England"}]),
+        "",
+        "   ",
+        {"prompt": "Paris is the capital of", "subject": "Paris", "target_new": "Italy", "case_id": 7},
+        {"prompt": "Rome is the capital of", "subject": "Rome", "target_new": "France",
+         "rephrase": "The capital Rome is in", "locality": {"prompt": "Berlin is in", "answer": "Germany"}},
+    ])
+    reqs, info = load_dataset(str(f))
+    assert info.format == "medit-jsonl"
+    assert [r.case_id for r in reqs] == ["dd", "7", "6"]  # default case id = line number
+    r0 = reqs[0]
+    assert r0.target_true == "French" and r0.rephrase == ("Danielle Darrieux speaks",)
+    assert r0.locality == (PromptAnswer("Michel Rocard is a native speaker of", "French"),)
+    assert r0.portability[0].answer == "England"
+    assert r0.where == f"{f}:2"
+    assert reqs[1].target_true is None and reqs[1].rephrase == () and reqs[1].locality == ()
+    assert reqs[2].rephrase == ("The capital Rome is in",)  # a single string is one rephrase
+    assert reqs[2].locality == (PromptAnswer("Berlin is in", "Germany"),)  # a single object is one item
+    # the JSONL representation round-trips
+    f2 = write_jsonl(tmp_path / "round.jsonl", [r.to_dict() for r in reqs])
+    assert load_dataset(str(f2))[0] == [EditRequest.from_dict(r.to_dict(), where=f"{f2}:{i + 1}")
+                                        for i, r in enumerate(reqs)]
+
+
+def test_medit_json_list(tmp_path):
+    f = write_json(tmp_path / "e.json", [MEDIT, dict(MEDIT, case_id="x")])
+    reqs, info = load_dataset(str(f))
+    assert info.format == "medit-jsonl"
+    assert [r.case_id for r in reqs] == ["0", "x"]  # in a JSON list: the record's index
+    assert reqs[1].where.startswith(f"{f}:") and ", record 1" in reqs[1].where
+
+
+def test_medit_targets_are_verbatim(tmp_path):
+    f = write_jsonl(tmp_path / "e.jsonl", [dict(MEDIT, target_new=" English")])
+    assert load_dataset(str(f))[0][0].target_new == " English"
+
+
+# ---------------------------------------------------------------------------- counterfact
+
+
+def test_counterfact_sample(tmp_path):
+    f = write_json(tmp_path / "cf.json", [CF, dict(CF, case_id=5, target_new=" Dutch ",
+                                                    rephrase_prompt=["a Danielle Darrieux", "b Danielle Darrieux"],
+                                                    ground_truth=["French", "Francais"],
+                                                    portability={"New Question": "Q?", "New Answer": "A"})])
+    reqs, info = load_dataset(str(f))
+    assert info.format == "counterfact"
+    r = reqs[0]
+    assert (r.case_id, r.target_new, r.target_true) == ("0", "English", "French")
+    assert r.rephrase == (CF["rephrase_prompt"],)
+    assert r.locality == (PromptAnswer(CF["locality_prompt"], "French"),)
+    r = reqs[1]
+    assert (r.case_id, r.target_new, r.target_true) == ("5", "Dutch", "French")
+    assert r.rephrase == ("a Danielle Darrieux", "b Danielle Darrieux")
+    assert r.portability == (PromptAnswer("Q?", "A"),)
+
+
+def test_counterfact_rome_layout(tmp_path):
+    rec = {"case_id": 0, "pararel_idx": 2796,
+           "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                                 "target_new": {"str": "English", "id": "Q1860"},
+                                 "target_true": {"str": "French", "id": "Q150"},
+                                 "subject": "Danielle Darrieux"},
+           "paraphrase_prompts": ["Danielle Darrieux speaks"],
+           "neighborhood_prompts": ["Michel Rocard is a native speaker of"],
+           "attribute_prompts": [], "generation_prompts": []}
+    f = write_json(tmp_path / "counterfact.json", [rec])
+    reqs, info = load_dataset(str(f))
+    assert info.format == "counterfact"
+    r = reqs[0]
+    assert r.prompt == "The mother tongue of Danielle Darrieux is"
+    assert (r.target_new, r.target_true) == ("English", "French")
+    assert r.rephrase == ("Danielle Darrieux speaks",)
+    assert r.locality == (PromptAnswer("Michel Rocard is a native speaker of", "French"),)
+
+
+def test_counterfact_missing_field(tmp_path):
+    bad = dict(CF, case_id=42)
+    del bad["ground_truth"]
+    f = write_json(tmp_path / "cf.json", [CF, bad])
+    with pytest.raises(ValidationError) as e:
+        load_dataset(f"counterfact:{f}")
+    msg = str(e.value)
+    assert "cf.json" in msg and "'42'" in msg and "'ground_truth'" in msg and "record 1" in msg
+
+
+def test_counterfact_missing_required_prompt_field(tmp_path):
+    bad = dict(CF)
+    del bad["target_new"]
+    f = write_json(tmp_path / "cf.json", [bad])
+    with pytest.raises(ValidationError, match=r"cf\.json.*'target_new'"):
+        load_dataset(f"counterfact:{f}")
+
+
+def test_counterfact_subject_not_in_prompt(tmp_path):
+    f = write_json(tmp_path / "cf.json", [dict(CF, case_id=3, subject="Edith Piaf")])
+    with pytest.raises(ValidationError) as e:
+        load_dataset(str(f))
+    msg = str(e.value)
+    assert "cf.json" in msg and "'3'" in msg and "subject" in msg and "Edith Piaf" in msg
+
+
+# ---------------------------------------------------------------------------- zsre
+
+
+def test_zsre_sample(tmp_path, capsys):
+    rec2 = dict(ZSRE, subject="unifirst", alt=" drones", answers=["uniform", "uniforms"],
+                portability=[{"New Question": "What does UniFirst's product fly in?", "New Answer": "the air"}])
+    f = write_json(tmp_path / "z.json", [ZSRE, rec2])
+    reqs, info = load_dataset(str(f))
+    assert info.format == "zsre" and info.skipped == 0
+    r = reqs[0]
+    assert (r.prompt, r.subject, r.target_new, r.target_true) == (
+        ZSRE["src"], "UniFirst", "unmanned aircraft", "uniform")
+    assert r.rephrase == (ZSRE["rephrase"],)
+    assert r.locality == (PromptAnswer(ZSRE["loc"], "Walter Sobchak"),)
+    assert r.case_id == "0"
+    r = reqs[1]
+    assert r.subject == "UniFirst"  # case-insensitive match, taken as it occurs in the question
+    assert r.target_new == "drones"  # surrounding whitespace stripped
+    assert r.portability == (PromptAnswer("What does UniFirst's product fly in?", "the air"),)
+    assert capsys.readouterr().err == ""
+
+
+def test_zsre_skips_subject_not_in_question_with_one_warning(tmp_path, capsys):
+    rows = [ZSRE, dict(ZSRE, subject="Acme"), dict(ZSRE, subject="Globex"), ZSRE]
+    f = write_json(tmp_path / "z.json", rows)
+    reqs, info = load_dataset(str(f))
+    assert [r.case_id for r in reqs] == ["0", "3"]
+    assert info.skipped == 2 and info.n_total == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "skipped 2 of 4" in err[0] and "z.json" in err[0] and "'Acme'" in err[0]
+
+
+def test_zsre_all_subjects_missing_raises(tmp_path):
+    f = write_json(tmp_path / "z.json", [dict(ZSRE, subject="Acme")])
+    with pytest.raises(ValidationError, match=r"z\.json.*'Acme'"):
+        load_dataset(str(f))
+
+
+def test_zsre_empty_alt(tmp_path):
+    f = write_json(tmp_path / "z.json", [ZSRE, dict(ZSRE, alt="  ")])
+    with pytest.raises(ValidationError) as e:
+        load_dataset(str(f))
+    assert "z.json" in str(e.value) and "'1'" in str(e.value) and "'alt'" in str(e.value)
+
+
+# ---------------------------------------------------------------------------- real files
+
+
+@needs_data
+@pytest.mark.parametrize("path,fmt,count", [(CF_DEV, "counterfact", 2000), (CF_TRAIN, "counterfact", 10000),
+                                            (ZSRE_DEV, "zsre", 500)])
+def test_real_files_parse_completely(path, fmt, count, capsys):
+    reqs, info = load_dataset(str(path))
+    assert info.format == fmt
+    assert len(reqs) == count == info.n_total == info.n
+    assert info.skipped == 0
+    assert len(info.fingerprint) == 16
+    assert all(r.target_true and r.rephrase and len(r.locality) == 1 for r in reqs)
+    assert all(r.target_new == r.target_new.strip() for r in reqs)
+    assert capsys.readouterr().err == ""
+
+
+@needs_data
+def test_real_counterfact_first_case():
+    reqs, _ = load_dataset(f"counterfact:{CF_DEV}", n=1)
+    r = reqs[0]
+    assert r.case_id == "0" and r.subject == "Danielle Darrieux"
+    assert (r.target_new, r.target_true) == ("English", "French")
+
+
+@needs_data
+def test_real_counterfact_named_equals_detected():
+    assert load_dataset(f"counterfact:{CF_DEV}", n=50)[0] == load_dataset(str(CF_DEV), n=50)[0]
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def _ten(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "ten.jsonl",
+                       [{"prompt": f"Item {i} is", "subject": f"Item {i}", "target_new": "x"} for i in range(10)])
+
+
+def test_n_offset_selection(tmp_path):
+    f = _ten(tmp_path)
+    reqs, info = load_dataset(str(f), n=3, offset=2)
+    assert [r.case_id for r in reqs] == ["3", "4", "5"]
+    assert (info.n_total, info.n, info.offset, info.seed) == (10, 3, 2, None)
+    reqs, info = load_dataset(str(f), n=100, offset=8)  # n past the end: what remains
+    assert [r.case_id for r in reqs] == ["9", "10"] and info.n == 2
+
+
+def test_seeded_shuffle_is_deterministic(tmp_path):
+    f = _ten(tmp_path)
+    a, info = load_dataset(str(f), n=5, seed=1)
+    b, _ = load_dataset(str(f), n=5, seed=1)
+    c, _ = load_dataset(str(f), n=5, seed=2)
+    whole, _ = load_dataset(str(f), seed=1)
+    assert a == b and a != c and info.seed == 1
+    assert a == whole[:5]
+    assert [r.case_id for r in whole] != [str(i) for i in range(1, 11)]
+    assert sorted(r.case_id for r in whole) == sorted(str(i) for i in range(1, 11))
+    assert load_dataset(str(f), n=3, offset=5, seed=1)[0] == whole[5:8]
+
+
+def test_bad_selection_arguments(tmp_path):
+    f = _ten(tmp_path)
+    with pytest.raises(ValidationError, match="offset 10 is past the end.*ten.jsonl"):
+        load_dataset(str(f), offset=10)
+    with pytest.raises(ValidationError, match="n must be a positive integer"):
+        load_dataset(str(f), n=0)
+    with pytest.raises(ValidationError, match="offset"):
+        load_dataset(str(f), offset=-1)
+
+
+def test_dataset_info(tmp_path):
+    f = _ten(tmp_path)
+    _, info = load_dataset(str(f))
+    assert isinstance(info, DatasetInfo)
+    assert info.path == str(f.resolve())
+    import hashlib
+    assert info.fingerprint == hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+    assert info.to_dict()["format"] == "medit-jsonl"
+
+
+# ---------------------------------------------------------------------------- specs and detection
+
+
+def test_named_format_and_unknown_format(tmp_path):
+    f = write_json(tmp_path / "cf.json", [CF])
+    assert load_dataset(f"counterfact:{f}")[1].format == "counterfact"
+    with pytest.raises(UnknownNameError) as e:
+        load_dataset(f"nosuchformat:{f}")
+    msg = str(e.value)
+    assert "'nosuchformat'" in msg and "counterfact" in msg and "medit-jsonl" in msg and "zsre" in msg
+
+
+def test_named_format_mismatch_is_reported(tmp_path):
+    f = write_json(tmp_path / "cf.json", [CF])
+    with pytest.raises(ValidationError, match=r"cf\.json.*'src'"):
+        load_dataset(f"zsre:{f}")
+
+
+def test_parse_spec_paths_with_colons(tmp_path):
+    assert parse_spec("C:\\data\\x.json") == (None, Path("C:\\data\\x.json"))  # drive letter
+    assert parse_spec("zsre:a/b.json") == ("zsre", Path("a/b.json"))
+    f = write_jsonl(tmp_path / "odd:name.jsonl", [MEDIT])  # an existing file with a colon in its name
+    assert parse_spec(str(f)) == (None, f)
+    assert load_dataset(str(f))[1].format == "medit-jsonl"
+    assert parse_spec(tmp_path / "x.json") == (None, tmp_path / "x.json")
+
+
+def test_detection_failure(tmp_path):
+    f = write_json(tmp_path / "what.json", [{"question": "Q?", "answer": "A"}])
+    with pytest.raises(InputFileError) as e:
+        load_dataset(str(f))
+    msg = str(e.value)
+    assert "what.json" in msg and "answer, question" in msg and "FORMAT:PATH" in msg
+    assert "counterfact" in msg and "zsre" in msg
+
+
+def test_counterfact_in_jsonl_is_ambiguous(tmp_path):
+    f = write_jsonl(tmp_path / "cf.jsonl", [CF])
+    with pytest.raises(InputFileError, match="several formats.*counterfact.*medit-jsonl.*FORMAT:PATH"):
+        load_dataset(str(f))
+    assert load_dataset(f"counterfact:{f}")[0][0].target_true == "French"
+
+
+class _TsvFormat(DatasetFormat):
+    name = "test-tsv"
+    description = "tab-separated prompt, subject, target (test only)"
+
+    def detect(self, path, first_record):
+        return first_record is None and path.suffix == ".tsv"
+
+    def read(self, path):
+        return [EditRequest(*line.split("\t"), case_id=str(i), where=f"{path}:{i}")
+                for i, line in enumerate(path.read_text().splitlines(), start=1)]
+
+
+class _TsvPlugin:
+    @staticmethod
+    @hookimpl
+    def register_datasets(register):
+        register(_TsvFormat())
+
+
+def test_third_party_format_detected_without_json(tmp_path):
+    f = tmp_path / "e.tsv"
+    f.write_text("Paris is the capital of\tParis\tItaly\n")
+    register_plugin(_TsvPlugin, "test-tsv-plugin")
+    try:
+        reqs, info = load_dataset(str(f))
+        assert info.format == "test-tsv" and reqs[0].target_new == "Italy"
+        assert load_dataset(f"test-tsv:{f}")[0] == reqs
+    finally:
+        unregister_plugin("test-tsv-plugin")
+    with pytest.raises(InputFileError, match=r"e\.tsv.*line 1"):  # no plugin: the JSONL parse error
+        load_dataset(str(f))
+
+
+# ---------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputFileError, match=r"dataset file '.*nope\.jsonl' does not exist"):
+        load_dataset(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(InputFileError, match=r"nope\.json' does not exist"):
+        load_dataset(f"counterfact:{tmp_path / 'nope.json'}")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(InputFileError, match="is a directory"):
+        load_dataset(str(tmp_path))
+
+
+def test_malformed_json(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text('[\n {"prompt": "a",\n  "subject": "a"\n  "target_new": "b"}\n]\n')
+    with pytest.raises(InputFileError) as e:
+        load_dataset(str(f))
+    assert "bad.json" in str(e.value) and "line 4" in str(e.value)
+    with pytest.raises(InputFileError, match=r"bad\.json.*line 4"):
+        load_dataset(f"counterfact:{f}")
+
+
+def test_malformed_jsonl_line_3(tmp_path):
+    f = write_jsonl(tmp_path / "bad.jsonl", [MEDIT, MEDIT, '{"prompt": "x", "subject": ', MEDIT])
+    with pytest.raises(InputFileError) as e:
+        load_dataset(str(f))
+    assert "bad.jsonl" in str(e.value) and "line 3" in str(e.value)
+    with pytest.raises(InputFileError, match=r"bad\.jsonl' line 3"):
+        load_dataset(f"medit-jsonl:{f}")
+
+
+def test_jsonl_line_not_an_object(tmp_path):
+    f = write_jsonl(tmp_path / "bad.jsonl", [MEDIT, "[1, 2]"])
+    with pytest.raises(InputFileError, match=r"bad\.jsonl' line 2 holds a list"):
+        load_dataset(f"medit-jsonl:{f}")
+
+
+def test_json_single_object_and_non_object_records(tmp_path):
+    f = write_json(tmp_path / "one.json", CF)
+    with pytest.raises(InputFileError, match=r"one\.json' holds a single JSON object"):
+        load_dataset(f"counterfact:{f}")
+    f = write_json(tmp_path / "strs.json", [CF, "oops"])
+    with pytest.raises(InputFileError, match=r"strs\.json' record 1 .*is a string"):
+        load_dataset(f"counterfact:{f}")
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n", "# only a comment\n\n", "[]", "[\n]\n"])
+def test_empty_file(tmp_path, content):
+    f = tmp_path / "empty.jsonl"
+    f.write_text(content)
+    with pytest.raises(InputFileError) as e:
+        load_dataset(str(f))
+    assert "empty.jsonl" in str(e.value)
+    assert "is empty" in str(e.value) or "holds no records" in str(e.value)
+
+
+def test_not_utf8(tmp_path):
+    f = tmp_path / "latin.jsonl"
+    f.write_bytes(json.dumps(MEDIT).encode() + b"\n" + '{"prompt": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(InputFileError, match=r"latin\.jsonl' line 2 is not valid UTF-8"):
+        load_dataset(str(f))
+
+
+def test_subject_not_in_prompt_jsonl(tmp_path):
+    f = write_jsonl(tmp_path / "e.jsonl", [MEDIT, dict(MEDIT, subject="Edith Piaf")])
+    with pytest.raises(ValidationError) as e:
+        load_dataset(str(f))
+    msg = str(e.value)
+    assert "e.jsonl:2" in msg and "case '2'" in msg and "subject" in msg and "Edith Piaf" in msg
+
+
+def test_empty_target_new(tmp_path):
+    f = write_jsonl(tmp_path / "e.jsonl", [MEDIT, MEDIT, dict(MEDIT, case_id="c3", target_new="")])
+    with pytest.raises(ValidationError) as e:
+        load_dataset(str(f))
+    msg = str(e.value)
+    assert "e.jsonl:3" in msg and "'c3'" in msg and "'target_new'" in msg
+
+
+def test_missing_required_field_jsonl(tmp_path):
+    row = dict(MEDIT)
+    del row["subject"]
+    f = write_jsonl(tmp_path / "e.jsonl", [MEDIT, row])
+    with pytest.raises(ValidationError) as e:
+        load_dataset(f"medit-jsonl:{f}")
+    msg = str(e.value)
+    assert "e.jsonl:2" in msg and "case '2'" in msg and "'subject'" in msg
+
+
+def test_unknown_field_jsonl(tmp_path):
+    f = write_jsonl(tmp_path / "e.jsonl", [MEDIT, dict(MEDIT, rephrse=["typo"])])
+    with pytest.raises(ValidationError) as e:
+        load_dataset(str(f))
+    msg = str(e.value)
+    assert "e.jsonl:2" in msg and "rephrse" in msg and "valid fields" in msg
+
+
+def test_bad_field_types_jsonl(tmp_path):
+    f = write_jsonl(tmp_path / "e.jsonl", [dict(MEDIT, rephrase=[1, 2])])
+    with pytest.raises(ValidationError, match=r"e\.jsonl:1.*'rephrase'"):
+        load_dataset(str(f))
+    f = write_jsonl(tmp_path / "e2.jsonl", [dict(MEDIT, locality=[{"answer": "x"}])])
+    with pytest.raises(ValidationError, match=r"e2\.jsonl:1.*'locality'"):
+        load_dataset(str(f))
+
+
+def test_duplicate_case_ids(tmp_path):
+    f = write_jsonl(tmp_path / "e.jsonl", [dict(MEDIT, case_id="a"), dict(MEDIT, case_id="a")])
+    with pytest.raises(ValidationError, match=r"case id 'a' occurs twice.*e\.jsonl:1.*e\.jsonl:2"):
+        load_dataset(str(f))
+
+
+def test_read_records_lines(tmp_path):
+    f = write_json(tmp_path / "l.json", [MEDIT, MEDIT])
+    recs = read_records(f)
+    text = f.read_text().splitlines()
+    for rec in recs:
+        assert text[rec.line - 1].strip().startswith("{")
+    assert [r.index for r in recs] == [0, 1]
