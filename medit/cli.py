@@ -68,9 +68,15 @@ def _protocols(spec: Optional[str]) -> dict[str, Any]:
     return {"protocols": protos}
 
 
+def _shown(text: Optional[str]) -> str:
+    """A completion for a table cell: stripped, newlines and control characters escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in (text or "").strip())
+
+
 def _print_completions(summary: dict[str, Any]) -> None:
     rows = [[c["case_id"], c["generated"]["prompt"], c["request"]["target_new"],
-             (c["generated"]["pre"] or "").strip(), (c["generated"]["post"] or "").strip()]
+             _shown(c["generated"]["pre"]), _shown(c["generated"]["post"])]
             for c in summary["cases"] if c.get("generated")]
     if rows:
         typer.echo(tabulate(rows, headers=["case", "prompt", "target", "before", "after"], tablefmt="simple",
@@ -175,7 +181,7 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", help=
     after = scorer.generate(qs, ed.transform_prompts)
     typer.echo(f"applied {ed.method} patch with {len(ed.requests)} edit(s) to {handle.model_id}")
     if prompts:
-        typer.echo(tabulate([[p, before_edit[p].strip(), a.strip()] for p, a in zip(prompts, after)],
+        typer.echo(tabulate([[p, _shown(before_edit[p]), _shown(a)] for p, a in zip(prompts, after)],
                             headers=["prompt", "before", "after"], tablefmt="simple", maxcolwidths=[40, 30, 30]))
     if save:
         handle.model.save_pretrained(save)

@@ -41,6 +41,7 @@ FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5")
 # Which tokenizer style each tiny family uses.
 TOKENIZER_STYLE = {"gpt2": "gpt2", "gptj": "gpt2", "gptneox": "gpt2", "llama": "llama", "t5": "t5"}
 SEED = 1234
+LOGIT_SCALE = 10.0
 
 
 # ------------------------------------------------------------------------------ environment
@@ -176,6 +177,11 @@ def build_tiny_model(family: str, tok: Any, folder: Path, seed: int = SEED) -> P
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     torch.manual_seed(seed)
     model = cls.from_config(config)
+    with torch.no_grad():
+        # Default init gives near-uniform next-token distributions (logits ~0.1) that no edit of
+        # a hidden state can make confident; a larger output embedding makes the tiny models
+        # behave like trained ones in that respect (peaked predictions, edits that can take).
+        model.get_output_embeddings().weight.mul_(LOGIT_SCALE)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

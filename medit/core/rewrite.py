@@ -25,19 +25,36 @@ if TYPE_CHECKING:
 
 @dataclass
 class _Rows:
-    """A right-padded batch with, per row, the subject position and owning request."""
+    """Rows of the target-vector optimisation: token ids, subject position and owning request."""
 
-    ids: torch.Tensor
-    mask: torch.Tensor
     lookup: list[int]
     owner: list[int]
     targets: list[list[int]] = field(default_factory=list)  # target ids per row ([] for KL rows)
     starts: list[int] = field(default_factory=list)  # position predicting the first target token
     kl: list[bool] = field(default_factory=list)
+    seqs: list[list[int]] = field(default_factory=list)
 
 
 def _pad(handle: "ModelHandle", seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return Scorer(handle)._pad(seqs)
+
+
+def _aligned(handle: "ModelHandle", seqs: list[list[int]], lookup: list[int]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Left-pad each row so that every row's subject token sits in the same column S, then
+    right-pad. Returns ids, mask, position ids and the per-row left padding. Everything left of
+    S is a prefix that a change at the subject token cannot affect."""
+    split = max(lookup)
+    left = [split - k for k in lookup]
+    width = max(p + len(s) for p, s in zip(left, seqs))
+    pad = Scorer(handle).pad_id
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, s) in enumerate(zip(left, seqs)):
+        ids[i, p:p + len(s)] = torch.tensor(s)
+        mask[i, p:p + len(s)] = 1
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    return ids, mask, pos, left
 
 
 def _subject_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates: Sequence[str],
@@ -114,7 +131,7 @@ def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates:
                 spec: DeltaSpec, which: str) -> _Rows:
     scorer = Scorer(handle)
     seqs: list[list[int]] = []
-    r = _Rows(torch.empty(0), torch.empty(0), [], [])
+    r = _Rows([], [])
     for i, req in enumerate(reqs):
         for t in templates:
             text, off = fill(t, req.prompt)
@@ -132,7 +149,7 @@ def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates:
         r.targets.append([])
         r.starts.append(0)
         r.kl.append(True)
-    r.ids, r.mask = _pad(handle, seqs)
+    r.seqs = seqs
     return r
 
 
@@ -140,27 +157,27 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
                     templates: Sequence[str], spec: DeltaSpec, ref: str, which: str) -> tuple[torch.Tensor, list[dict]]:
     dev = handle.device
     rows = _build_rows(handle, reqs, templates, spec, which)
-    ids, mask = rows.ids.to(dev), rows.mask.to(dev)
+    ids, mask, pos, left = (t.to(dev) if isinstance(t, torch.Tensor) else t for t in _aligned(handle, rows.seqs, rows.lookup))
+    split = max(rows.lookup)
     n = len(reqs)
     with torch.no_grad():
         with capture(handle, "layers", [layer], what="output") as hs, \
                 capture(handle, "mlp_out", [layer], what="output") as ms:
             with capture(handle, "layers", [layer], what="output", stop=True):
-                run_until(handle, lambda: handle.model(input_ids=ids, attention_mask=mask, use_cache=False))
+                run_until(handle, lambda: handle.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                                       use_cache=False))
     hidden = hs[layer].detach()
-    r_idx = torch.arange(len(rows.lookup), device=dev)
-    look = torch.tensor(rows.lookup, device=dev)
     owner = torch.tensor(rows.owner, device=dev)
-    first_row = [rows.owner.index(i) for i in range(n)]
-    ref_vec = (hidden if ref == "resid" else ms[layer].detach())[r_idx[first_row], look[first_row]].float()
+    first_row = torch.tensor([rows.owner.index(i) for i in range(n)], device=dev)
+    ref_vec = (hidden if ref == "resid" else ms[layer].detach())[first_row, split].float()
     ref_norm = ref_vec.norm(dim=1)
 
-    # Target positions and ids (rewrite rows) and KL positions (KL rows), flattened.
+    # Target positions (rewrite rows) and KL positions (KL rows), as columns of the suffix.
     t_rows, t_cols, t_ids, t_own = [], [], [], []
     for i, (tg, st) in enumerate(zip(rows.targets, rows.starts)):
         for j, t in enumerate(tg):
             t_rows.append(i)
-            t_cols.append(st + j)
+            t_cols.append(left[i] + st + j - split)
             t_ids.append(t)
             t_own.append(rows.owner[i])
     t_rows_t, t_cols_t = torch.tensor(t_rows, device=dev), torch.tensor(t_cols, device=dev)
@@ -176,15 +193,15 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     frozen = torch.zeros_like(delta)
     kl_ref = None
     infos = [{"steps": spec.steps, "nll": None} for _ in range(n)]
-    with layers_above(handle, layer) as run:
+    with layers_above(handle, layer) as above:
+        cache = above.prefix(hidden[:, :split], mask[:, :split], pos[:, :split]) if split > 0 else None
         for step in range(spec.steps):
-            h = hidden.clone()
-            h = h.index_put((r_idx, look), h[r_idx, look] + delta[owner].to(h.dtype))
-            final = run(h, mask)
+            at = hidden[:, split:split + 1] + delta[owner][:, None].to(hidden.dtype)
+            final = above.suffix(torch.cat([at, hidden[:, split + 1:]], 1), mask, pos[:, split:], cache)
             logp = head(final[t_rows_t, t_cols_t]).float().log_softmax(-1)
             tok_lp = logp.gather(1, t_ids_t[:, None])[:, 0]
             nll = -torch.zeros(n, device=dev).index_add(0, t_own_t, tok_lp) / n_tok
-            kl_logp = head(final[kl_rows, look[kl_rows]]).float().log_softmax(-1)
+            kl_logp = head(final[kl_rows, 0]).float().log_softmax(-1)
             if kl_ref is None:
                 kl_ref = kl_logp.detach()
             kl = (kl_ref.exp() * (kl_ref - kl_logp)).sum(-1)

@@ -4,6 +4,8 @@ manager that removes it, whatever happens."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
@@ -82,31 +84,64 @@ def run_until(handle: "ModelHandle", fn: Callable[[], Any]) -> None:
         pass
 
 
-@contextlib.contextmanager
-def layers_above(handle: "ModelHandle", layer: int) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """Yield ``run(hidden, attention_mask) -> final hidden states (after ln_f)`` that starts from
-    the residual stream *after* ``layer`` and runs only the layers above it.
+class Above:
+    """Runs the layers above an edit layer from hidden states (see :func:`layers_above`)."""
 
-    Implemented by temporarily truncating the layer list and feeding the hidden states as input
-    embeddings (minus learned position embeddings, which the model adds back); the original
-    layer list is always restored.
+    def __init__(self, handle: "ModelHandle") -> None:
+        self.base = handle.model.base_model
+        pos_path = handle.adapter.paths.get("pos_embed")
+        self.pos = handle.model.get_submodule(pos_path) if pos_path else None
+        params = inspect.signature(self.base.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def _embeds(self, hidden: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # The model adds learned position embeddings to inputs_embeds; pre-subtract them.
+        return hidden - self.pos(pos) if self.pos is not None else hidden
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (after ln_f) for the whole sequence."""
+        if pos is None:
+            pos = (mask.cumsum(1) - 1).clamp_min(0)
+        return self.base(inputs_embeds=self._embeds(hidden, pos), attention_mask=mask, position_ids=pos,
+                         use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def prefix(self, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> Any:
+        """Key/value cache of the prefix columns (which a later change cannot affect)."""
+        out = self.base(inputs_embeds=self._embeds(hidden, pos), attention_mask=mask, position_ids=pos, use_cache=True)
+        return out.past_key_values
+
+    def suffix(self, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Final hidden states of the suffix columns given the prefix ``cache`` (left unchanged)."""
+        kw = {self.cache_kw: copy.deepcopy(cache)} if cache is not None else {}
+        return self.base(inputs_embeds=self._embeds(hidden, pos), attention_mask=mask, position_ids=pos,
+                         use_cache=cache is not None, **kw).last_hidden_state
+
+
+@contextlib.contextmanager
+def layers_above(handle: "ModelHandle", layer: int) -> Iterator[Above]:
+    """Yield an :class:`Above` that starts from the residual stream *after* ``layer`` and runs
+    only the layers above it (whole sequences, or a suffix over a cached prefix).
+
+    Implemented by temporarily truncating the layer list (renumbering the attention modules'
+    ``layer_idx`` so caches index the truncated list) and feeding the hidden states as input
+    embeddings; the layer list and indices are always restored.
     """
     layers_path = handle.adapter.path("layers")
     parent_path, _, attr = layers_path.rpartition(".")
     parent = handle.model.get_submodule(parent_path) if parent_path else handle.model
     full = getattr(parent, attr)
-    base = handle.model.base_model
-    pos_path = handle.adapter.paths.get("pos_embed")
-    pos = handle.model.get_submodule(pos_path) if pos_path else None
-
-    def run(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = hidden
-        if pos is not None:
-            x = x - pos(torch.arange(hidden.shape[1], device=hidden.device))[None]
-        return base(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
-
-    setattr(parent, attr, nn.ModuleList(list(full)[layer + 1:]))
+    kept = list(full)[layer + 1:]
+    renumbered = [(m, m.layer_idx) for blk in kept for m in blk.modules()
+                  if isinstance(getattr(m, "layer_idx", None), int)]
     try:
-        yield run
+        for i, blk in enumerate(kept):
+            for m in blk.modules():
+                if isinstance(getattr(m, "layer_idx", None), int):
+                    m.layer_idx = i
+        setattr(parent, attr, nn.ModuleList(kept))
+        yield Above(handle)
     finally:
         setattr(parent, attr, full)
+        for m, idx in renumbered:
+            m.layer_idx = idx

@@ -17,6 +17,8 @@ class Efficiency(Metric):
                 protocols: tuple[str, ...], ctx: dict[str, Any]) -> Values:
         out: Values = {"edit_s": {"pre": None, "post": ctx.get("edit_s")},
                        "peak_rss_mb": {"pre": None, "post": ctx.get("peak_rss_mb")}}
+        if ctx.get("stats_s") is not None:
+            out["stats_s"] = {"pre": None, "post": ctx["stats_s"]}
         if ctx.get("peak_gpu_mb") is not None:
             out["peak_gpu_mb"] = {"pre": None, "post": ctx["peak_gpu_mb"]}
         return out

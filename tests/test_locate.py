@@ -1,0 +1,196 @@
+"""Locate-then-edit core (tracing, statistics, keys, target vectors) and ROME / MEMIT / AlphaEdit
+on tiny random models of every causal family."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from medit.core.edit import load_patch
+from medit.core.errors import InputFileError, MethodError, ValidationError
+from medit.core.plugins import get_plugins
+from medit.core.requests import EditRequest
+from medit.core.rewrite import DeltaSpec, compute_keys, optimise_deltas
+from medit.core.scoring import Scorer, TFQuery
+from medit.core.stats import second_moments
+from medit.core.tracing import capture, layers_above, run_until
+
+CAUSAL = ("gpt2", "gptj", "gptneox", "llama")
+HERE = Path(__file__).resolve()
+CORPUS = next((p for p in (HERE.parents[2] / "shared/data/wikitext-2/valid.txt",
+                           HERE.parents[1] / "shared/data/wikitext-2/valid.txt") if p.is_file()), None)
+needs_corpus = pytest.mark.skipif(CORPUS is None, reason="WikiText-2 not found next to the checkout")
+# Random weights give tiny MLP outputs, so the default norm clamp (relative to them) is lifted.
+FAST = {"stats_samples": "300", "stats_max_len": "32", "context_templates": "[[3,2]]", "v_steps": "40",
+        "v_clamp_norm_factor": "100"}
+# On random weights, information barely flows between positions, so the tiny-model edits use a
+# prompt that ends with the subject and a one-token target (the real-model tests cover the rest).
+PROMPT, SUBJECT = "The capital of France", "France"
+
+
+def _request(handle) -> EditRequest:
+    """A one-token target the model does not already predict."""
+    scorer = Scorer(handle)
+    for word in (" the", " of", " and", " in", " to"):
+        if scorer.teacher_forced([TFQuery(PROMPT, word)])[0].exact == 0.0 and scorer.target_length(PROMPT, word) == 1:
+            return EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=word, case_id="r1")
+    raise AssertionError("no candidate target")
+
+
+REQ = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=" the", case_id="r1")
+OTHER = [TFQuery("The river bank", " is"), TFQuery("The quick brown fox", " jumps")]
+
+
+def _state(handle):
+    return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_layers_above_and_cached_suffix_match_full_forward(tiny_handle, family):
+    h = tiny_handle(family)
+    tok = h.tokenizer
+    ids = torch.tensor([tok("The capital of France is Paris and the").input_ids])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        out = h.model.base_model(input_ids=ids, output_hidden_states=True)
+        with capture(h, "layers", [0], what="output") as st:
+            h.model(input_ids=ids)
+        with layers_above(h, 0) as above:
+            full = above(st[0], mask)
+            pos = torch.arange(ids.shape[1])[None]
+            cache = above.prefix(st[0][:, :3], mask[:, :3], pos[:, :3])
+            suf = above.suffix(st[0][:, 3:], mask, pos[:, 3:], cache)
+            suf2 = above.suffix(st[0][:, 3:], mask, pos[:, 3:], cache)  # the cache is not consumed
+    torch.testing.assert_close(full, out.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(suf, out.last_hidden_state[:, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(suf2, suf)
+    # the layer list and the attention layer indices are restored
+    assert len(h.module("layers")) == h.n_layers
+    assert [m.layer_idx for m in h.model.modules() if isinstance(getattr(m, "layer_idx", None), int)] \
+        == sorted(m.layer_idx for m in h.model.modules() if isinstance(getattr(m, "layer_idx", None), int))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_delta_batching_is_exact_and_nll_matches_scorer(tiny_handle, family):
+    h = tiny_handle(family)
+    reqs = [REQ, EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
+                             target_new="English", case_id="r2")]
+    spec = DeltaSpec(steps=5, lr=0.5)
+    batch, _ = optimise_deltas(h, reqs, 0, ["{}", "Hello there. {}"], spec)
+    single = torch.cat([optimise_deltas(h, [r], 0, ["{}", "Hello there. {}"], spec)[0] for r in reqs])
+    torch.testing.assert_close(batch, single, atol=1e-5, rtol=1e-4)
+    # one step reports the NLL at delta = 0, which must equal the scorer's teacher-forced NLL
+    _, info = optimise_deltas(h, reqs[1:], 0, ["{}"], DeltaSpec(steps=1))
+    res = Scorer(h).teacher_forced([TFQuery(reqs[1].prompt, reqs[1].target_new)])[0]
+    assert info[0]["nll"] == pytest.approx(-res.mean_logprob, abs=1e-4)
+
+
+def test_subject_tokens_not_found(tiny_handle):
+    h = tiny_handle("gpt2")
+    bad = EditRequest(prompt="The capital of France", subject="France", target_new=" Paris", case_id="x")
+    object.__setattr__(bad, "subject", "Germany")  # bypass construction-time validation on purpose
+    with pytest.raises((ValidationError, ValueError)):
+        compute_keys(h, [bad], [0], ["{}"])
+
+
+@needs_corpus
+def test_one_pass_statistics_equal_per_layer_and_cache(tiny_handle, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDIT_CACHE", str(tmp_path))
+    h = tiny_handle("llama", fresh=True)
+    both, secs = second_moments(h, [0, 1], str(CORPUS), n_samples=30, max_len=32, progress=False)
+    assert secs > 0
+    for layer in (0, 1):
+        h.memo.clear()
+        for f in tmp_path.rglob("*.safetensors"):
+            f.unlink()
+        alone, _ = second_moments(h, [layer], str(CORPUS), n_samples=30, max_len=32, progress=False)
+        torch.testing.assert_close(alone[layer], both[layer], atol=1e-5, rtol=1e-5)
+    # hit: from disk (memo cleared), no computation; only the missing layer is recomputed
+    h.memo.clear()
+    _, secs = second_moments(h, [0, 1], str(CORPUS), n_samples=30, max_len=32, progress=False)
+    assert secs > 0
+    h.memo.clear()
+    again, secs = second_moments(h, [0, 1], str(CORPUS), n_samples=30, max_len=32, progress=False)
+    assert secs == 0.0 and torch.equal(again[0].cpu(), both[0].cpu())
+    # miss: different sample count
+    h.memo.clear()
+    _, secs = second_moments(h, [0], str(CORPUS), n_samples=20, max_len=32, progress=False)
+    assert secs > 0
+    # corrupt file: recomputed, not reused
+    h.memo.clear()
+    files = sorted(tmp_path.rglob("*L0-n30-len32*.safetensors"))
+    files[0].write_bytes(b"garbage")
+    fixed, secs = second_moments(h, [0], str(CORPUS), n_samples=30, max_len=32, progress=False)
+    assert secs > 0
+    torch.testing.assert_close(fixed[0], both[0])
+    # different corpus content: different key
+    other = tmp_path / "other.txt"
+    other.write_text("A completely different corpus line.\nAnd another one here.\n")
+    h.memo.clear()
+    diff, secs = second_moments(h, [0], str(other), n_samples=30, max_len=32, progress=False)
+    assert secs > 0 and not torch.allclose(diff[0], both[0])
+
+
+def test_empty_corpus_and_bad_layer(tiny_handle, tmp_path):
+    h = tiny_handle("gpt2")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(InputFileError, match="holds no text"):
+        second_moments(h, [0], str(empty), n_samples=5, progress=False)
+    with pytest.raises(MethodError, match="out of range"):
+        second_moments(h, [7], str(empty), n_samples=5, progress=False)
+
+
+@needs_corpus
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+@pytest.mark.parametrize("family", CAUSAL)
+def test_locate_methods_take_revert_and_patch(tiny_handle, tmp_path, method, family):
+    h = tiny_handle(family)
+    m = get_plugins().methods.get(method)
+    # Tiny random keys are isotropic, so the covariance weight / ridge that suit a trained model
+    # would swamp the update; scale them to the tiny model.
+    layer_key = {"rome": {"layer": "0"}, "memit": {"layers": "[0]", "mom2_update_weight": "10"},
+                 "alphaedit": {"layers": "[0]", "L2": "0.01", "nullspace_threshold": "0.5"}}[method]
+    hp = m.resolve_hparams(h, overrides={**FAST, **layer_key, "stats_corpus": str(CORPUS)})
+    m.start_run(h)
+    scorer = Scorer(h)
+    req = _request(h)
+    q = TFQuery(req.prompt, req.target_new)
+    before = _state(h)
+    pre = scorer.teacher_forced([q] + OTHER)
+    assert pre[0].exact == 0.0
+    edit = m.apply(h, [req], hp)
+    try:
+        post = scorer.teacher_forced([q] + OTHER)
+        assert post[0].exact == 1.0, f"{method} on {family} did not take: {post[0]}"
+        # Unrelated prompts move less than the edited one (argmax agreement on random tiny
+        # models tests noise; SmolLM2 runs measure real locality).
+        gain = post[0].mean_logprob - pre[0].mean_logprob
+        drift = max(abs(b.mean_logprob - a.mean_logprob) for a, b in zip(pre[1:], post[1:]))
+        assert drift < 0.7 * gain, f"{method} on {family}: drift {drift:.3f}, gain {gain:.3f}"
+        path = edit.save(tmp_path / "p")
+    finally:
+        edit.revert()
+    assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items()), "revert not bit-exact"
+    size = (path / "tensors.safetensors").stat().st_size
+    dense = h.weight_out_in("mlp_out", 0).numel() * 4
+    assert size < dense / 4, f"patch not compact: {size} bytes vs dense {dense}"
+    fresh = tiny_handle(family, fresh=True)
+    applied = load_patch(fresh, path)
+    again = Scorer(fresh).teacher_forced([q])[0]
+    assert again.exact == 1.0
+    applied.revert()
+
+
+def test_t5_is_refused(tiny_handle):
+    h = tiny_handle("t5")
+    for name in ("rome", "memit", "alphaedit"):
+        with pytest.raises(MethodError, match="does not support the t5 family"):
+            get_plugins().methods.get(name).check_supported(h, "single")
+
+
+def test_rome_refuses_batch_mode(tiny_handle):
+    with pytest.raises(MethodError, match="--mode single or --mode sequential"):
+        get_plugins().methods.get("rome").check_supported(tiny_handle("gpt2"), "batch")

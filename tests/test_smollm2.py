@@ -1,0 +1,43 @@
+"""FT-L on the real SmolLM2-135M-Instruct: 5 CounterFact cases from ../shared/data, single mode,
+default hyperparameters (medit/hparams/ft-l/default.yaml). Slow: run with ``pytest -m slow``."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medit import api
+from medit.core.evaluate import summary_table
+
+_HERE = Path(__file__).resolve()
+COUNTERFACT = next((p for p in (_HERE.parents[2] / "shared" / "data" / "counterfact" / "dev.json",
+                                _HERE.parents[1] / "shared" / "data" / "counterfact" / "dev.json")
+                    if p.is_file()), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(COUNTERFACT is None, reason="../shared/data/counterfact/dev.json not found")
+def test_ft_l_on_smollm2_counterfact(smollm2, tmp_path):
+    before = {k: v.detach().clone() for k, v in smollm2.model.state_dict().items()}
+    t = time.perf_counter()
+    summary, kept = api.run(smollm2, "ft-l", f"counterfact:{COUNTERFACT}", n=5, mode="single",
+                            out_dir=tmp_path / "run", progress=False)
+    elapsed = time.perf_counter() - t
+    print()
+    print(summary_table(summary))
+    print(f"wall time {elapsed:.1f} s")
+
+    assert kept is None
+    assert summary["n"] == 5 and summary["mode"] == "single"
+    assert [c["case_id"] for c in summary["cases"]] == ["0", "1", "4", "5", "6"]
+    reliability = summary["metrics"]["reliability"]
+    assert reliability["exact"]["pre"] <= 0.2  # counterfactual targets: the model does not say them
+    assert reliability["exact"]["post"] >= 0.8, reliability
+    assert reliability["token_acc"]["post"] >= reliability["token_acc"]["pre"]
+    for name in ("manifest.json", "cases.jsonl", "summary.json"):
+        assert (tmp_path / "run" / name).is_file()
+    # single mode reverts every edit in place: the shared model is bit-for-bit unchanged
+    after = smollm2.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
