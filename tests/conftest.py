@@ -178,10 +178,12 @@ def build_tiny_model(family: str, tok: Any, folder: Path, seed: int = SEED) -> P
     torch.manual_seed(seed)
     model = cls.from_config(config)
     with torch.no_grad():
+        # (T5's tied, d_model-rescaled head is peaked enough already.)
         # Default init gives near-uniform next-token distributions (logits ~0.1) that no edit of
         # a hidden state can make confident; a larger output embedding makes the tiny models
         # behave like trained ones in that respect (peaked predictions, edits that can take).
-        model.get_output_embeddings().weight.mul_(LOGIT_SCALE)
+        if not config.is_encoder_decoder:
+            model.get_output_embeddings().weight.mul_(LOGIT_SCALE)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

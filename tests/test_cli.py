@@ -27,8 +27,8 @@ COUNTERFACT = next((p for p in (_HERE.parents[2] / "shared" / "data" / "counterf
                     if p.is_file()), None)
 needs_counterfact = pytest.mark.skipif(COUNTERFACT is None, reason="../shared/data/counterfact/dev.json not found")
 
-# Strong enough for a random tiny model: the edit takes under `exact` in a few steps.
-STRONG_FT = ["--set", "lr=0.05", "--set", "steps=30", "--set", "norm_constraint=0.5", "--set", "layers=[1]"]
+# Strong enough for a random tiny model: both edits of a 2-case batch take under `exact` (~1 s).
+STRONG_FT = ["--set", "lr=0.05", "--set", "steps=100", "--set", "norm_constraint=0.5", "--set", "layers=[1]"]
 FAST_FT = ["--set", "steps=3"]
 
 CASE_A = {"case_id": "a", "prompt": "The capital of France is", "subject": "France", "target_new": "Rome",
@@ -227,7 +227,7 @@ def test_edit_writes_run_files_and_patch(saved_patch):
     assert manifest["medit_version"] == medit.__version__
     assert manifest["method"] == "ft-l" and manifest["n"] == 2
     assert manifest["model"]["id"] and manifest["model"]["fingerprint"]
-    assert manifest["hparams"]["steps"] == 30 and manifest["hparams"]["layers"] == [1]
+    assert manifest["hparams"]["steps"] == 100 and manifest["hparams"]["layers"] == [1]
     assert manifest["dataset"]["fingerprint"] and manifest["dataset"]["format"] == "medit-jsonl"
     assert manifest["start_time"] and manifest["end_time"]
 
