@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.medit-installed
-DEMO_METHOD ?= ft-l
+DEMO_METHOD ?= rome
 DEMO_MODEL ?= smollm2-135m
+STATS_CORPUS ?= ../shared/data/wikitext-2/valid.txt
 
 .PHONY: install demo test test-fast bench clean
 
@@ -22,7 +23,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/medit edit medit/datasets/demo.jsonl --method $(DEMO_METHOD) --model $(DEMO_MODEL) \
-		--out runs/demo-$(DEMO_METHOD) --save-patch runs/demo-$(DEMO_METHOD)/patch
+		--stats-corpus $(STATS_CORPUS) --out runs/demo-$(DEMO_METHOD) --save-patch runs/demo-$(DEMO_METHOD)/patch
 
 test: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"

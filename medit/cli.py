@@ -45,6 +45,16 @@ TrustOpt = typer.Option(False, "--trust-remote-code", help="allow model code fro
 ProtoOpt = typer.Option(None, "--protocol", help="comma list of generate,token_acc,exact,prob (default: all)")
 OutOpt = typer.Option(None, "--out", help="run folder (default: a new folder under runs/)")
 GenOpt = typer.Option(8, "--gen-tokens", help="max new tokens for the generate protocol")
+CorpusOpt = typer.Option(None, "--stats-corpus", help="text/JSONL corpus (or HF dataset name) for covariance statistics")
+
+
+def _with_corpus(method: Any, overrides: dict[str, Any], corpus: Optional[str]) -> dict[str, Any]:
+    """Route --stats-corpus into the method's ``stats_corpus`` hparam."""
+    if corpus is None:
+        return overrides
+    if "stats_corpus" not in method.hparams_class.field_names():
+        raise MeditError(f"method {method.name!r} uses no covariance statistics; drop --stats-corpus")
+    return {**overrides, "stats_corpus": corpus}
 
 
 def _load(model: str, dtype: Optional[str], device: Optional[str], device_map: Optional[str],
@@ -98,6 +108,7 @@ def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registe
          mode: Optional[str] = typer.Option(None, "--mode", help="batch or sequential (default: batch when the method can)"),
          save_patch: Optional[str] = typer.Option(None, "--save-patch", help="write the edit as a patch folder"),
          out: Optional[str] = OutOpt, protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt,
+         stats_corpus: Optional[str] = CorpusOpt,
          dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Apply the edits in FILE, show before/after completions and metrics, optionally save a patch."""
@@ -110,6 +121,7 @@ def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registe
     protos = _protocols(protocol)
     requests, info = load_dataset(file)
     meth = api.get_method(method)
+    overrides = _with_corpus(meth, overrides, stats_corpus)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
     run_dir = Path(out) if out else api.default_run_dir("edit", method)
     summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, hparams_file=hparams,
@@ -129,7 +141,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
           mode: str = typer.Option("single", "--mode", help="single, batch or sequential"),
           batch_size: int = typer.Option(0, "--batch-size", help="edits per batch in batch mode (0: all)"),
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
-          protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt,
+          protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt, stats_corpus: Optional[str] = CorpusOpt,
           metrics: Optional[str] = typer.Option(None, "--metrics", help="comma list of metrics (default: all built-in)"),
           out: Optional[str] = OutOpt, resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
@@ -147,6 +159,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
         raise UnknownNameError("mode", mode, MODES)
     requests, info = load_dataset(dataset, n=n, offset=offset, seed=seed)  # fail fast, before loading the model
     meth = api.get_method(method)
+    overrides = _with_corpus(meth, overrides, stats_corpus)
     cfg: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "gen_tokens": gen_tokens, **_protocols(protocol)}
     if metrics:
         for name in (m.strip() for m in metrics.split(",")):
@@ -187,6 +200,30 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", help=
         handle.model.save_pretrained(save)
         handle.tokenizer.save_pretrained(save)
         typer.echo(f"edited model written to {save}")
+
+
+@app.command()
+def stats(model: str = ModelOpt,
+          layers: str = typer.Option(..., "--layers", help="comma list of layer indices, e.g. 4,5,6"),
+          corpus: str = typer.Option(..., "--corpus", help="text/JSONL file (one paragraph per line) or HF dataset name"),
+          samples: int = typer.Option(1000, "--samples", help="corpus paragraphs to use"),
+          max_len: int = typer.Option(128, "--max-len", help="tokens per paragraph (truncation)"),
+          stats_dtype: str = typer.Option("float32", "--stats-dtype", help="accumulation dtype: float32 or float64"),
+          dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
+          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """Precompute the key covariance statistics of the MLP rewrite layers (one pass for all layers)."""
+    from .core.stats import cache_file, second_moments
+
+    try:
+        idx = [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError:
+        raise MeditError(f"--layers {layers!r} is not a comma list of integers; write e.g. --layers 4,5,6") from None
+    handle = _load(model, dtype, device, None, random_init, trust_remote_code)
+    result, seconds = second_moments(handle, idx, corpus, samples, max_len, stats_dtype)
+    rows = [[layer, str(cache_file(handle, layer, corpus, samples, max_len, stats_dtype)), tuple(m.shape)]
+            for layer, m in sorted(result.items())]
+    typer.echo(tabulate(rows, headers=["layer", "file", "shape"], tablefmt="simple"))
+    typer.echo(f"computed in {seconds:.1f} s" if seconds else "all layers were cached")
 
 
 @app.command()

@@ -41,3 +41,26 @@ def test_ft_l_on_smollm2_counterfact(smollm2, tmp_path):
     # single mode reverts every edit in place: the shared model is bit-for-bit unchanged
     after = smollm2.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+CORPUS = next((p for p in (_HERE.parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt",
+                           _HERE.parents[1] / "shared" / "data" / "wikitext-2" / "valid.txt") if p.is_file()), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(COUNTERFACT is None or CORPUS is None, reason="../shared/data not found")
+@pytest.mark.parametrize("method,mode", [("rome", "single"), ("memit", "batch")])
+def test_locate_then_edit_on_smollm2(smollm2, tmp_path, method, mode):
+    """ROME one edit at a time, MEMIT all five at once: the edits take and unrelated prompts keep
+    their predictions; the model is restored exactly afterwards."""
+    before = {k: v.detach().clone() for k, v in smollm2.model.state_dict().items()}
+    summary, _ = api.run(smollm2, method, f"counterfact:{COUNTERFACT}", n=5, mode=mode,
+                         overrides={"stats_corpus": str(CORPUS), "stats_samples": "300"},
+                         protocols=("token_acc", "exact"), out_dir=tmp_path / "run", progress=False)
+    print()
+    print(summary_table(summary))
+    m = summary["metrics"]
+    assert m["reliability"]["token_acc"]["post"] >= 0.9, m["reliability"]
+    assert m["locality"]["agreement"]["post"] >= 0.9, m["locality"]
+    after = smollm2.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -187,8 +187,11 @@ class Evaluator:
                         self.final_edit = edit
                     else:
                         edit.revert()
-                for req in chunk:
-                    yield self._case_record(req, pre, post, self._ctx(s / len(chunk), edit))
+                for j, req in enumerate(chunk):
+                    ctx = self._ctx(s / len(chunk), edit)
+                    if j:  # one edit for the chunk: its statistics time counts once
+                        ctx["stats_s"] = None
+                    yield self._case_record(req, pre, post, ctx)
                 bar.update(len(chunk))
         else:  # sequential: every case is scored after the last edit (retention)
             edits: list[Edit] = []

@@ -32,7 +32,7 @@ class LocateHParams:
     stats_max_len: int = 128
     stats_dtype: str = "float32"
     #: context templates: (new tokens, count) pairs, plus the bare prompt.
-    context_templates: list[list[int]] = field(default_factory=lambda: [[5, 10]])
+    context_templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     #: which subject token the key is read at: ``last`` or ``first``.
     fact_token: str = "last"
     v_steps: int = 25

@@ -39,7 +39,7 @@ class FTHParams(HParams):
     #: optimisation steps (stops earlier when the loss falls below ``early_stop_loss``).
     steps: int = 40
     #: L∞ bound on the change of each weight; ``null`` for none (FT-M).
-    norm_constraint: float | None = 5e-3
+    norm_constraint: float | None = 7.5e-3
     #: ``target``: teacher-forced NLL of all target tokens; ``prompt_last``: every target token
     #: predicted from the last prompt position (the ROME paper's FT-L objective).
     objective: Literal["target", "prompt_last"] = "target"

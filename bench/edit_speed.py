@@ -1,0 +1,128 @@
+"""Edit speed benchmark: seconds per edit, statistics seconds and peak memory for one method.
+
+    python bench/edit_speed.py --method rome --model smollm2-135m --n 5 \
+        --stats-corpus ../shared/data/wikitext-2/valid.txt
+    python bench/edit_speed.py --method memit --model llama-2-7b --random-init --device cuda
+
+Writes a JSON result (``--out``, default ``bench/results/edit_speed-<method>-<model>.json``) and
+prints a table. Statistics are timed separately from the edits: the first call computes (or
+loads) them; ``--fresh-stats`` points the cache at an empty folder so they are really computed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "counterfact" / "dev.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--random-init", action="store_true")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--n", type=int, default=5, help="edits to time (single mode: applied and reverted one by one)")
+    ap.add_argument("--dataset", default=f"counterfact:{DEFAULT_DATA}")
+    ap.add_argument("--stats-corpus", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"))
+    ap.add_argument("--stats-samples", type=int, default=1000)
+    ap.add_argument("--set", action="append", default=[], help="extra hparam key=value")
+    ap.add_argument("--fresh-stats", action="store_true", help="use an empty statistics cache")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    if args.fresh_stats:
+        fresh = tempfile.mkdtemp(prefix="medit-bench-")
+        models = Path(os.environ.get("MEDIT_CACHE", Path.home() / ".cache" / "medit")) / "models"
+        os.environ["MEDIT_CACHE"] = fresh
+        if models.exists():  # keep the converted-model cache, drop only statistics/templates
+            (Path(fresh) / "models").symlink_to(models, target_is_directory=True)
+
+    from medit.core.dataset import load_dataset
+    from medit.core.evaluate import peak_rss_mb
+    from medit.core.handle import load_model
+    from medit.core.hparams import parse_sets
+    from medit.core.plugins import get_plugins
+
+    t0 = time.perf_counter()
+    handle = load_model(args.model, random_init=args.random_init, device=args.device, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    reqs, _ = load_dataset(args.dataset, n=args.n)
+    method = get_plugins().methods.get(args.method)
+    overrides = parse_sets(args.set)
+    fields = method.hparams_class.field_names()
+    if "stats_corpus" in fields:
+        overrides.setdefault("stats_corpus", args.stats_corpus)
+        overrides.setdefault("stats_samples", str(args.stats_samples))
+    hp = method.resolve_hparams(handle, overrides=overrides)
+    method.start_run(handle)
+    sync = torch.cuda.synchronize if handle.device.type == "cuda" else (lambda: None)
+
+    stats_s = 0.0
+    layers = None
+    if "stats_corpus" in fields and getattr(hp, "mom2_adjustment", True):
+        from medit.core.layers import resolve_layers
+        from medit.plugins.methods.memit import pick_layers
+        if hasattr(hp, "layers"):
+            layers = pick_layers(handle, hp.layers)
+        else:
+            from medit.plugins.methods.rome import AUTO_DEPTH
+            layers = resolve_layers(handle, [hp.layer] if isinstance(hp.layer, int) else hp.layer, auto=(AUTO_DEPTH,))
+        t = time.perf_counter()
+        _, stats_s = hp.stats(handle, layers)
+        sync()
+        stats_wall = time.perf_counter() - t
+    else:
+        stats_wall = 0.0
+    if hasattr(hp, "templates"):
+        t = time.perf_counter()
+        hp.templates(handle)
+        templates_s = time.perf_counter() - t
+    else:
+        templates_s = 0.0
+
+    per_edit = []
+    for r in reqs:
+        sync()
+        t = time.perf_counter()
+        edit = method.apply(handle, [r], hp)
+        sync()
+        per_edit.append(time.perf_counter() - t)
+        edit.revert()
+    result = {
+        "method": args.method, "model": args.model, "random_init": args.random_init,
+        "device": str(handle.device), "device_name": torch.cuda.get_device_name() if handle.device.type == "cuda"
+        else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "dtype": args.dtype, "n": len(per_edit), "load_s": round(load_s, 2),
+        "stats_layers": layers, "stats_samples": args.stats_samples if layers else None,
+        "stats_s": round(stats_s, 3), "stats_wall_s": round(stats_wall, 3), "templates_s": round(templates_s, 3),
+        "edit_s": [round(x, 3) for x in per_edit],
+        "edit_s_mean": round(sum(per_edit) / len(per_edit), 3),
+        "edit_s_median": round(sorted(per_edit)[len(per_edit) // 2], 3),
+        "first_edit_plus_stats_s": round(stats_wall + templates_s + per_edit[0], 3),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if handle.device.type == "cuda" else None,
+        "hparams": hp.to_dict(),
+    }
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"edit_speed-{args.method}-{args.model.replace('/', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    keys = ["method", "model", "device", "n", "stats_wall_s", "templates_s", "edit_s_mean", "edit_s_median",
+            "first_edit_plus_stats_s", "peak_rss_mb", "peak_gpu_mb"]
+    print(tabulate([[result[k] for k in keys]], headers=keys, tablefmt="github"))
+    print(f"written: {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
