@@ -33,7 +33,8 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python bench/edit_speed.py --method ft-l --model smollm2-135m --n 5
+	$(BIN)/python bench/edit_speed.py --method rome --model smollm2-135m --n 5 --stats-corpus $(STATS_CORPUS)
+	$(BIN)/python bench/edit_speed.py --method memit --model smollm2-135m --n 3 --stats-corpus $(STATS_CORPUS) --fresh-stats
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
