@@ -3,7 +3,7 @@ engine scores the queries of many cases in shared batches, pre- and post-edit, a
 metric its results. Every value a metric returns is keyed by the protocol that produced it."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from .requests import EditRequest
 from .scoring import GenQuery, TFQuery, TFResult, generation_matches
@@ -32,6 +32,11 @@ class Metric:
 
 def mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
+
+
+def staged(pre: Results | None, post: Results, scores: Callable[[Results], list[float]]) -> dict[str, float | None]:
+    """``{"pre": mean of scores(pre), "post": mean of scores(post)}`` (``pre`` None when not scored)."""
+    return {stage: None if res is None else mean(scores(res)) for stage, res in (("pre", pre), ("post", post))}
 
 
 class TargetMetric(Metric):
@@ -79,13 +84,8 @@ class TargetMetric(Metric):
         for proto in protocols:
             if proto not in self.protocols:
                 continue
-            vals: dict[str, float | None] = {}
-            for stage, res in (("pre", pre), ("post", post)):
-                if res is None:
-                    vals[stage] = None
-                    continue
-                scores = [s for p, t, r in pairs if (s := self._score(res, proto, p, t, r, ctx["gen_tokens"])) is not None]
-                vals[stage] = mean(scores)
-            if vals.get("post") is not None:
+            vals = staged(pre, post, lambda res: [
+                s for p, t, r in pairs if (s := self._score(res, proto, p, t, r, ctx["gen_tokens"])) is not None])
+            if vals["post"] is not None:
                 out[proto] = vals
         return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from medit import hookimpl
-from medit.core.metric import Metric, Results, Values, mean
+from medit.core.metric import Metric, Results, Values, mean, staged
 from medit.core.requests import EditRequest
 from medit.core.scoring import GenQuery, TFQuery, generation_matches
 
@@ -47,18 +47,15 @@ class Locality(Metric):
         for proto in protocols:
             if proto not in self.protocols or not with_answer:
                 continue
-            vals: dict[str, float | None] = {}
-            for stage, res in (("pre", pre), ("post", post)):
-                if res is None:
-                    vals[stage] = None
-                    continue
-                if proto == "generate":
-                    scores = [generation_matches(res[GenQuery(pa.prompt, ctx["gen_tokens"])], pa.answer)
-                              for pa in with_answer]
-                else:
-                    scores = [getattr(res[TFQuery(pa.prompt, pa.answer)], proto) for pa in with_answer]
-                vals[stage] = mean(scores)
-            if vals.get("post") is not None:
+            if proto == "generate":
+                def scores(res: Results) -> list[float]:
+                    return [generation_matches(res[GenQuery(pa.prompt, ctx["gen_tokens"])], pa.answer)
+                            for pa in with_answer]
+            else:
+                def scores(res: Results, proto: str = proto) -> list[float]:
+                    return [getattr(res[TFQuery(pa.prompt, pa.answer)], proto) for pa in with_answer]
+            vals = staged(pre, post, scores)
+            if vals["post"] is not None:
                 out[proto] = vals
         return out
 
