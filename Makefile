@@ -22,6 +22,7 @@ $(STAMP): setup.cfg pyproject.toml examples/medit-plugin-example/setup.cfg
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo-$(DEMO_METHOD)
 	$(BIN)/medit edit medit/datasets/demo.jsonl --method $(DEMO_METHOD) --model $(DEMO_MODEL) \
 		--stats-corpus $(STATS_CORPUS) --out runs/demo-$(DEMO_METHOD) --save-patch runs/demo-$(DEMO_METHOD)/patch
 
