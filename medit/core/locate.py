@@ -14,6 +14,7 @@ from .rewrite import DeltaSpec, compute_keys, optimise_deltas
 from .stats import second_moments
 
 if TYPE_CHECKING:
+    from .edit import WeightEdit
     from .handle import ModelHandle
     from .requests import EditRequest
 
@@ -108,3 +109,17 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
         if on_keys is not None:
             on_keys(layer, K)
     return factors, {"delta_steps": [x["steps"] for x in infos], "delta_nll": [x["nll"] for x in infos]}
+
+
+def apply_spread(handle: "ModelHandle", requests: Sequence["EditRequest"], hp: LocateHParams, method: str,
+                 layers: Sequence[int], stats_s: float, solver: Solver, edit_cls: type | None = None,
+                 on_keys: Callable[[int, torch.Tensor], None] | None = None) -> "WeightEdit":
+    """Record the edited projections, run :func:`spread_update`, and return the Edit holding the
+    per-layer factors (the part MEMIT-style methods share; they differ in ``solver``)."""
+    from .edit import WeightEdit
+    cls = edit_cls or WeightEdit
+    names = [handle.param_name("mlp_out", layer) for layer in layers]
+    with cls.recording(handle, names, method, requests, hp.to_dict()) as edit:  # type: ignore[attr-defined]
+        edit.factors, info = spread_update(handle, requests, layers, hp, solver, on_keys=on_keys)
+    edit.info.update(stats_s=stats_s, layers=list(layers), **info)
+    return edit

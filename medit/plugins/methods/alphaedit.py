@@ -20,7 +20,7 @@ from medit.core.edit import WeightEdit
 from medit.core.errors import HParamsError
 from medit.core.handle import ModelHandle
 from medit.core.hparams import HParams
-from medit.core.locate import LocateHParams, spread_update
+from medit.core.locate import LocateHParams, apply_spread
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.plugins.methods.memit import pick_layers
@@ -102,12 +102,8 @@ class AlphaEdit(Method):
             cache[layer] = cache[layer] + kk if layer in cache else kk
             added[layer] = kk
 
-        names = [handle.param_name("mlp_out", layer) for layer in layers]
-        with AlphaEditEdit.recording(handle, names, self.name, requests, hparams.to_dict()) as edit:
-            factors, info = spread_update(handle, requests, layers, hparams, solve, on_keys=remember)
-            edit.factors = factors
-            edit.added = added  # type: ignore[attr-defined]
-        edit.info.update(stats_s=stats_s, layers=layers, **info)
+        edit = apply_spread(handle, requests, hparams, self.name, layers, stats_s, solve, AlphaEditEdit, remember)
+        edit.added = added  # type: ignore[attr-defined]
         return edit
 
 

@@ -19,7 +19,7 @@ from medit.core.errors import HParamsError
 from medit.core.handle import ModelHandle
 from medit.core.hparams import HParams
 from medit.core.layers import resolve_layers
-from medit.core.locate import LocateHParams, spread_update
+from medit.core.locate import LocateHParams, apply_spread
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 
@@ -74,12 +74,7 @@ class MEMIT(Method):
             A = lam * stats[layer].double() + K.double() @ K.double().T
             return torch.linalg.solve(A, K.double()).float()
 
-        names = [handle.param_name("mlp_out", layer) for layer in layers]
-        with WeightEdit.recording(handle, names, self.name, requests, hparams.to_dict()) as edit:
-            factors, info = spread_update(handle, requests, layers, hparams, solve)
-            edit.factors = factors
-        edit.info.update(stats_s=stats_s, layers=layers, **info)
-        return edit
+        return apply_spread(handle, requests, hparams, self.name, layers, stats_s, solve)
 
 
 @hookimpl
