@@ -48,7 +48,7 @@ def write_json(path: Path, obj: Any) -> Path:
 
 def test_formats_are_registered_as_plugins():
     p = get_plugins()
-    for name in ("medit-jsonl", "counterfact", "zsre"):
+    for name in ("medit-jsonl", "counterfact", "zsre", "knowedit", "mquake"):
         assert name in p.datasets, p.datasets.names()
         entry = p.datasets.entry(name)
         assert isinstance(entry.obj, DatasetFormat)
@@ -129,8 +129,10 @@ def test_counterfact_rome_layout(tmp_path):
                                  "subject": "Danielle Darrieux"},
            "paraphrase_prompts": ["Danielle Darrieux speaks"],
            "neighborhood_prompts": ["Michel Rocard is a native speaker of"],
-           "attribute_prompts": [], "generation_prompts": []}
-    f = write_json(tmp_path / "counterfact.json", [rec])
+           "attribute_prompts": ["J. R. R. Tolkien is a native speaker of"],
+           "generation_prompts": ["Danielle Darrieux's mother tongue is", "Where Danielle Darrieux is from, people speak"]}
+    f = write_json(tmp_path / "counterfact.json", [rec, dict(rec, case_id=1, attribute_prompts=[],
+                                                             generation_prompts=[])])
     reqs, info = load_dataset(str(f))
     assert info.format == "counterfact"
     r = reqs[0]
@@ -138,6 +140,27 @@ def test_counterfact_rome_layout(tmp_path):
     assert (r.target_new, r.target_true) == ("English", "French")
     assert r.rephrase == ("Danielle Darrieux speaks",)
     assert r.locality == (PromptAnswer("Michel Rocard is a native speaker of", "French"),)
+    assert r.attribute == (PromptAnswer("J. R. R. Tolkien is a native speaker of", "English"),)
+    assert r.generation_prompts == tuple(rec["generation_prompts"])
+    assert reqs[1].attribute == () and reqs[1].generation_prompts == ()
+    # the optional fields survive the medit JSONL round trip, and are left out when empty
+    d = r.to_dict()
+    assert d["generation_prompts"] == rec["generation_prompts"]
+    assert d["attribute"] == [{"prompt": "J. R. R. Tolkien is a native speaker of", "answer": "English"}]
+    assert "attribute" not in reqs[1].to_dict() and "generation_prompts" not in reqs[1].to_dict()
+    f2 = write_jsonl(tmp_path / "round.jsonl", [x.to_dict() for x in reqs])
+    back, info2 = load_dataset(str(f2))
+    assert info2.format == "medit-jsonl"
+    assert [(x.generation_prompts, x.attribute) for x in back] == [(x.generation_prompts, x.attribute) for x in reqs]
+
+
+def test_counterfact_rome_layout_bad_generation_prompts(tmp_path):
+    rec = {"case_id": 9, "requested_rewrite": {"prompt": "{} speaks", "subject": "Ann",
+                                               "target_new": {"str": "Dutch"}},
+           "generation_prompts": [1, 2]}
+    f = write_json(tmp_path / "counterfact.json", [rec])
+    with pytest.raises(ValidationError, match=r"'9'.*counterfact\.json.*'generation_prompts'"):
+        load_dataset(str(f))
 
 
 def test_counterfact_missing_field(tmp_path):
@@ -490,3 +513,155 @@ def test_read_records_lines(tmp_path):
     for rec in recs:
         assert text[rec.line - 1].strip().startswith("{")
     assert [r.index for r in recs] == [0, 1]
+
+
+# ---------------------------------------------------------------------------- KnowEdit
+
+KE_RECENT = {"subject": "Leo Arons", "prompt": "The place of death of Leo Arons is", "target_new": "Berlin",
+             "portability": {
+                 "Logical_Generalization": [{"prompt": "Is Leo Arons still alive?",
+                                             "ground_truth": [["no"], ["incorrect"], ["false"]]}],
+                 "Reasoning": [{"prompt": "The continent of the place of death of Leo Arons is",
+                                "ground_truth": [["Europe", "European continent"]]}],
+                 "Subject_Aliasing": [{"prompt": "The place of death of Martin Leo Arons is",
+                                       "ground_truth": [["Berlin", "Berlin, Germany"]]}]},
+             "locality": {"Relation_Specificity": [
+                 {"prompt": "The name of the father of Leo Arons is", "ground_truth": [["Albert Arons"]]},
+                 {"prompt": "The field of work of Leo Arons is", "ground_truth": [["experimental physics"]]}]}}
+KE_CF = {"subject": "Frederic Piesch", "prompt": "The name of the position held by Frederic Piesch is",
+         "target_new": "Archbishop of León, Mexico", "ground_truth": "mayor of Vienna",
+         "portability": {"Subject_Aliasing": [{"prompt": "The position held by Frederic of Pieschen is",
+                                               "ground_truth": "Archbishop of León, Mexico"}]},
+         "locality": {"Relation_Specificity": [{"prompt": "The gender of Frederic Piesch is", "ground_truth": "male"}],
+                      "Forgetfulness": [{"prompt": "The position held by Frederic Piesch, which is not "
+                                                   "Archbishop of León, Mexico, is", "ground_truth": "mayor of Vienna"}]}}
+KE_ZSRE = {"subject": "Epaspidoceras", "target_new": "Noctuidae", "prompt": "Which family does Epaspidoceras belong to?",
+           "ground_truth": ["Aspidoceratidae"], "rephrase_prompt": "What family are Epaspidoceras?",
+           "cond": "Geometridae >> Noctuidae || Which family does Epaspidoceras belong to?",
+           "locality": {"Relation_Specificity": [{"prompt": "The taxon rank of Epaspidoceras is", "ground_truth": ["genus"]}]},
+           "portability": {"Reasoning": [{"prompt": "What is the common name for the family Epaspidoceras belongs to?",
+                                          "ground_truth": "Owlet moths"}]}}
+KE_BIO = {"text": "This is a Wikipedia passage about john russell reynolds. He was a British neurologist.",
+          "labels": "He was educated at University College, London.", "concept": "John Russell Reynolds",
+          "locality": {"Relation_Specificity": [{"prompt": "The field of work of john russell reynolds is",
+                                                 "ground_truth": ["medicine"]}]}}
+
+
+@pytest.mark.parametrize("rec", [KE_RECENT, KE_CF, KE_ZSRE, KE_BIO], ids=["recent", "counterfact", "zsre", "wikibio"])
+def test_knowedit_detected(tmp_path, rec):
+    f = write_json(tmp_path / "ke.json", [rec])
+    reqs, info = load_dataset(str(f))
+    assert info.format == "knowedit"
+    assert len(reqs) == 1
+
+
+def test_knowedit_sample(tmp_path):
+    f = write_json(tmp_path / "ke.json", [KE_RECENT, KE_CF, KE_ZSRE, KE_BIO])
+    reqs, _ = load_dataset(f"knowedit:{f}")
+    r = reqs[0]
+    assert (r.case_id, r.subject, r.target_new, r.target_true) == ("0", "Leo Arons", "Berlin", None)
+    # every category kept in file order; alias lists yield their first string
+    assert r.portability == (PromptAnswer("Is Leo Arons still alive?", "no"),
+                             PromptAnswer("The continent of the place of death of Leo Arons is", "Europe"),
+                             PromptAnswer("The place of death of Martin Leo Arons is", "Berlin"))
+    assert r.locality == (PromptAnswer("The name of the father of Leo Arons is", "Albert Arons"),
+                          PromptAnswer("The field of work of Leo Arons is", "experimental physics"))
+    r = reqs[1]
+    assert r.target_true == "mayor of Vienna" and r.target_new == "Archbishop of León, Mexico"
+    assert [pa.answer for pa in r.locality] == ["male", "mayor of Vienna"]
+    assert r.portability[0].answer == "Archbishop of León, Mexico"
+    r = reqs[2]
+    assert r.target_true == "Aspidoceratidae" and r.rephrase == ("What family are Epaspidoceras?",)
+    assert r.portability == (PromptAnswer(KE_ZSRE["portability"]["Reasoning"][0]["prompt"], "Owlet moths"),)
+    r = reqs[3]  # WikiBio: text / labels / concept; the subject is taken as it occurs in the text
+    assert r.prompt == KE_BIO["text"] and r.target_new == KE_BIO["labels"]
+    assert r.subject == "john russell reynolds"
+    assert r.locality == (PromptAnswer("The field of work of john russell reynolds is", "medicine"),)
+
+
+def test_knowedit_missing_field(tmp_path):
+    bad = {k: v for k, v in KE_CF.items() if k != "target_new"}
+    f = write_json(tmp_path / "ke.json", [KE_CF, bad])
+    with pytest.raises(ValidationError) as e:
+        load_dataset(str(f))
+    msg = str(e.value)
+    assert "ke.json" in msg and "'1'" in msg and "'target_new'" in msg and "'labels'" in msg
+
+
+def test_knowedit_bad_category_item(tmp_path):
+    bad = dict(KE_CF, locality={"Relation_Specificity": [{"ground_truth": "male"}]})
+    f = write_json(tmp_path / "ke.json", [bad])
+    with pytest.raises(ValidationError, match=r"ke\.json.*'locality\.Relation_Specificity'"):
+        load_dataset(f"knowedit:{f}")
+    bad = dict(KE_CF, locality=["The gender of Frederic Piesch is"])
+    f = write_json(tmp_path / "ke2.json", [bad])
+    with pytest.raises(ValidationError, match=r"ke2\.json.*'locality' must be an object of categories"):
+        load_dataset(f"knowedit:{f}")
+
+
+# ---------------------------------------------------------------------------- MQuAKE
+
+def _mq_rewrite(subject: str, template: str, new: str, true: str, question: str) -> dict:
+    return {"prompt": template, "relation_id": "P27", "subject": subject, "question": question,
+            "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": true, "id": "Q2"}}
+
+
+MQ_ONE = {"case_id": 2500,
+          "requested_rewrite": [_mq_rewrite("Vince McMahon", "{} is a citizen of", "Libya", "United States of America",
+                                            "What is the country of citizenship of Vince McMahon?")],
+          "questions": ["What is the capital of the country where the CEO of Triple H holds citizenship?",
+                        "In which city is the capital of the country where the CEO of Triple H is a citizen?"],
+          "answer": "Washington, D.C.", "answer_alias": ["Washington"],
+          "new_answer": "Tripoli", "new_answer_alias": ["Tripoli, Libya"],
+          "single_hops": [{"question": "Who is the employer of Triple H?", "cloze": "Triple H is employed by",
+                           "answer": "WWE", "answer_alias": []}],
+          "new_single_hops": [], "orig": {"triples": [], "edit_triples": []}}
+MQ_TWO = dict(MQ_ONE, case_id=2501, requested_rewrite=MQ_ONE["requested_rewrite"] + [
+    _mq_rewrite("Libya", "The capital of {} is", "Franklin", "Tripoli", "What is the capital of Libya?")],
+    new_answer="Franklin")
+
+
+def test_mquake_sample(tmp_path, capsys):
+    f = write_json(tmp_path / "MQuAKE-CF-3k.json", [MQ_ONE, MQ_TWO, dict(MQ_ONE, case_id=7)])
+    reqs, info = load_dataset(str(f))
+    assert info.format == "mquake"
+    assert [r.case_id for r in reqs] == ["2500", "7"]
+    r = reqs[0]
+    assert (r.prompt, r.subject) == ("Vince McMahon is a citizen of", "Vince McMahon")
+    assert (r.target_new, r.target_true) == ("Libya", "United States of America")
+    assert r.rephrase == ("What is the country of citizenship of Vince McMahon?",)
+    assert r.portability == tuple(PromptAnswer(q, "Tripoli") for q in MQ_ONE["questions"])
+    assert r.locality == ()
+    # the case with two rewrites is skipped with one warning line, and counted
+    assert info.skipped == 1 and info.n_total == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "skipped 1 of 3" in err[0] and "'2501'" in err[0]
+
+
+def test_mquake_only_multi_rewrite_cases(tmp_path):
+    f = write_json(tmp_path / "mq.json", [MQ_TWO])
+    with pytest.raises(ValidationError, match=r"mq\.json.*several requested rewrites.*'2501'"):
+        load_dataset(str(f))
+
+
+def test_mquake_missing_field(tmp_path):
+    bad = {k: v for k, v in MQ_ONE.items() if k != "new_answer"}
+    bad["case_id"] = 12
+    f = write_json(tmp_path / "mq.json", [MQ_ONE, bad])
+    with pytest.raises(ValidationError) as e:
+        load_dataset(str(f))
+    msg = str(e.value)
+    assert "mq.json" in msg and "'12'" in msg and "'new_answer'" in msg and "record 1" in msg
+    bad = dict(MQ_ONE, requested_rewrite=[{"prompt": "{} is a citizen of", "subject": "Vince McMahon"}])
+    f = write_json(tmp_path / "mq2.json", [bad])
+    with pytest.raises(ValidationError, match=r"mq2\.json.*'requested_rewrite\[0\]\.target_new'"):
+        load_dataset(f"mquake:{f}")
+
+
+def test_new_formats_do_not_clash_with_old_ones(tmp_path):
+    """Every sample is claimed by exactly one format (detection would report several)."""
+    samples = {"medit-jsonl": dict(MEDIT, generation_prompts=["x"]), "counterfact": CF, "zsre": ZSRE,
+               "knowedit": KE_ZSRE, "mquake": MQ_ONE}
+    for fmt, rec in samples.items():
+        f = write_json(tmp_path / f"{fmt}.json", [rec])
+        assert load_dataset(str(f))[1].format == fmt

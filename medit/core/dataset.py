@@ -28,7 +28,8 @@ __all__ = [
     "DatasetFormat", "DatasetInfo", "MalformedFileError", "RawRecord", "ReadResult", "load_dataset",
     "parse_spec", "select",
     "read_records", "first_record", "file_fingerprint", "get_format", "format_names",
-    "str_list", "item_list", "prompt_answer_items", "target_str", "require",
+    "str_list", "item_list", "prompt_answer_items", "target_str", "require", "first_str",
+    "is_category_dict",
 ]
 
 _FORMAT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
@@ -427,7 +428,8 @@ def prompt_answer_items(value: Any, origin: str, field_name: str) -> list[Prompt
 
     Accepts ``None``, one item or a list of items, each ``{"prompt": ..., "answer": ...}``,
     EasyEdit's ``{"New Question": ..., "New Answer": ...}``, ``{"prompt": ..., "ground_truth": ...}``
-    or a bare prompt string. A list answer (aliases) yields its first element.
+    or a bare prompt string. A list answer (aliases, or KnowEdit's list of alias lists) yields its
+    first non-empty string; a list of prompts yields one pair per prompt with the same answer.
     """
     out: list[PromptAnswer] = []
     for item in item_list(value, origin, field_name):
@@ -439,9 +441,11 @@ def prompt_answer_items(value: Any, origin: str, field_name: str) -> list[Prompt
             answer = next((item[k] for k in ("answer", "New Answer", "ground_truth", "target")
                            if k in item), "")
             if isinstance(answer, list):
-                answer = next((a for a in answer if isinstance(a, str) and a.strip()), "")
-            if isinstance(prompt, str) and prompt.strip() and isinstance(answer, str):
-                out.append(PromptAnswer(prompt, answer.strip()))
+                answer = first_str(answer) or ""
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if (isinstance(prompts, list) and prompts and isinstance(answer, str)
+                    and all(isinstance(p, str) and p.strip() for p in prompts)):
+                out.extend(PromptAnswer(p, answer.strip()) for p in prompts)
                 continue
         raise ValidationError(f"{origin}: each {field_name!r} item must be {{'prompt': str, 'answer': "
                               f"str}} (or EasyEdit's {{'New Question': str, 'New Answer': str}}), "
@@ -458,10 +462,27 @@ def target_str(value: Any, origin: str, field_name: str, *, required: bool = Tru
     if value is None and not required:
         return None
     if isinstance(value, list):
-        value = next((v for v in value if isinstance(v, str) and v.strip()), value[0] if value else "")
+        value = first_str(value) or (value[0] if value else "")
     if not isinstance(value, str) or not value.strip():
         raise ValidationError(f"{origin}: field {field_name!r} must be a non-empty string, got {value!r}")
     return value.strip()
+
+
+def first_str(value: Any) -> str | None:
+    """The first non-blank string in ``value`` (a string, or nested lists of them), else None."""
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            found = first_str(v)
+            if found is not None:
+                return found
+    return None
+
+
+def is_category_dict(value: Any) -> bool:
+    """Whether ``value`` is KnowEdit's ``{category: [items...]}`` layout (e.g. ``{"Reasoning": [...]}``)."""
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, list) for v in value.values())
 
 
 def require(record: RawRecord, fields: Iterable[str], origin: str, fmt: str) -> None:

@@ -6,6 +6,10 @@ from typing import Any
 
 from .errors import ValidationError
 
+#: The fields of a medit JSONL record.
+FIELDS = ("case_id", "prompt", "subject", "target_new", "target_true", "rephrase", "locality",
+          "portability", "generation_prompts", "attribute")
+
 
 @dataclass(frozen=True)
 class PromptAnswer:
@@ -20,7 +24,10 @@ class EditRequest:
     """One edit: make the model complete ``prompt`` (which contains ``subject``) with ``target_new``.
 
     ``rephrase`` prompts measure generalization, ``locality`` prompts what must not change,
-    ``portability`` prompts the consequences of the edit. Validated on construction.
+    ``portability`` prompts the consequences of the edit. Two optional fields come from ROME's
+    CounterFact layout: ``generation_prompts`` (open-ended prompts about the subject, used by the
+    ``fluency`` metric) and ``attribute`` (prompts about other subjects that truly have
+    ``target_new``, answered with it). Validated on construction.
     """
 
     prompt: str
@@ -32,6 +39,8 @@ class EditRequest:
     portability: tuple[PromptAnswer, ...] = ()
     case_id: str = "0"
     where: str = ""  # where the record came from (file:line), for error messages only
+    generation_prompts: tuple[str, ...] = ()
+    attribute: tuple[PromptAnswer, ...] = ()
 
     def __post_init__(self) -> None:
         origin = f"case {self.case_id!r}" + (f" ({self.where})" if self.where else "")
@@ -44,17 +53,28 @@ class EditRequest:
         if self.subject not in self.prompt:
             raise ValidationError(f"{origin}: subject {self.subject!r} does not occur in prompt "
                                   f"{self.prompt!r}; put the subject verbatim into the prompt")
-        object.__setattr__(self, "rephrase", tuple(self.rephrase))
+        for name in ("rephrase", "generation_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(x, str) for x in value):
+                raise ValidationError(f"{origin}: field {name!r} must be a list of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "locality", tuple(_pa(x, origin, "locality") for x in self.locality))
         object.__setattr__(self, "portability", tuple(_pa(x, origin, "portability") for x in self.portability))
+        object.__setattr__(self, "attribute", tuple(_pa(x, origin, "attribute") for x in self.attribute))
 
     def to_dict(self) -> dict[str, Any]:
-        """The medit JSONL representation."""
+        """The medit JSONL representation (the optional ``generation_prompts`` and ``attribute``
+        only when non-empty)."""
         d = asdict(self)
         d.pop("where")
         d["rephrase"] = list(self.rephrase)
         d["locality"] = [asdict(x) for x in self.locality]
         d["portability"] = [asdict(x) for x in self.portability]
+        d["generation_prompts"] = list(self.generation_prompts)
+        d["attribute"] = [asdict(x) for x in self.attribute]
+        for key in ("generation_prompts", "attribute"):
+            if not d[key]:
+                d.pop(key)
         if d["target_true"] is None:
             d.pop("target_true")
         return d
@@ -62,8 +82,7 @@ class EditRequest:
     @classmethod
     def from_dict(cls, d: dict[str, Any], default_id: str = "0", where: str = "") -> "EditRequest":
         """Build from a medit JSONL record; unknown keys are rejected."""
-        allowed = {"case_id", "prompt", "subject", "target_new", "target_true", "rephrase",
-                   "locality", "portability"}
+        allowed = set(FIELDS)
         case_id = str(d.get("case_id", default_id))
         extra = sorted(set(d) - allowed)
         if extra:
@@ -72,10 +91,14 @@ class EditRequest:
         rephrase = d.get("rephrase") or ()
         if isinstance(rephrase, str):
             rephrase = (rephrase,)
+        generation = d.get("generation_prompts") or ()
+        if isinstance(generation, str):
+            generation = (generation,)
         return cls(prompt=d.get("prompt"), subject=d.get("subject"), target_new=d.get("target_new"),
                    target_true=d.get("target_true"), rephrase=tuple(rephrase),
                    locality=tuple(d.get("locality") or ()), portability=tuple(d.get("portability") or ()),
-                   case_id=case_id, where=where)
+                   case_id=case_id, where=where, generation_prompts=tuple(generation),
+                   attribute=tuple(d.get("attribute") or ()))
 
 
 def _pa(x: Any, origin: str, field_name: str) -> PromptAnswer:

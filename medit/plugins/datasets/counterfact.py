@@ -9,8 +9,11 @@ Two layouts are read:
   ``locality = [(locality_prompt, locality_ground_truth)]``.
 - ROME's original ``counterfact.json``: ``{"case_id", "requested_rewrite": {"prompt": "{} ...",
   "subject", "target_new": {"str"}, "target_true": {"str"}}, "paraphrase_prompts",
-  "neighborhood_prompts", ...}``. ``{}`` in the prompt is replaced by the subject; the neighborhood
-  prompts' answer is the true target.
+  "neighborhood_prompts", "attribute_prompts", "generation_prompts"}``. ``{}`` in the prompt is
+  replaced by the subject; paraphrase prompts become ``rephrase``; neighborhood prompts become
+  ``locality`` answered with the true target; attribute prompts (other subjects that truly have
+  the new target) become ``attribute`` answered with ``target_new``; generation prompts are kept
+  as ``generation_prompts`` (the ``fluency`` metric generates from them).
 
 Required (EasyEdit layout): prompt, subject, target_new, ground_truth; the other fields are
 optional, a missing ``case_id`` defaults to the record's index, unknown fields are ignored.
@@ -23,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from medit import hookimpl
-from medit.core.dataset import (DatasetFormat, RawRecord, prompt_answer_items, read_records, require,
-                                str_list, target_str)
+from medit.core.dataset import (DatasetFormat, RawRecord, is_category_dict, prompt_answer_items,
+                                read_records, require, str_list, target_str)
 from medit.core.errors import ValidationError
 from medit.core.requests import EditRequest, PromptAnswer
 
@@ -42,6 +45,8 @@ class CounterFact(DatasetFormat):
             return False
         if isinstance(first_record.get("requested_rewrite"), dict):
             return True
+        if any(is_category_dict(first_record.get(k)) for k in ("locality", "portability")):
+            return False  # KnowEdit's {category: [...]} layout
         return (all(k in first_record for k in ("prompt", "subject", "target_new"))
                 and any(k in first_record for k in MARKERS))
 
@@ -70,7 +75,8 @@ class CounterFact(DatasetFormat):
             rephrase=tuple(str_list(d.get("rephrase_prompt"), origin, "rephrase_prompt")),
             locality=tuple(locality),
             portability=tuple(prompt_answer_items(d.get("portability"), origin, "portability")),
-            case_id=case_id, where=rec.where)
+            case_id=case_id, where=rec.where,
+            generation_prompts=tuple(str_list(d.get("generation_prompts"), origin, "generation_prompts")))
 
     def _rome(self, rec: RawRecord, case_id: str, origin: str) -> EditRequest:
         rr = rec.data["requested_rewrite"]
@@ -92,14 +98,16 @@ class CounterFact(DatasetFormat):
                                   f"'requested_rewrite.subject' must be strings")
         prompt = template.replace("{}", subject) if "{}" in template else template
         target_true = obj_str(rr.get("target_true"), "target_true", False)
+        target_new: str = obj_str(rr["target_new"], "target_new", True)  # type: ignore[assignment]
         neighborhood = str_list(rec.data.get("neighborhood_prompts"), origin, "neighborhood_prompts")
+        attribute = str_list(rec.data.get("attribute_prompts"), origin, "attribute_prompts")
         return EditRequest(
-            prompt=prompt, subject=subject,
-            target_new=obj_str(rr["target_new"], "target_new", True),  # type: ignore[arg-type]
-            target_true=target_true,
+            prompt=prompt, subject=subject, target_new=target_new, target_true=target_true,
             rephrase=tuple(str_list(rec.data.get("paraphrase_prompts"), origin, "paraphrase_prompts")),
             locality=tuple(PromptAnswer(p, target_true or "") for p in neighborhood),
-            case_id=case_id, where=rec.where)
+            case_id=case_id, where=rec.where,
+            generation_prompts=tuple(str_list(rec.data.get("generation_prompts"), origin, "generation_prompts")),
+            attribute=tuple(PromptAnswer(p, target_new) for p in attribute))
 
 
 @hookimpl
