@@ -263,6 +263,22 @@ def list_(kind: str = typer.Argument(..., help="methods, models, metrics or data
 
 
 @app.command()
+def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...", help="run folders written by `medit eval/edit --out`"),
+           out: Optional[str] = typer.Option(None, "--out", help="write report.md, report.json and report.png here"),
+           fmt: str = typer.Option("table", "--format", help="what to print: table, markdown or json")) -> None:
+    """Compare finished runs side by side: metrics × protocols per run (post-edit means, with pre)."""
+    from .core.report import FORMATS, build_report, load_runs, render, write_report
+
+    if fmt not in FORMATS:
+        raise UnknownNameError("report format", fmt, FORMATS, hint="pass --format table, markdown or json")
+    rep = build_report(load_runs(run_dirs))
+    typer.echo(render(rep, fmt))
+    if out:
+        files = write_report(rep, out)
+        typer.echo("report: " + ", ".join(str(f) for f in files), err=True)
+
+
+@app.command()
 def version() -> None:
     """Print the medit version."""
     typer.echo(__version__)

@@ -1,0 +1,193 @@
+"""`medit report`: side-by-side comparison of hand-written run folders (no model involved)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from medit.cli import app
+from medit.core.errors import InputFileError, UnknownNameError
+from medit.core.report import build_report, load_run, load_runs, render, write_report
+
+DATASET = {"path": "/data/counterfact/dev.json", "format": "counterfact", "fingerprint": "abcd", "n": 10,
+           "offset": 0, "seed": None}
+
+
+def make_run(root: Path, name: str, method: str, metrics: dict[str, Any], *, mode: str = "single",
+             manifest: bool = True, efficiency: dict[str, Any] | None = None) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    summary = {"method": method, "model": "smollm2-135m", "mode": mode, "n": 10, "metrics": metrics,
+               "efficiency": efficiency if efficiency is not None else
+               {"edit_s_mean": 1.5, "edit_s_total": 15.0, "eval_s_total": 3.25, "stats_s": 0.0, "peak_rss_mb": 900.0}}
+    (d / "summary.json").write_text(json.dumps(summary))
+    if manifest:
+        (d / "manifest.json").write_text(json.dumps({"method": method, "mode": mode, "dataset": DATASET,
+                                                     "protocols": ["generate", "token_acc"]}))
+    (d / "cases.jsonl").write_text("")
+    return d
+
+
+ROME = {"reliability": {"token_acc": {"pre": 0.1, "post": 1.0}, "generate": {"pre": 0.0, "post": 0.9}},
+        "locality": {"agreement": {"pre": None, "post": 0.95}},
+        "fluency": {"ngram_entropy": {"pre": 5.5, "post": 5.25}}}
+FT = {"reliability": {"generate": {"pre": 0.0, "post": 0.4}, "token_acc": {"pre": 0.1, "post": 0.75}},
+      "portability": {"token_acc": {"pre": 0.2, "post": 0.3}},
+      "locality": {"agreement": {"pre": None, "post": 0.5}}}
+
+
+@pytest.fixture()
+def two_runs(tmp_path: Path) -> list[Path]:
+    return [make_run(tmp_path, "run-rome", "rome", ROME), make_run(tmp_path, "run-ft", "ft-l", FT)]
+
+
+def test_build_report_rows(two_runs):
+    rep = build_report(load_runs(two_runs))
+    assert [r["label"] for r in rep["runs"]] == ["rome", "ft-l"]
+    assert rep["runs"][0]["dataset"]["format"] == "counterfact" and rep["runs"][0]["mode"] == "single"
+    keys = [(r["metric"], r["protocol"]) for r in rep["rows"]]
+    # metrics in the canonical order, generate before token_acc, union over runs
+    assert keys == [("reliability", "generate"), ("reliability", "token_acc"), ("locality", "agreement"),
+                    ("portability", "token_acc"), ("fluency", "ngram_entropy")]
+    rel_gen = rep["rows"][0]
+    assert rel_gen["pre"] == 0.0  # both runs measured the same unedited model
+    assert rel_gen["values"] == {"rome": {"pre": 0.0, "post": 0.9}, "ft-l": {"pre": 0.0, "post": 0.4}}
+    port = rep["rows"][3]
+    assert set(port["values"]) == {"ft-l"}  # a metric only one run has
+    assert rep["rows"][2]["pre"] is None  # agreement has no pre
+    eff = {r["protocol"]: r["values"] for r in rep["efficiency"]}
+    assert eff["edit_s_mean"] == {"rome": 1.5, "ft-l": 1.5} and "peak_rss_mb" in eff
+
+
+def test_table_and_markdown(two_runs):
+    rep = build_report(load_runs(two_runs))
+    table = render(rep, "table")
+    lines = table.splitlines()
+    assert lines[0].startswith("rome: ") and "counterfact:/data/counterfact/dev.json" in lines[0]
+    header = next(ln for ln in lines if ln.startswith("metric"))
+    assert header.split() == ["metric", "protocol", "pre", "rome", "ft-l"]
+    row = next(ln for ln in lines if ln.startswith("reliability") and "generate" in ln)
+    assert row.split() == ["reliability", "generate", "0.000", "0.900", "0.400"]
+    row = next(ln for ln in lines if ln.startswith("fluency"))
+    assert row.split() == ["fluency", "ngram_entropy", "5.500", "5.250"]
+    assert any(ln.startswith("efficiency") and "edit_s_mean" in ln for ln in lines)
+    md = render(rep, "markdown")
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in md.splitlines() if ln.startswith("|")]
+    assert rows[0] == ["metric", "protocol", "pre", "rome", "ft-l"]
+    assert ["reliability", "generate", "0.000", "0.900", "0.400"] in rows
+    assert "- rome: " in md
+
+
+def test_different_pre_values_show_arrows(tmp_path):
+    other = {"reliability": {"token_acc": {"pre": 0.3, "post": 0.8}}}
+    runs = [make_run(tmp_path, "a", "rome", ROME), make_run(tmp_path, "b", "memit", other)]
+    rep = build_report(load_runs(runs))
+    row = next(r for r in rep["rows"] if r["protocol"] == "token_acc")
+    assert row["pre"] is None
+    line = next(ln for ln in render(rep).splitlines() if ln.startswith("reliability") and "token_acc" in ln)
+    assert "0.100 → 1.000" in line and "0.300 → 0.800" in line
+
+
+def test_extra_stages_get_their_own_rows(tmp_path):
+    seq = {"reliability": {"generate": {"pre": 0.0, "post": 0.5, "immediate": 0.875}}}
+    rep = build_report(load_runs([make_run(tmp_path, "s", "rome", seq, mode="sequential")]))
+    assert [(r["protocol"], r["stage"]) for r in rep["rows"]] == [("generate", "post"), ("generate", "immediate")]
+    assert rep["rows"][1]["values"]["rome"]["post"] == 0.875
+    assert "generate (immediate)" in render(rep)
+
+
+def test_labels_are_unique(tmp_path):
+    runs = load_runs([make_run(tmp_path, "a", "rome", ROME, mode="single"),
+                      make_run(tmp_path, "b", "rome", ROME, mode="sequential"),
+                      make_run(tmp_path, "c", "ft-l", FT), make_run(tmp_path, "d", "ft-l", FT)])
+    assert [r.label for r in runs] == ["rome (single)", "rome (sequential)", "ft-l (c)", "ft-l (d)"]
+    same = load_runs([tmp_path / "a", tmp_path / "a"])
+    assert [r.label for r in same] == ["rome (a) #1", "rome (a) #2"]
+
+
+def test_run_without_manifest(tmp_path):
+    run = load_run(make_run(tmp_path, "x", "rome", ROME, manifest=False))
+    assert run.manifest == {} and run.info()["dataset"] is None
+    assert "dataset unknown" in render(build_report([run]))
+
+
+def test_write_report_files(two_runs, tmp_path):
+    rep = build_report(load_runs(two_runs))
+    files = write_report(rep, tmp_path / "out" / "cmp")
+    assert [f.name for f in files] == ["report.md", "report.json", "report.png"]
+    assert json.loads((tmp_path / "out" / "cmp" / "report.json").read_text()) == rep
+    png = (tmp_path / "out" / "cmp" / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    from PIL import Image
+    with Image.open(tmp_path / "out" / "cmp" / "report.png") as im:
+        assert im.size[0] >= 600 and im.size[1] > 800  # two panels: fractions and entropy
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(InputFileError, match="'.*nope' does not exist"):
+        load_run(tmp_path / "nope")
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(InputFileError, match="is a file, not a run folder"):
+        load_run(f)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputFileError, match="'.*empty' is not a run folder.*summary.json"):
+        load_run(tmp_path / "empty")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "cases.jsonl").write_text("{}\n")
+    with pytest.raises(InputFileError, match="has no summary.json.*--resume"):
+        load_run(unfinished)
+    broken = make_run(tmp_path, "broken", "rome", ROME)
+    (broken / "summary.json").write_text("{\"method\": ")
+    with pytest.raises(InputFileError, match=r"summary\.json' is not valid JSON \(line 1"):
+        load_run(broken)
+    wrong = make_run(tmp_path, "wrong", "rome", ROME)
+    (wrong / "summary.json").write_text("[1, 2]")
+    with pytest.raises(InputFileError, match="no 'metrics' object"):
+        load_run(wrong)
+    with pytest.raises(UnknownNameError, match="report format 'html'"):
+        render(build_report(load_runs([make_run(tmp_path, "ok", "rome", ROME)])), "html")
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def _err(result: Any) -> str:
+    try:
+        return result.stderr or ""
+    except ValueError:
+        return ""
+
+
+def test_cli_report(two_runs, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "rep"
+    result = runner.invoke(app, ["report", *map(str, two_runs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "reliability" in result.output and "rome" in result.output and "ft-l" in result.output
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.json", "report.png"}
+    result = runner.invoke(app, ["report", *map(str, two_runs), "--format", "json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["runs"][1]["label"] == "ft-l"
+    result = runner.invoke(app, ["report", *map(str, two_runs), "--format", "markdown"])
+    assert result.exit_code == 0 and "| metric" in result.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["{tmp}/missing"], "does not exist"),
+    (["{tmp}/empty"], "is not a run folder"),
+    (["{run}", "--format", "html"], "unknown report format 'html'"),
+])
+def test_cli_report_bad_input(two_runs, tmp_path, args, needle):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(tmp=tmp_path, run=two_runs[0]) for a in args]
+    result = CliRunner().invoke(app, ["report", *args])
+    assert result.exit_code == 2, result.output
+    err = _err(result)
+    stream = err if "Error:" in err else result.output
+    assert "Traceback" not in result.output + err
+    errors = [ln for ln in stream.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and needle in errors[0], stream
