@@ -1,0 +1,121 @@
+"""T-Patcher (Huang et al. 2023, "Transformer-Patcher: One Mistake Worth One Neuron").
+
+Each edit adds a few trainable neurons (key, bias, value) to one FFN layer (the last by
+default). They are trained with three losses: the edit loss (NLL of target_new), an activation
+loss that makes them fire on the edit's input (the FFN inputs at the positions that predict the
+target), and a memory loss that keeps them silent on other inputs: unrelated text and the inputs
+of the patches already applied (so a sequential run keeps adding neurons without disturbing the
+earlier ones). The paper's exponential activation/memory losses are replaced by squared hinges
+with the same margins, which do not overflow. The base weights never change: the patch is the
+added neurons, and reverting detaches them exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+import medit
+from medit import hookimpl
+from medit.core.edit import CompositeEdit, Edit
+from medit.core.errors import HParamsError
+from medit.core.handle import ModelHandle
+from medit.core.hparams import HParams
+from medit.core.layers import resolve_layers
+from medit.core.method import Method
+from medit.core.neurons import (NeuronEdit, NeuronGroup, attached_groups, memory_inputs, target_batch,
+                                target_inputs, train_groups)
+from medit.core.requests import EditRequest
+
+
+@dataclass
+class TPatcherHParams(HParams):
+    """Hyperparameters of T-Patcher."""
+
+    #: FFN layer that receives the patches (-1: the last, as in the paper).
+    layer: int = -1
+    #: neurons added per edit and target token (each is keyed on the input that predicts its token).
+    neurons: int = 1
+    activation: Literal["relu", "gelu"] = "relu"
+    lr: float = 0.05
+    steps: int = 80
+    #: weight of the activation loss (fire on the edit input, pre-activation >= margin).
+    act_weight: float = 1.0
+    #: weight of the memory loss (stay below -margin on memory inputs).
+    memory_weight: float = 1.0
+    margin: float = 0.5
+    #: unrelated text for the memory: ``generated`` (sampled from the model) or a local text file.
+    memory_corpus: str = "generated"
+    memory_texts: int = 40
+    memory_max_len: int = 32
+    early_stop_nll: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("neurons", "steps", "memory_texts", "memory_max_len"):
+            if getattr(self, name) < 1:
+                raise HParamsError(f"hparam {name!r} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "margin"):
+            if getattr(self, name) <= 0:
+                raise HParamsError(f"hparam {name!r} must be > 0, got {getattr(self, name)}")
+        for name in ("act_weight", "memory_weight", "early_stop_nll"):
+            if getattr(self, name) < 0:
+                raise HParamsError(f"hparam {name!r} must be >= 0, got {getattr(self, name)}")
+
+
+def init_group(x_edit: torch.Tensor, x_mem: torch.Tensor, n: int, d_out: int, activation: str,
+               margin: float) -> tuple[NeuronGroup, torch.Tensor]:
+    """``n`` neurons per edit position (row of ``x_edit``), and each neuron's position.
+
+    A neuron's key points from the mean memory input to its position's input, with the bias set
+    so that input starts at +margin and the memory mean at -margin; values start at zero (the
+    edit loss trains them), so the untrained patch changes nothing.
+    """
+    owner = torch.arange(x_edit.shape[0], device=x_edit.device).repeat_interleave(n)
+    d = x_edit[owner] - x_mem.mean(0)
+    keys = d * (2 * margin) / (d * d).sum(1, keepdim=True).clamp_min(1e-12)
+    bias = margin - (keys * x_edit[owner]).sum(1)
+    values = torch.zeros(len(owner), d_out, device=x_edit.device)
+    return NeuronGroup(keys.contiguous(), bias, values, activation, x_edit.detach()), owner
+
+
+class TPatcher(Method):
+    name = "t-patcher"
+    description = "T-Patcher: a trainable neuron per edit in the last FFN, silent on other inputs"
+    hparams_class = TPatcherHParams
+    modes = ("single", "batch", "sequential")
+    hparams_dir = Path(medit.__file__).parent / "hparams" / "t-patcher"
+
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: TPatcherHParams) -> Edit:  # type: ignore[override]
+        layer = resolve_layers(handle, [hparams.layer], auto=(1.0,), what="layer")[0]
+        edits = [self._one(handle, r, layer, hparams) for r in requests]
+        return edits[0] if len(edits) == 1 else CompositeEdit(handle, edits)
+
+    def _one(self, handle: ModelHandle, req: EditRequest, layer: int, hp: TPatcherHParams) -> NeuronEdit:
+        batch = target_batch(handle, [req])
+        x_edit = target_inputs(handle, layer, batch).to(handle.device)
+        x_text = memory_inputs(handle, layer, hp.memory_corpus, hp.memory_texts, hp.memory_max_len)
+        earlier = [g.inputs for g in attached_groups(handle, layer) if g.inputs is not None]
+        x_mem = torch.cat([x_text] + [e.cpu() for e in earlier]).to(handle.device)
+        d_out = handle.weight_out_in("mlp_out", layer).shape[0]
+        group, owner = init_group(x_edit, x_text.to(handle.device), hp.neurons, d_out, hp.activation, hp.margin)
+        cols = torch.arange(len(owner), device=owner.device)
+
+        def losses() -> torch.Tensor:
+            act = torch.relu(hp.margin - group.pre(x_edit)[owner, cols]).pow(2).mean()
+            mem = torch.relu(group.pre(x_mem) + hp.margin).pow(2).mean()
+            return hp.act_weight * act + hp.memory_weight * mem
+
+        info = train_groups(handle, [(layer, group)], batch, hp.steps, hp.lr, losses, hp.early_stop_nll)
+        edit = NeuronEdit(handle, self.name, [req], hp.to_dict(), [(layer, group)])
+        edit.info.update(layer=layer, **info)
+        return edit
+
+    def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> Edit:
+        return NeuronEdit.from_patch(handle, manifest, tensors)
+
+
+@hookimpl
+def register_methods(register):  # type: ignore[no-untyped-def]
+    register(TPatcher())
