@@ -46,6 +46,7 @@ ProtoOpt = typer.Option(None, "--protocol", help="comma list of generate,token_a
 OutOpt = typer.Option(None, "--out", help="run folder (default: a new folder under runs/)")
 GenOpt = typer.Option(8, "--gen-tokens", help="max new tokens for the generate protocol")
 CorpusOpt = typer.Option(None, "--stats-corpus", help="text/JSONL corpus (or HF dataset name) for covariance statistics")
+CheckpointOpt = typer.Option(None, "--checkpoint", help="trained editor folder from `medit train` (mend, ke, serac)")
 
 
 def _with_corpus(method: Any, overrides: dict[str, Any], corpus: Optional[str]) -> dict[str, Any]:
@@ -55,6 +56,17 @@ def _with_corpus(method: Any, overrides: dict[str, Any], corpus: Optional[str]) 
     if "stats_corpus" not in method.hparams_class.field_names():
         raise MeditError(f"method {method.name!r} uses no covariance statistics; drop --stats-corpus")
     return {**overrides, "stats_corpus": corpus}
+
+
+def _with_checkpoint(method: Any, overrides: dict[str, Any], checkpoint: Optional[str]) -> dict[str, Any]:
+    """Route --checkpoint into a learned method's ``checkpoint`` hparam."""
+    if checkpoint is None:
+        return overrides
+    if "checkpoint" not in method.hparams_class.field_names():
+        raise MeditError(f"method {method.name!r} uses no trained editor; drop --checkpoint")
+    if not Path(checkpoint).is_dir():
+        raise MeditError(f"checkpoint folder {checkpoint!r} does not exist; pass the --out folder of `medit train`")
+    return {**overrides, "checkpoint": checkpoint}
 
 
 def _load(model: str, dtype: Optional[str], device: Optional[str], device_map: Optional[str],
@@ -108,7 +120,7 @@ def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registe
          mode: Optional[str] = typer.Option(None, "--mode", help="batch or sequential (default: batch when the method can)"),
          save_patch: Optional[str] = typer.Option(None, "--save-patch", help="write the edit as a patch folder"),
          out: Optional[str] = OutOpt, protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt,
-         stats_corpus: Optional[str] = CorpusOpt,
+         stats_corpus: Optional[str] = CorpusOpt, checkpoint: Optional[str] = CheckpointOpt,
          dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Apply the edits in FILE, show before/after completions and metrics, optionally save a patch."""
@@ -122,6 +134,7 @@ def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registe
     requests, info = load_dataset(file)
     meth = api.get_method(method)
     overrides = _with_corpus(meth, overrides, stats_corpus)
+    overrides = _with_checkpoint(meth, overrides, checkpoint)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
     run_dir = Path(out) if out else api.default_run_dir("edit", method)
     summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, hparams_file=hparams,
@@ -142,6 +155,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
           batch_size: int = typer.Option(0, "--batch-size", help="edits per batch in batch mode (0: all)"),
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
           protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt, stats_corpus: Optional[str] = CorpusOpt,
+          checkpoint: Optional[str] = CheckpointOpt,
           metrics: Optional[str] = typer.Option(None, "--metrics", help="comma list of metrics (default: all built-in)"),
           out: Optional[str] = OutOpt, resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
@@ -160,6 +174,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     requests, info = load_dataset(dataset, n=n, offset=offset, seed=seed)  # fail fast, before loading the model
     meth = api.get_method(method)
     overrides = _with_corpus(meth, overrides, stats_corpus)
+    overrides = _with_checkpoint(meth, overrides, checkpoint)
     cfg: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "gen_tokens": gen_tokens, **_protocols(protocol)}
     if metrics:
         for name in (m.strip() for m in metrics.split(",")):
@@ -200,6 +215,43 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", help=
         handle.model.save_pretrained(save)
         handle.tokenizer.save_pretrained(save)
         typer.echo(f"edited model written to {save}")
+
+
+@app.command()
+def train(method: str = MethodOpt, model: str = ModelOpt,
+          data: str = typer.Option(..., "--data", help="training edits: PATH or FORMAT:PATH (e.g. counterfact:train.json)"),
+          val: Optional[str] = typer.Option(None, "--val", help="validation edits (default: the last val_n cases of --data)"),
+          out: str = typer.Option(..., "--out", help="checkpoint folder to write"),
+          resume: bool = typer.Option(False, "--resume", help="continue the training checkpointed in --out"),
+          max_steps: Optional[int] = typer.Option(None, "--max-steps", help="cap the total number of steps (smoke runs)"),
+          n: Optional[int] = typer.Option(None, "--n", help="use only the first N training cases"),
+          val_n: Optional[int] = typer.Option(None, "--val-n", help="use only the first N --val cases"),
+          hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
+          dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
+          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """Train a learned editor (mend, ke, serac) for a model; writes a resumable checkpoint folder."""
+    from . import api
+    from .core.dataset import load_dataset
+    from .core.hparams import parse_sets
+    from .core.train import train as run_training
+
+    overrides = parse_sets(set_)
+    meth = api.get_method(method)
+    if not getattr(meth, "trainable", False):
+        trainable = [e.name for e in get_plugins().methods if getattr(e.obj, "trainable", False)]
+        raise MeditError(f"method {method!r} is not trained; `medit train` takes one of {', '.join(trainable)}")
+    if max_steps is not None and max_steps < 1:
+        raise MeditError(f"--max-steps must be >= 1, got {max_steps}")
+    requests, info = load_dataset(data, n=n)
+    val_reqs, val_info = load_dataset(val, n=val_n) if val else (None, None)
+    handle = _load(model, dtype, device, None, random_init, trust_remote_code)
+    hp = meth.resolve_hparams(handle, hparams, overrides)
+    manifest = run_training(handle, meth, hp, requests, out, val=val_reqs, data_info=info, val_info=val_info,
+                            max_steps=max_steps, resume=resume, log=typer.echo)
+    best = manifest["best"]
+    typer.echo(f"trained {meth.name} for {manifest['step']} step(s) ({manifest['stopped']}); best validation at "
+               f"step {best['step']}: " + ", ".join(f"{k} {v:.3f}" for k, v in (best["metrics"] or {}).items()))
+    typer.echo(f"checkpoint: {out}  (use: medit edit --method {meth.name} --checkpoint {out} ...)")
 
 
 @app.command()

