@@ -83,9 +83,9 @@ def test_fluency_through_the_evaluator(tiny_handle, monkeypatch):
     asked: list[GenQuery] = []
     real_generate = Scorer.generate
 
-    def spy(self, queries, transform=None):  # type: ignore[no-untyped-def]
+    def spy(self, queries, *args, **kwargs):  # type: ignore[no-untyped-def]
         asked.extend(queries)
-        return real_generate(self, queries, transform)
+        return real_generate(self, queries, *args, **kwargs)
 
     monkeypatch.setattr(Scorer, "generate", spy)
     req = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome", case_id="f",
