@@ -23,6 +23,8 @@ WORDS = ["Paris", "French", "lazy", "river", "bank", "dog", "quick", "brown"]
 # Small editors and large steps: tiny random models only need to show the mechanics.
 TINY = {"mend": {"rank": "16", "lr": "1e-3", "lr_lr": "1e-3", "edit_lr": "1e-2", "batch_size": "4",
                  "val_n": "4", "val_every": "5", "patience": "0"},
+        "ke": {"hidden": "16", "lr": "1e-2", "init_scale": "0.05", "batch_size": "4", "val_n": "4",
+               "val_every": "5", "patience": "0"},
         "serac": {"lr": "1e-2", "cf_rank": "4", "proj_dim": "32", "batch_size": "4", "val_n": "4",
                   "val_every": "5", "patience": "0"}}
 UNRELATED = "The quick brown fox jumps over the"
@@ -71,10 +73,11 @@ def test_batch_order_is_stateless_and_covers_an_epoch():
     assert batch_indices(16, 4, 0, 3) != batch_indices(16, 4, 4, 3)  # a new permutation per epoch
 
 
+@pytest.mark.parametrize("method", ["mend", "ke"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_mend_training_lowers_loss_and_edit_reverts(tiny_handle, tmp_path, family):
+def test_training_lowers_loss_and_edit_reverts(tiny_handle, tmp_path, family, method):
     handle = tiny_handle(family)
-    mend = get_plugins().methods.get("mend")
+    mend = get_plugins().methods.get(method)
     hp = hparams(mend, handle, steps=20, val_every=10)
     data = cases()
     batch = data[:4]
@@ -94,13 +97,13 @@ def test_mend_training_lowers_loss_and_edit_reverts(tiny_handle, tmp_path, famil
     loss1 = float(mend.train_loss(handle, editor, batch, hp)[0].detach())
     editor.load_state_dict({**editor.state_dict(), **stats})
     editor.eval()
-    print(f"{family}: loss {loss0:.4f} -> {loss1:.4f}")
+    print(f"{method} {family}: loss {loss0:.4f} -> {loss1:.4f}")
     assert loss1 < loss0
 
     edit = mend.apply(handle, [data[0]], hp.replace(checkpoint=str(tmp_path / "ck")))
     changed = [k for k, v in handle.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(".mlp" in k or "DenseReluDense" in k for k in changed)
-    assert edit.factors, "MEND edits are stored as low-rank factors"
+    assert edit.factors, "gradient-based learned edits are stored as low-rank factors"
     edit.revert()
     assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items()), "revert not bit-exact"
 
