@@ -229,6 +229,12 @@ def test_serac_trains_and_routes_out_of_scope_queries_to_the_base_model(tiny_han
     post_in = scorer.teacher_forced([inside], edit.transform_prompts)[0]
     assert post_in.logprobs != pre_in.logprobs, "the in-scope query did not reach the counterfactual model"
     assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items()), "SERAC changed weights"
+    patch = edit.save(tmp_path / "patch")  # names the checkpoint; applying it reloads the editor
     edit.revert()
     assert _hooks(handle) == 0
     assert scorer.teacher_forced([inside])[0].logprobs == pre_in.logprobs
+    from medit.core.edit import load_patch
+    again = load_patch(handle, patch)
+    assert scorer.teacher_forced([inside], again.transform_prompts)[0].logprobs == post_in.logprobs
+    again.revert()
+    assert _hooks(handle) == 0

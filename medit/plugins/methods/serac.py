@@ -176,6 +176,11 @@ class SeracEdit(Edit):
         return [edit_context(reqs[i]) + p if b > self.threshold and MARKER not in p else p
                 for p, b, i in zip(prompts, best.tolist(), idx.tolist())]
 
+    def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        # The edit is its requests plus the trained editor: the patch names the checkpoint
+        # (hparams) and lists the requests; applying it reloads the checkpoint.
+        return {"checkpoint_fingerprint": self.handle.fingerprint()}, {}
+
     def revert(self) -> None:
         if not self.active:
             return
@@ -230,6 +235,11 @@ class SERAC(LearnedMethod):
             router.remove()
         loss = nll + hparams.c_cls * cls
         return loss, {"cf_nll": float(nll.detach()), "cls_bce": float(cls.detach())}
+
+    def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> SeracEdit:  # type: ignore[override]
+        hp = self.hparams_class.from_dict(manifest.get("hparams", {}), "patch manifest")
+        reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
+        return self.apply(handle, reqs, hp)  # type: ignore[return-value]
 
     def edit_with(self, handle: ModelHandle, editor: SERACEditor, requests: Sequence[EditRequest],  # type: ignore[override]
                   hparams: SERACHParams) -> SeracEdit:
