@@ -238,3 +238,20 @@ def test_serac_trains_and_routes_out_of_scope_queries_to_the_base_model(tiny_han
     assert scorer.teacher_forced([inside], again.transform_prompts)[0].logprobs == post_in.logprobs
     again.revert()
     assert _hooks(handle) == 0
+
+
+@pytest.mark.slow
+def test_mend_trains_and_edits_smollm2(smollm2, tmp_path):
+    """A few MEND steps on the real SmolLM2: the checkpoint loads, the edit changes the last MLP
+    layers and reverts bit-for-bit (mechanics only; see the README for a real training run)."""
+    mend = get_plugins().methods.get("mend")
+    hp = mend.resolve_hparams(smollm2, overrides={"steps": "2", "val_every": "2", "val_n": "2", "batch_size": "2"})
+    data = cases(6)
+    manifest = train(smollm2, mend, hp, data, tmp_path / "ck", progress=False)
+    assert manifest["step"] == 2 and manifest["model"]["fingerprint"] == smollm2.fingerprint()
+    before = _state(smollm2)
+    edit = mend.apply(smollm2, [data[0]], hp.replace(checkpoint=str(tmp_path / "ck")))
+    changed = {k for k, v in smollm2.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"model.layers.{i}.mlp.down_proj.weight" for i in (27, 28, 29)}
+    edit.revert()
+    assert all(torch.equal(v, before[k]) for k, v in smollm2.model.state_dict().items())
