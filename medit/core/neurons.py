@@ -308,6 +308,7 @@ def train_groups(handle: "ModelHandle", groups: Sequence[tuple[int, NeuronGroup]
     """
     from .scoring import Scorer
     scorer = Scorer(handle)
+    fast = _last_layer_nll(handle, groups, batch)
     params = [t for _, g in groups for t in (g.keys, g.bias, g.values)]
     for p in params:
         p.requires_grad_(True)
@@ -318,10 +319,10 @@ def train_groups(handle: "ModelHandle", groups: Sequence[tuple[int, NeuronGroup]
             for layer, g in groups:
                 stack.enter_context(attached(handle, layer, g))
             for step in range(steps):
-                nll = scorer.target_nll(batch)
+                nll = fast() if fast is not None else scorer.target_nll(batch)
                 extra = extra_loss() if extra_loss is not None else torch.zeros((), device=nll.device)
                 info.update(nll=float(nll.detach()), extra=float(extra.detach()))
-                if float(nll) < early_stop_nll and (float(extra) == 0.0 or not stop_needs_zero_extra):
+                if info["nll"] < early_stop_nll and (info["extra"] == 0.0 or not stop_needs_zero_extra):
                     info["steps"] = step
                     break
                 opt.zero_grad(set_to_none=True)
@@ -331,4 +332,40 @@ def train_groups(handle: "ModelHandle", groups: Sequence[tuple[int, NeuronGroup]
         for p in params:
             p.requires_grad_(False)
             p.grad = None
+    info["shortcut"] = fast is not None
     return info
+
+
+def _last_layer_nll(handle: "ModelHandle", groups: Sequence[tuple[int, NeuronGroup]],
+                    batch: Sequence[tuple[list[int], list[int]]]) -> Any:
+    """When every group sits in the last layer of a causal model, the target NLL depends on them
+    only through ``ln_f(h + sum g(x))`` at the target positions (h: the last block's output, x: its
+    FFN input, both fixed). Returns a closure computing that NLL without running the model, after
+    checking it matches the full forward pass; None when the shortcut does not apply."""
+    last = handle.n_layers - 1
+    if handle.is_encoder_decoder or any(layer != last for layer, _ in groups):
+        return None
+    from .scoring import Scorer
+    scorer = Scorer(handle)
+    ids, mask = scorer._pad([(c + t)[:-1] for c, t in batch])
+    rows = torch.cat([torch.full((len(t),), i) for i, (_, t) in enumerate(batch)])
+    cols = torch.cat([torch.arange(len(c) - 1, len(c) - 1 + len(t)) for c, t in batch])
+    tgt = torch.tensor([t for _, ts in batch for t in ts], device=handle.device)
+    with torch.no_grad(), capture(handle, "layers", [last], what="output") as hs, \
+            capture(handle, "mlp_in", [last], what="input") as xs:
+        full = handle.model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device), use_cache=False).logits
+    h, x = hs[last][rows, cols].detach(), xs[last][rows, cols].detach()
+    ln_f, head = handle.module("ln_f"), handle.module("lm_head")
+    ref = full[rows, cols].float()
+
+    def logits(extra: torch.Tensor | float) -> torch.Tensor:
+        return head(ln_f(h + extra)).float()
+
+    with torch.no_grad():
+        if not torch.allclose(logits(0.0), ref, rtol=1e-3, atol=1e-3):
+            return None
+
+    def nll() -> torch.Tensor:
+        extra = sum(g(x) for _, g in groups).to(h.dtype)
+        return -logits(extra).log_softmax(-1).gather(1, tgt[:, None]).mean()
+    return nll
