@@ -279,6 +279,31 @@ def stats(model: str = ModelOpt,
 
 
 @app.command()
+def locate(data: str = typer.Argument(..., help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
+           method: str = MethodOpt, model: str = ModelOpt,
+           n: Optional[int] = typer.Option(None, "--n", help="number of cases"),
+           offset: int = typer.Option(0, "--offset", help="skip this many cases first"),
+           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
+           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
+           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """Print the neurons a locating method (e.g. kn) finds for each case, without editing."""
+    from . import api
+    from .core.dataset import load_dataset
+    from .core.hparams import parse_sets
+
+    overrides = parse_sets(set_)
+    meth = api.get_method(method)
+    if not callable(getattr(meth, "locate", None)):
+        raise MeditError(f"method {method!r} does not locate neurons; use a locating method such as kn")
+    requests, _ = load_dataset(data, n=n, offset=offset)
+    handle = _load(model, dtype, device, None, random_init, trust_remote_code)
+    hp = meth.resolve_hparams(handle, hparams, overrides)
+    rows = [[r.case_id, nrn.layer, nrn.index, f"{nrn.attribution:.6g}"]
+            for r in requests for nrn in meth.locate(handle, r, hp)]
+    typer.echo(tabulate(rows, headers=["case", "layer", "neuron", "attribution"], tablefmt="simple"))
+
+
+@app.command()
 def plugins(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """List loaded plugins, their distribution and version, and what each registers."""
     p = get_plugins()

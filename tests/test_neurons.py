@@ -2,6 +2,8 @@
 integrated-gradients completeness, the edit takes, revert is exact, patches round-trip."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -134,3 +136,18 @@ def test_bad_hparams_are_rejected(tiny_handle):
                         ("calinet", {"activation": "tanh"})]:
         with pytest.raises(HParamsError):
             get_plugins().methods.get(method).resolve_hparams(handle, overrides=bad)
+
+
+def test_cli_locate_prints_neurons_without_editing(tiny_model_dirs, tmp_path):
+    from typer.testing import CliRunner
+    from medit.cli import app
+
+    data = tmp_path / "edits.jsonl"
+    data.write_text(json.dumps(REQ.to_dict()) + "\n")
+    model = str(tiny_model_dirs["llama"])
+    ok = CliRunner().invoke(app, ["locate", str(data), "--method", "kn", "--model", model, "--set", "steps=4"])
+    assert ok.exit_code == 0, ok.output
+    lines = [ln.split() for ln in ok.output.splitlines() if ln.startswith("n1 ")]
+    assert lines and all(0 <= int(c[1]) < 2 and 0 <= int(c[2]) < 80 for c in lines)
+    bad = CliRunner().invoke(app, ["locate", str(data), "--method", "ft-l", "--model", model])
+    assert bad.exit_code == 2 and "does not locate neurons" in bad.output
