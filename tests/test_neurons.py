@@ -151,3 +151,21 @@ def test_cli_locate_prints_neurons_without_editing(tiny_model_dirs, tmp_path):
     assert lines and all(0 <= int(c[1]) < 2 and 0 <= int(c[2]) < 80 for c in lines)
     bad = CliRunner().invoke(app, ["locate", str(data), "--method", "ft-l", "--model", model])
     assert bad.exit_code == 2 and "does not locate neurons" in bad.output
+
+
+def test_tpatcher_batch_is_one_patch(tiny_handle, tmp_path):
+    handle = tiny_handle("gpt2")
+    m = get_plugins().methods.get("t-patcher")
+    hp = m.resolve_hparams(handle, overrides=TINY["t-patcher"])
+    pre = _logits(handle, UNRELATED)
+    edit = m.apply(handle, [REQ, REQ2], hp)
+    queries = [TFQuery(REQ.prompt, REQ.target_new), TFQuery(REQ2.prompt, REQ2.target_new)]
+    post = _logits(handle, queries)
+    assert [r.exact for r in Scorer(handle).teacher_forced(queries)] == [1.0, 1.0]
+    path = edit.save(tmp_path / "both.patch")
+    edit.revert()
+    assert torch.equal(_logits(handle, UNRELATED), pre) and _hooks(handle) == 0
+    fresh = tiny_handle("gpt2", fresh=True)
+    applied = load_patch(fresh, path)
+    assert len(applied.requests) == 2 and applied.n_neurons == edit.n_neurons
+    torch.testing.assert_close(_logits(fresh, queries), post, rtol=1e-5, atol=1e-5)

@@ -193,6 +193,18 @@ class NeuronEdit(Edit):
         return {"base_fingerprint": self.base_fingerprint, "groups": groups}, tensors
 
     @classmethod
+    def merge(cls, edits: Sequence["NeuronEdit"]) -> "NeuronEdit":
+        """One edit (one patch) holding the groups of ``edits``, which it replaces (they are
+        detached and the same groups attached again, so the model's outputs do not change)."""
+        first = edits[0]
+        for e in reversed(edits):
+            e.revert()
+        merged = cls(first.handle, first.method, [r for e in edits for r in e.requests], first.hparams,
+                     [lg for e in edits for lg in e.groups])
+        merged.info = {"parts": [e.info for e in edits]}
+        return merged
+
+    @classmethod
     def from_patch(cls, handle: "ModelHandle", manifest: dict[str, Any],
                    tensors: dict[str, torch.Tensor]) -> "NeuronEdit":
         from .requests import EditRequest

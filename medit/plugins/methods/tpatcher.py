@@ -3,15 +3,15 @@
 Each edit adds a few trainable neurons (key, bias, value) to one FFN layer (the last by
 default). They are trained with three losses: the edit loss (NLL of target_new), an activation
 loss that makes them fire on the edit's input (the FFN inputs at the positions that predict the
-target), and a memory loss that keeps them silent on other inputs: unrelated text and the inputs
-of the patches already applied (so a sequential run keeps adding neurons without disturbing the
+target), and a memory loss that keeps them silent on other inputs: unrelated text, the edit prompt with other
+subjects in place of its own, and the inputs of the patches already applied (so a sequential run keeps adding neurons without disturbing the
 earlier ones). The paper's exponential activation/memory losses are replaced by squared hinges
 with the same margins, which do not overflow. The base weights never change: the patch is the
 added neurons, and reverting detaches them exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -19,7 +19,7 @@ import torch
 
 import medit
 from medit import hookimpl
-from medit.core.edit import CompositeEdit, Edit
+from medit.core.edit import Edit
 from medit.core.errors import HParamsError
 from medit.core.handle import ModelHandle
 from medit.core.hparams import HParams
@@ -28,6 +28,10 @@ from medit.core.method import Method
 from medit.core.neurons import (NeuronEdit, NeuronGroup, attached_groups, memory_inputs, target_batch,
                                 target_inputs, train_groups)
 from medit.core.requests import EditRequest
+
+
+NEGATIVE_SUBJECTS = ("Paris", "Germany", "John Smith", "Microsoft", "the Beatles", "Tokyo", "Mary",
+                     "the Amazon River", "Albert", "Toyota", "Canada", "the company")
 
 
 @dataclass
@@ -50,6 +54,9 @@ class TPatcherHParams(HParams):
     memory_corpus: str = "generated"
     memory_texts: int = 40
     memory_max_len: int = 32
+    #: the edit prompt with its subject swapped for each of these joins the memory, so a patch
+    #: fires on its subject, not on every prompt of the same shape.
+    negative_subjects: list[str] = field(default_factory=lambda: list(NEGATIVE_SUBJECTS))
     early_stop_nll: float = 0.05
 
     def __post_init__(self) -> None:
@@ -89,15 +96,24 @@ class TPatcher(Method):
 
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: TPatcherHParams) -> Edit:  # type: ignore[override]
         layer = resolve_layers(handle, [hparams.layer], auto=(1.0,), what="layer")[0]
-        edits = [self._one(handle, r, layer, hparams) for r in requests]
-        return edits[0] if len(edits) == 1 else CompositeEdit(handle, edits)
+        edits: list[NeuronEdit] = []
+        try:
+            for r in requests:  # each edit's patch is trained with the earlier ones attached
+                edits.append(self._one(handle, r, layer, hparams))
+        except BaseException:
+            for e in reversed(edits):
+                e.revert()
+            raise
+        return edits[0] if len(edits) == 1 else NeuronEdit.merge(edits)
 
     def _one(self, handle: ModelHandle, req: EditRequest, layer: int, hp: TPatcherHParams) -> NeuronEdit:
         batch = target_batch(handle, [req])
         x_edit = target_inputs(handle, layer, batch).to(handle.device)
         x_text = memory_inputs(handle, layer, hp.memory_corpus, hp.memory_texts, hp.memory_max_len)
         earlier = [g.inputs for g in attached_groups(handle, layer) if g.inputs is not None]
-        x_mem = torch.cat([x_text] + [e.cpu() for e in earlier]).to(handle.device)
+        swapped = [req.prompt.replace(req.subject, s) for s in hp.negative_subjects if s != req.subject]
+        negatives = [target_inputs(handle, layer, target_batch(handle, [req], [swapped]))] if swapped else []
+        x_mem = torch.cat([x_text] + [e.cpu() for e in earlier + negatives]).to(handle.device)
         d_out = handle.weight_out_in("mlp_out", layer).shape[0]
         group, owner = init_group(x_edit, x_text.to(handle.device), hp.neurons, d_out, hp.activation, hp.margin)
         cols = torch.arange(len(owner), device=owner.device)
