@@ -46,6 +46,10 @@ class EvalConfig:
     #: keep the edits applied after the run (``medit edit``): available in sequential mode and in
     #: batch mode with a single batch; the edit is then in ``Evaluator.final_edit``.
     keep_edit: bool = False
+    #: sequential mode: also score each case right after its own edit (stage ``immediate``).
+    also_immediate: bool = False
+    #: reuse pre-edit scores cached on disk under ``$MEDIT_CACHE/scores`` (and store new ones).
+    score_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -55,6 +59,13 @@ class EvalConfig:
             raise UnknownNameError("protocol", bad[0], PROTOCOLS, hint="pass a comma list to --protocol")
         if not self.protocols:
             raise MeditError(f"no protocol selected; pass --protocol with some of {', '.join(PROTOCOLS)}")
+        if self.also_immediate and self.mode != "sequential":
+            raise MeditError(f"--also-immediate scores each case right after its own edit, which only differs "
+                             f"from the final scores in sequential mode, not {self.mode!r}; add --mode "
+                             "sequential or drop --also-immediate")
+        if self.score_batch_size < 1:
+            raise MeditError(f"score batch size {self.score_batch_size!r} must be at least 1; pass e.g. "
+                             "--score-batch-size 32")
 
 
 def peak_rss_mb() -> float:
@@ -64,8 +75,18 @@ def peak_rss_mb() -> float:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
+    """A bar counting cases (tqdm shows cases/s and the ETA); hidden when not on a terminal."""
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit="case", disable=None if enabled else True, leave=False)
+
+
+def _case_progress(bar: Any, n_cases: int) -> Any:
+    """A scorer progress callback (work done / total) that advances ``bar`` in cases."""
+    def update(done: float, total: float) -> None:
+        target = n_cases if total <= 0 else min(n_cases, int(n_cases * done / total))
+        if target > bar.n:
+            bar.update(target - bar.n)
+    return update
 
 
 class Evaluator:
@@ -83,22 +104,58 @@ class Evaluator:
     def _queries(self, reqs: Sequence[EditRequest]) -> list[Any]:
         return [q for r in reqs for m in self.metrics for q in m.queries(r, self.cfg.protocols, self.cfg.gen_tokens)]
 
-    def _score(self, reqs: Sequence[EditRequest], edit: Edit | None = None) -> dict:
-        return self.scorer.run(self._queries(reqs), edit.transform_prompts if edit is not None else None)
+    def _score(self, reqs: Sequence[EditRequest], edit: Edit | None = None, desc: str = "") -> dict:
+        """Score the queries of ``reqs`` with ``edit`` active; with ``desc``, behind a progress bar."""
+        transform = edit.transform_prompts if edit is not None else None
+        if not desc:
+            return self.scorer.run(self._queries(reqs), transform)
+        bar = _progress(len(reqs), desc, self.cfg.progress)
+        try:
+            return self.scorer.run(self._queries(reqs), transform, progress=_case_progress(bar, len(reqs)))
+        finally:
+            bar.close()
 
-    def _case_record(self, req: EditRequest, pre: dict, post: dict, ctx: dict[str, Any]) -> dict[str, Any]:
+    def _pre_scores(self, requests: Sequence[EditRequest], todo: Sequence[EditRequest]) -> dict:
+        """Pre-edit scores, once per run, through the disk cache. With the cache the whole run's
+        queries are the key (so a resumed run finds the entry its first attempt wrote)."""
+        from .scorecache import cached_run
+        reqs = requests if self.cfg.score_cache else todo
+        if not reqs:
+            return {}
+        settings = {"protocols": list(self.cfg.protocols), "gen_tokens": self.cfg.gen_tokens}
+        bar = _progress(len(reqs), f"{self.method.name} pre-edit scoring", self.cfg.progress)
+        try:
+            res, hit = cached_run(self.handle, self.scorer, self._queries(reqs), settings,
+                                  progress=_case_progress(bar, len(reqs)), enabled=self.cfg.score_cache,
+                                  model_fp=self.base_fingerprint)
+        finally:
+            bar.close()
+        self.pre_from_cache = hit
+        return res
+
+    def _case_record(self, req: EditRequest, pre: dict, post: dict, ctx: dict[str, Any],
+                     immediate: dict | None = None) -> dict[str, Any]:
         ctx = {**ctx, "gen_tokens": self.cfg.gen_tokens}
         rec: dict[str, Any] = {"case_id": req.case_id, "metrics": {}, "efficiency": {}}
         for m in self.metrics:
             vals = m.compute(req, pre, post, self.cfg.protocols, ctx)
             if m.name == "efficiency":
                 rec["efficiency"] = {k: v["post"] for k, v in vals.items()}
-            elif vals:
+                continue
+            if immediate is not None:
+                # The same metric with the scores taken right after this case's own edit.
+                now = m.compute(req, pre, immediate, self.cfg.protocols, ctx)
+                for proto, stages in vals.items():
+                    if proto in now:
+                        stages["immediate"] = now[proto]["post"]
+            if vals:
                 rec["metrics"][m.name] = vals
         if "generate" in self.cfg.protocols:
             from .scoring import GenQuery
             q = GenQuery(req.prompt, self.cfg.gen_tokens)
             rec["generated"] = {"prompt": req.prompt, "pre": pre.get(q), "post": post.get(q)}
+            if immediate is not None:
+                rec["generated"]["immediate"] = immediate.get(q)
         rec["request"] = req.to_dict()
         return rec
 
@@ -115,7 +172,9 @@ class Evaluator:
             elif read_jsonl_tolerant(out / "cases.jsonl"):  # a run that failed before its first case is reusable
                 raise MeditError(f"run folder {str(out)!r} already holds results; pass --resume to continue "
                                  "it or choose another --out")
-        self.base_fingerprint = self.handle.fingerprint()
+        from .scorecache import model_fingerprint
+        self.base_fingerprint = model_fingerprint(self.handle)  # of the weights as they are now
+        self.pre_from_cache = False
         self.method.start_run(self.handle)
         start = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest = self._manifest(requests, start, None)
@@ -126,10 +185,8 @@ class Evaluator:
         records = list(done.values())
         writer = JsonlAppender(out / "cases.jsonl") if out is not None else None
         try:
-            bar = _progress(len(todo), f"{self.method.name} pre-edit scoring", cfg.progress)
-            pre_all = self._score(todo) if todo else {}
-            bar.close()
-            bar = _progress(len(todo), f"{self.method.name} {cfg.mode}", cfg.progress)
+            pre_all = self._pre_scores(requests, todo) if todo else {}
+            bar = _progress(len(todo), f"{self.method.name} {cfg.mode} editing", cfg.progress)
             for rec in self._run_mode(todo, pre_all, bar):
                 records.append(rec)
                 if writer is not None:
@@ -196,17 +253,21 @@ class Evaluator:
         else:  # sequential: every case is scored after the last edit (retention)
             edits: list[Edit] = []
             times: list[float] = []
+            now: list[dict | None] = []
             ok = False
             try:
                 for req in todo:
                     edit, s = self._apply([req])
                     edits.append(edit)
                     times.append(s)
+                    now.append(self._score([req], CompositeEdit(self.handle, edits))
+                               if self.cfg.also_immediate else None)
                     bar.update(1)
+                bar.close()
                 whole = CompositeEdit(self.handle, edits)
-                post = self._score(todo, whole)
-                for req, edit, s in zip(todo, edits, times):
-                    yield self._case_record(req, pre, post, self._ctx(s, edit))
+                post = self._score(todo, whole, desc=f"{self.method.name} post-edit scoring")
+                for req, edit, s, imm in zip(todo, edits, times, now):
+                    yield self._case_record(req, pre, post, self._ctx(s, edit), imm)
                 ok = True
             finally:
                 if ok and self.cfg.keep_edit:
@@ -222,6 +283,7 @@ class Evaluator:
                           "model_type": self.handle.config.model_type, "dtype": str(self.handle.dtype),
                           "device": str(self.handle.device)},
                 "method": self.method.name, "hparams": self.hparams.to_dict(), "mode": self.cfg.mode,
+                "also_immediate": self.cfg.also_immediate, "pre_scores_cached": self.pre_from_cache,
                 "batch_size": self.cfg.batch_size, "protocols": list(self.cfg.protocols),
                 "metrics": list(self.cfg.metrics), "gen_tokens": self.cfg.gen_tokens,
                 "dataset": self.cfg.dataset, "n": len(requests),
@@ -245,7 +307,8 @@ def summarise(records: list[dict[str, Any]], method: str, model: str, mode: str,
                 for stage, v in stages.items():
                     if v is not None:
                         acc.setdefault(metric, {}).setdefault(proto, {}).setdefault(stage, []).append(v)
-    metrics = {m: {p: {"pre": mean(st.get("pre", [])), "post": mean(st.get("post", []))}
+    metrics = {m: {p: {"pre": mean(st.get("pre", [])), "post": mean(st.get("post", [])),
+                       **({"immediate": mean(st["immediate"])} if "immediate" in st else {})}
                    for p, st in protos.items()} for m, protos in acc.items()}
     edit_s = [r["efficiency"]["edit_s"] for r in records if r.get("efficiency", {}).get("edit_s") is not None]
     stats = [r["efficiency"].get("stats_s") for r in records if r.get("efficiency", {}).get("stats_s")]
@@ -263,17 +326,31 @@ def summary_table(summary: dict[str, Any], fmt: str = "github") -> str:
         for p in m:
             if p not in protos:
                 protos.append(p)
-    order = {p: i for i, p in enumerate(("generate", "token_acc", "exact", "prob", "agreement", "generate_agreement"))}
+    order = {p: i for i, p in enumerate(("generate", "token_acc", "exact", "prob", "agreement",
+                                          "generate_agreement", "kl"))}
     protos.sort(key=lambda p: order.get(p, 99))
+    # Sequential runs with --also-immediate: each protocol's score right after its own edit gets
+    # a column of its own next to the retention (after the last edit) column.
+    cols: list[tuple[str, str]] = []
+    for p in protos:
+        cols.append((p, "post"))
+        if any("immediate" in (summary["metrics"][m].get(p) or {}) for m in summary["metrics"]):
+            cols.append((p, "immediate"))
 
-    def cell(v: dict[str, float | None] | None) -> str:
+    def num(v: float, proto: str) -> str:
+        return f"{v:.4f}" if proto == "kl" else f"{v:.3f}"
+
+    def cell(v: dict[str, float | None] | None, proto: str, stage: str) -> str:
         if not v:
             return ""
-        post = "-" if v.get("post") is None else f"{v['post']:.3f}"
-        return post if v.get("pre") is None else f"{v['pre']:.3f} → {post}"
+        if stage == "immediate":
+            return "" if v.get("immediate") is None else num(v["immediate"], proto)
+        post = "-" if v.get("post") is None else num(v["post"], proto)
+        return post if v.get("pre") is None else f"{num(v['pre'], proto)} → {post}"
 
-    rows = [[name] + [cell(summary["metrics"][name].get(p)) for p in protos] for name in summary["metrics"]]
-    table = tabulate(rows, headers=["metric (pre → post)"] + protos, tablefmt=fmt)
+    rows = [[name] + [cell(summary["metrics"][name].get(p), p, st) for p, st in cols] for name in summary["metrics"]]
+    headers = ["metric (pre → post)"] + [p if st == "post" else f"{p} (immediate)" for p, st in cols]
+    table = tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
     eff = summary.get("efficiency", {})
     tail = (f"n={summary['n']}  mode={summary['mode']}  edit s/case={_fmt(eff.get('edit_s_mean'))}  "
             f"eval s={_fmt(eff.get('eval_s_total'))}  peak RSS MB={_fmt(eff.get('peak_rss_mb'))}")

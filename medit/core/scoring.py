@@ -1,14 +1,18 @@
-"""Batched scoring: teacher-forced target log-probs and greedy generation.
+"""Batched scoring: teacher-forced target log-probs, next-token distributions and greedy generation.
 
-All prompts of a chunk are scored in padded batches, one forward pass per batch. Padding is
-built here (right padding for teacher forcing, left padding for generation) so the tokenizer's
-own padding side never matters. A target's tokens are the tokens that tokenizing
-``prompt + target`` adds after the prompt, so scoring sees exactly the text a user would type.
+All prompts of a chunk are scored in padded batches, one forward pass per batch, shortest first so
+that a batch holds sequences of similar length (little padding). Padding is built here (right
+padding for teacher forcing, left padding for generation) so the tokenizer's own padding side never
+matters. A target's tokens are the tokens that tokenizing ``prompt + target`` adds after the
+prompt, so scoring sees exactly the text a user would type. The LM head is applied only at the
+positions whose predictions are read (a 49k-token head on every position would cost a fifth of a
+small model's forward pass).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -18,6 +22,10 @@ if TYPE_CHECKING:
     from .handle import ModelHandle
 
 Transform = Callable[[list[str]], list[str]]
+#: ``progress(done, total)``: work units finished so far out of ``total`` (called after each batch).
+Progress = Callable[[float, float], None]
+#: log-probs are stored in float16; values are clamped above its lowest finite number.
+_F16_FLOOR = -6.0e4
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,14 @@ class GenQuery:
 
     prompt: str
     max_new_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class DistQuery:
+    """The next-token distribution after ``prompt`` (its last position; for an encoder-decoder
+    model, the first decoder step)."""
+
+    prompt: str
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,35 @@ class TFResult:
         return sum(self.logprobs) / len(self.logprobs)
 
 
+@dataclass(frozen=True, eq=False)
+class NextToken:
+    """A next-token distribution as float16 log-probabilities on the CPU (98 KB for a 49k
+    vocabulary), so the pre-edit distributions of many prompts can be kept for the whole run."""
+
+    logprobs: torch.Tensor = field(repr=False)
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor) -> "NextToken":
+        lp = logits.float().log_softmax(-1).clamp_min(_F16_FLOOR)
+        return cls(lp.to(torch.float16).cpu())
+
+
+def kl_divergence(p: NextToken, q: NextToken) -> float:
+    """KL(p || q) in nats, computed in float64 from the stored (float16) log-probs.
+
+    Both distributions are renormalised after the float16 rounding, so identical inputs give
+    exactly 0 and the rounding error of the stored values stays around 1e-4 nats.
+    """
+    if p.logprobs.shape != q.logprobs.shape:
+        raise ValueError(f"distributions over different vocabularies: {tuple(p.logprobs.shape)} vs "
+                         f"{tuple(q.logprobs.shape)}")
+    lp = p.logprobs.double()
+    lq = q.logprobs.double()
+    lp = lp - lp.logsumexp(-1)
+    lq = lq - lq.logsumexp(-1)
+    return max(0.0, float((lp.exp() * (lp - lq)).sum()))
+
+
 def normalise(text: str) -> str:
     return " ".join(text.lower().replace("\u2581", " ").split()).strip(" .,;:!?\"'")
 
@@ -74,6 +119,20 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+@dataclass
+class _Row:
+    """One forward-pass row: context, teacher-forced target (may be empty), whether the
+    next-token distribution after the context is wanted."""
+
+    ctx: list[int]
+    tgt: list[int]
+    dist: bool = False
+
+    @property
+    def cost(self) -> int:
+        return len(self.ctx) + len(self.tgt)
+
+
 class Scorer:
     """Scores queries on a handle's model in batches. ``transform`` rewrites prompts first (an
     active edit's :meth:`~medit.core.edit.Edit.transform_prompts`)."""
@@ -81,7 +140,7 @@ class Scorer:
     def __init__(self, handle: "ModelHandle", batch_size: int = 32) -> None:
         self.handle = handle
         self.tok = handle.tokenizer
-        self.batch_size = batch_size
+        self.batch_size = max(1, int(batch_size))
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
 
     # ------------------------------------------------------------------ tokenisation
@@ -106,24 +165,26 @@ class Scorer:
             raise ValidationError(f"target {target!r} tokenizes to nothing after prompt {prompt!r}; use a non-empty target")
         return list(ctx), list(tgt)
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt's ids as the model reads them (a causal tokenizer's trailing EOS dropped)."""
+        ids = list(self.tok(prompt).input_ids)
+        if not self.handle.is_encoder_decoder:
+            eos = self.tok.eos_token_id
+            if eos is not None and len(ids) > 1 and ids[-1] == eos:
+                ids = ids[:-1]
+        return ids
+
     def target_length(self, prompt: str, target: str) -> int:
         return len(self.encode_pair(prompt, target)[1])
 
     # ------------------------------------------------------------------ teacher forcing
-    @torch.no_grad()
     def teacher_forced(self, queries: Sequence[TFQuery], transform: Transform | None = None) -> list[TFResult]:
-        prompts = [q.prompt for q in queries]
-        if transform is not None:
-            prompts = transform(prompts)
-        pairs = [self.encode_pair(p, q.target) for p, q in zip(prompts, queries)]
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-        results: list[TFResult | None] = [None] * len(pairs)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            batch = [pairs[i] for i in idx]
-            for i, r in zip(idx, self._tf_batch(batch)):
-                results[i] = r
-        return results  # type: ignore[return-value]
+        res = self.run(queries, transform)
+        return [res[q] for q in queries]
+
+    def next_token(self, queries: Sequence[DistQuery], transform: Transform | None = None) -> list[NextToken]:
+        res = self.run(queries, transform)
+        return [res[q] for q in queries]
 
     def selected_logits(self, batch: Sequence[tuple[list[int], list[int]]], last_only: bool = False) -> torch.Tensor:
         """Logits at the positions that predict each target token, stacked: [sum of target lengths, vocab].
@@ -132,10 +193,8 @@ class Scorer:
         predicted from the last prompt position (ROME's FT-L objective) and targets are not fed in.
         """
         dev = self.handle.device
-        n = len(batch)
         if self.handle.is_encoder_decoder:
-            start = self.handle.config.decoder_start_token_id
-            start = self.pad_id if start is None else start
+            start = self._decoder_start()
             decs = [[start] if last_only else [start] + t[:-1] for _, t in batch]
             ids, mask = self._pad([c for c, _ in batch])
             dec, dmask = self._pad(decs)
@@ -150,6 +209,10 @@ class Scorer:
                     else torch.arange(len(c) - 1, len(c) - 1 + len(t)) for c, t in batch]
         rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(cols)])
         return logits[rows.to(logits.device), torch.cat(cols).to(logits.device)]
+
+    def _decoder_start(self) -> int:
+        start = self.handle.config.decoder_start_token_id
+        return self.pad_id if start is None else int(start)
 
     def _pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and attention mask (positions of real tokens are unaffected)."""
@@ -168,59 +231,164 @@ class Scorer:
         return -sel.gather(1, tgt[:, None]).mean()
 
     def _tf_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[TFResult]:
-        sel = self.selected_logits(batch).float().log_softmax(-1)
-        tgt = torch.tensor([t for _, ts in batch for t in ts], device=sel.device)
-        lp = sel.gather(1, tgt[:, None])[:, 0].cpu().tolist()
-        am = sel.argmax(-1).cpu().tolist()
-        out, k = [], 0
-        for _, ts in batch:
-            n = len(ts)
-            out.append(TFResult(tuple(ts), tuple(lp[k:k + n]), tuple(am[k:k + n])))
+        return [r for r, _ in self._forward([_Row(list(c), list(t)) for c, t in batch])]
+
+    @contextlib.contextmanager
+    def _head_at(self, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[bool]:
+        """Apply the LM head only at (rows, cols) of its input during the forward pass.
+
+        Yields False (and does nothing) when another hook already sits on the head: an edit that
+        wraps the head must see the whole sequence, as it would without this optimisation.
+        """
+        head = self.handle.module("lm_head")
+        if head._forward_hooks or head._forward_pre_hooks:
+            yield False
+            return
+
+        def pick(mod: torch.nn.Module, args: tuple) -> tuple:
+            return (args[0][rows, cols],) + tuple(args[1:])
+
+        h = head.register_forward_pre_hook(pick)
+        try:
+            yield True
+        finally:
+            h.remove()
+
+    def _forward(self, batch: Sequence[_Row]) -> list[tuple[TFResult | None, NextToken | None]]:
+        """One forward pass over ``batch``: each row's target result and/or next-token distribution."""
+        dev = self.handle.device
+        cols_l: list[torch.Tensor] = []
+        if self.handle.is_encoder_decoder:
+            start = self._decoder_start()
+            ids, mask = self._pad([r.ctx for r in batch])
+            dec, dmask = self._pad([[start] + r.tgt[:-1] for r in batch])
+            kw = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev),
+                  "decoder_input_ids": dec.to(dev), "decoder_attention_mask": dmask.to(dev)}
+            for r in batch:
+                cols_l.append(torch.arange(max(1, len(r.tgt))))
+        else:
+            ids, mask = self._pad([r.ctx + r.tgt[:-1] for r in batch])
+            kw = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+            for r in batch:
+                cols_l.append(torch.arange(len(r.ctx) - 1, len(r.ctx) - 1 + max(1, len(r.tgt))))
+        rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(cols_l)]).to(dev)
+        cols = torch.cat(cols_l).to(dev)
+        with self._head_at(rows, cols) as picked:
+            logits = self.handle.model(**kw, use_cache=False).logits
+        if not picked:
+            logits = logits[rows, cols]
+        lp = logits.float().log_softmax(-1)
+        out: list[tuple[TFResult | None, NextToken | None]] = []
+        k = 0
+        tgt_all = [t for r in batch for t in (r.tgt or [0])]
+        tgt_lp = lp.gather(1, torch.tensor(tgt_all, device=lp.device)[:, None])[:, 0].cpu().tolist()
+        am = lp.argmax(-1).cpu().tolist()
+        for r in batch:
+            n = max(1, len(r.tgt))
+            res = TFResult(tuple(r.tgt), tuple(tgt_lp[k:k + n]), tuple(am[k:k + n])) if r.tgt else None
+            dist = NextToken(lp[k].clamp_min(_F16_FLOOR).to(torch.float16).cpu()) if r.dist else None
+            out.append((res, dist))
             k += n
         return out
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, queries: Sequence[GenQuery], transform: Transform | None = None) -> list[str]:
+    def generate(self, queries: Sequence[GenQuery], transform: Transform | None = None,
+                 progress: Progress | None = None) -> list[str]:
         prompts = [q.prompt for q in queries]
         if transform is not None:
             prompts = transform(prompts)
-        enc = [self.tok(p).input_ids for p in prompts]
-        if not self.handle.is_encoder_decoder:
-            eos = self.tok.eos_token_id
-            enc = [e[:-1] if (eos is not None and len(e) > 1 and e[-1] == eos) else e for e in enc]
-        order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+        enc = [self.encode_prompt(p) for p in prompts]
         out: list[str] = [""] * len(enc)
-        dev = self.handle.device
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            width = max(len(enc[i]) for i in idx)
-            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(idx):
-                e = torch.tensor(enc[i])
-                if self.handle.is_encoder_decoder:
-                    ids[row, :len(e)], mask[row, :len(e)] = e, 1
-                else:  # left padding keeps every prompt's last token at the same position
-                    ids[row, width - len(e):], mask[row, width - len(e):] = e, 1
-            max_new = max(queries[i].max_new_tokens for i in idx)
-            gen = self.handle.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                             max_new_tokens=max_new, do_sample=False, num_beams=1,
-                                             pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id)
-            new = gen if self.handle.is_encoder_decoder else gen[:, width:]
-            for row, i in enumerate(idx):
-                toks = [t for t in new[row].tolist()][: queries[i].max_new_tokens + (1 if self.handle.is_encoder_decoder else 0)]
-                out[i] = self.tok.decode(toks, skip_special_tokens=True)
+        finished = 0
+        for idx in self._batches(list(range(len(enc))), lambda i: len(enc[i])):
+            for i, text in zip(idx, self._gen_batch([enc[i] for i in idx], [queries[i].max_new_tokens for i in idx])):
+                out[i] = text
+            finished += len(idx)
+            if progress is not None:
+                progress(finished, len(enc))
         return out
 
-    def run(self, queries: Iterable[TFQuery | GenQuery], transform: Transform | None = None) -> dict:
-        """Score a mixed, de-duplicated set of queries; returns query -> result."""
+    @torch.inference_mode()
+    def _gen_batch(self, enc: list[list[int]], max_new: list[int]) -> list[str]:
+        dev = self.handle.device
+        width = max(len(e) for e in enc)
+        ids = torch.full((len(enc), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(enc):
+            t = torch.tensor(e)
+            if self.handle.is_encoder_decoder:
+                ids[row, :len(e)], mask[row, :len(e)] = t, 1
+            else:  # left padding keeps every prompt's last token at the same position
+                ids[row, width - len(e):], mask[row, width - len(e):] = t, 1
+        gen = self.handle.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                         max_new_tokens=max(max_new), do_sample=False, num_beams=1,
+                                         pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id)
+        new = gen if self.handle.is_encoder_decoder else gen[:, width:]
+        extra = 1 if self.handle.is_encoder_decoder else 0  # the decoder start token
+        return [self.tok.decode(new[row].tolist()[: m + extra], skip_special_tokens=True)
+                for row, m in enumerate(max_new)]
+
+    # ------------------------------------------------------------------ batching
+    def _batches(self, items: list[int], length: Callable[[int], int]) -> Iterator[list[int]]:
+        """Items sorted by length (ties keep their order), cut into batches of ``batch_size``."""
+        order = sorted(items, key=length)
+        for start in range(0, len(order), self.batch_size):
+            yield order[start:start + self.batch_size]
+
+    def run(self, queries: Iterable[Any], transform: Transform | None = None,
+            progress: Progress | None = None) -> dict:
+        """Score a mixed, de-duplicated set of TF/Dist/Gen queries; returns query -> result.
+
+        A distribution query whose prompt tokenizes exactly to a teacher-forced query's context
+        is read from that query's forward pass instead of a pass of its own.
+        """
         uniq = list(dict.fromkeys(queries))
         tf = [q for q in uniq if isinstance(q, TFQuery)]
+        dq = [q for q in uniq if isinstance(q, DistQuery)]
         gq = [q for q in uniq if isinstance(q, GenQuery)]
-        res: dict = {}
-        if tf:
-            res.update(zip(tf, self.teacher_forced(tf, transform)))
+        bad = [q for q in uniq if not isinstance(q, (TFQuery, DistQuery, GenQuery))]
+        if bad:
+            raise TypeError(f"cannot score {bad[0]!r}: not a TFQuery, DistQuery or GenQuery")
+
+        def prompts(qs: Sequence[Any]) -> list[str]:
+            ps = [q.prompt for q in qs]
+            return transform(ps) if transform is not None and ps else ps
+
+        rows: list[_Row] = []
+        by_ctx: dict[tuple[int, ...], int] = {}
+        for p, q in zip(prompts(tf), tf):
+            rows.append(_Row(*self.encode_pair(p, q.target)))
+            by_ctx.setdefault(tuple(rows[-1].ctx), len(rows) - 1)
+        dist_row: list[int] = []
+        for p in prompts(dq):
+            ctx = self.encode_prompt(p)
+            i = by_ctx.get(tuple(ctx))
+            if i is None:
+                rows.append(_Row(ctx, []))
+                i = by_ctx[tuple(ctx)] = len(rows) - 1
+            rows[i].dist = True
+            dist_row.append(i)
+
+        # Progress is counted in tokens; a generated token costs about two prompt tokens.
+        gen_unit = (sum(len(q.prompt) // 4 + 2 * q.max_new_tokens for q in gq) / len(gq)) if gq else 0.0
+        tf_total = float(sum(r.cost for r in rows))
+        total = tf_total + gen_unit * len(gq)
+        done = 0.0
+
+        results: list[tuple[TFResult | None, NextToken | None]] = [(None, None)] * len(rows)
+        with torch.inference_mode():
+            for idx in self._batches(list(range(len(rows))), lambda i: rows[i].cost):
+                for i, r in zip(idx, self._forward([rows[i] for i in idx])):
+                    results[i] = r
+                done += sum(rows[i].cost for i in idx)
+                if progress is not None:
+                    progress(done, total)
+        res: dict = {q: results[i][0] for i, q in enumerate(tf)}
+        res.update({q: results[i][1] for q, i in zip(dq, dist_row)})
         if gq:
-            res.update(zip(gq, self.generate(gq, transform)))
+            gen_progress = None if progress is None else (lambda n, _: progress(tf_total + n * gen_unit, total))
+            res.update(zip(gq, self.generate(gq, transform, progress=gen_progress)))
+        if progress is not None:
+            progress(total, total)
         return res
+

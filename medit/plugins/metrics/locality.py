@@ -2,8 +2,10 @@
 
 Reported as ``agreement`` (teacher-forced on the locality answer: fraction of answer tokens whose
 argmax is the same before and after the edit, EasyEdit's definition), ``generate_agreement``
-(greedy continuations identical before and after), and, where the data gives a ground truth,
-post-edit accuracy under ``token_acc``/``exact``/``generate``.
+(greedy continuations identical before and after), ``kl`` (neighbourhood KL: mean over the
+locality prompts of KL(pre || post) between the next-token distributions at the last prompt
+position, in nats), and, where the data gives a ground truth, post-edit accuracy under
+``token_acc``/``exact``/``generate``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 from medit import hookimpl
 from medit.core.metric import Metric, Results, Values, mean, staged
 from medit.core.requests import EditRequest
-from medit.core.scoring import GenQuery, TFQuery, generation_matches
+from medit.core.scoring import DistQuery, GenQuery, TFQuery, generation_matches, kl_divergence
 
 
 class Locality(Metric):
@@ -23,6 +25,7 @@ class Locality(Metric):
     def queries(self, req: EditRequest, protocols: tuple[str, ...], gen_tokens: int) -> list[Any]:
         qs: list[Any] = []
         for pa in req.locality:
+            qs.append(DistQuery(pa.prompt))
             if pa.answer:
                 qs.append(TFQuery(pa.prompt, pa.answer))
             if "generate" in protocols:
@@ -39,6 +42,11 @@ class Locality(Metric):
                 a, b = pre[TFQuery(pa.prompt, pa.answer)], post[TFQuery(pa.prompt, pa.answer)]
                 agree.append(sum(x == y for x, y in zip(a.argmax, b.argmax)) / len(a.argmax))
             out["agreement"] = {"pre": None, "post": mean(agree)}
+        if pre is not None:
+            pairs = [(pre.get(DistQuery(pa.prompt)), post.get(DistQuery(pa.prompt))) for pa in req.locality]
+            kls = [kl_divergence(p, q) for p, q in pairs if p is not None and q is not None]
+            if kls:
+                out["kl"] = {"pre": None, "post": mean(kls)}
         if pre is not None and "generate" in protocols and req.locality:
             g = ctx["gen_tokens"]
             same = [float(pre[GenQuery(pa.prompt, g)] == post[GenQuery(pa.prompt, g)]) for pa in req.locality]
