@@ -158,6 +158,9 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
           checkpoint: Optional[str] = CheckpointOpt,
           metrics: Optional[str] = typer.Option(None, "--metrics", help="comma list of metrics (default: all built-in)"),
           out: Optional[str] = OutOpt, resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
+          also_immediate: bool = typer.Option(False, "--also-immediate", help="sequential mode: also score each case right after its own edit"),
+          score_batch_size: int = typer.Option(32, "--score-batch-size", help="sequences per forward pass when scoring"),
+          no_score_cache: bool = typer.Option(False, "--no-score-cache", help="recompute pre-edit scores instead of reusing MEDIT_CACHE/scores"),
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Evaluate a method on a dataset; writes manifest.json, cases.jsonl and summary.json."""
@@ -175,11 +178,16 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     meth = api.get_method(method)
     overrides = _with_corpus(meth, overrides, stats_corpus)
     overrides = _with_checkpoint(meth, overrides, checkpoint)
-    cfg: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "gen_tokens": gen_tokens, **_protocols(protocol)}
+    cfg: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "gen_tokens": gen_tokens, **_protocols(protocol),
+                           "also_immediate": also_immediate, "score_batch_size": score_batch_size,
+                           "score_cache": not no_score_cache}
     if metrics:
         for name in (m.strip() for m in metrics.split(",")):
             get_plugins().metrics.get(name)
         cfg["metrics"] = tuple(m.strip() for m in metrics.split(","))
+    from .core.evaluate import EvalConfig
+    EvalConfig(**cfg)  # bad settings fail here, before the model is loaded
+    meth.check_mode(mode)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
     run_dir = Path(out) if out else api.default_run_dir("eval", method)
     summary, _ = api.run(handle, meth, requests, dataset_info=info, seed=seed, hparams_file=hparams,

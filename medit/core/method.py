@@ -63,6 +63,10 @@ class Method:
         if handle.adapter.name in self.unsupported_families:
             raise MethodError(f"method {self.name!r} does not support the {handle.adapter.name} family "
                               f"({handle.model_id}); choose another method (see `medit list methods`)")
+        self.check_mode(mode)
+
+    def check_mode(self, mode: str) -> None:
+        """Refuse a mode this method cannot run in, naming the modes it can (no model needed)."""
         if mode not in MODES:
             raise UnknownNameError("mode", mode, MODES)
         if mode not in self.modes:
