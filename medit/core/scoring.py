@@ -121,16 +121,27 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
 
 @dataclass
 class _Row:
-    """One forward-pass row: context, teacher-forced target (may be empty), whether the
-    next-token distribution after the context is wanted."""
+    """One forward-pass row: the tokens fed (causal) or the decoder input (encoder-decoder, with
+    ``enc`` the encoder input), and the positions whose predictions are read."""
 
-    ctx: list[int]
-    tgt: list[int]
-    dist: bool = False
+    fed: list[int]
+    enc: list[int] | None = None
+    cols: set[int] = field(default_factory=set)
 
     @property
     def cost(self) -> int:
-        return len(self.ctx) + len(self.tgt)
+        return len(self.fed) + (len(self.enc) if self.enc is not None else 0)
+
+
+@dataclass
+class _Job:
+    """What one TF or distribution query reads from its row: ``n`` predictions from ``col`` on
+    (scored against ``tgt`` when given)."""
+
+    row: int
+    col: int
+    n: int
+    tgt: list[int]
 
 
 class Scorer:
@@ -230,9 +241,6 @@ class Scorer:
         tgt = torch.tensor([t for _, ts in batch for t in ts], device=sel.device)
         return -sel.gather(1, tgt[:, None]).mean()
 
-    def _tf_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[TFResult]:
-        return [r for r, _ in self._forward([_Row(list(c), list(t)) for c, t in batch])]
-
     @contextlib.contextmanager
     def _head_at(self, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[bool]:
         """Apply the LM head only at (rows, cols) of its input during the forward pass.
@@ -254,42 +262,35 @@ class Scorer:
         finally:
             h.remove()
 
-    def _forward(self, batch: Sequence[_Row]) -> list[tuple[TFResult | None, NextToken | None]]:
-        """One forward pass over ``batch``: each row's target result and/or next-token distribution."""
+    def _forward(self, batch: Sequence[_Row]) -> dict[tuple[int, int], torch.Tensor]:
+        """One forward pass over ``batch``: log-probs [vocab] at each read (row in batch, column)."""
         dev = self.handle.device
-        cols_l: list[torch.Tensor] = []
         if self.handle.is_encoder_decoder:
-            start = self._decoder_start()
-            ids, mask = self._pad([r.ctx for r in batch])
-            dec, dmask = self._pad([[start] + r.tgt[:-1] for r in batch])
+            ids, mask = self._pad([r.enc or [] for r in batch])
+            dec, dmask = self._pad([r.fed for r in batch])
             kw = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev),
                   "decoder_input_ids": dec.to(dev), "decoder_attention_mask": dmask.to(dev)}
-            for r in batch:
-                cols_l.append(torch.arange(max(1, len(r.tgt))))
         else:
-            ids, mask = self._pad([r.ctx + r.tgt[:-1] for r in batch])
+            ids, mask = self._pad([r.fed for r in batch])
             kw = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
-            for r in batch:
-                cols_l.append(torch.arange(len(r.ctx) - 1, len(r.ctx) - 1 + max(1, len(r.tgt))))
-        rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(cols_l)]).to(dev)
-        cols = torch.cat(cols_l).to(dev)
+        reads = [(i, c) for i, r in enumerate(batch) for c in sorted(r.cols)]
+        rows = torch.tensor([i for i, _ in reads], dtype=torch.long, device=dev)
+        cols = torch.tensor([c for _, c in reads], dtype=torch.long, device=dev)
         with self._head_at(rows, cols) as picked:
             logits = self.handle.model(**kw, use_cache=False).logits
         if not picked:
             logits = logits[rows, cols]
         lp = logits.float().log_softmax(-1)
-        out: list[tuple[TFResult | None, NextToken | None]] = []
-        k = 0
-        tgt_all = [t for r in batch for t in (r.tgt or [0])]
-        tgt_lp = lp.gather(1, torch.tensor(tgt_all, device=lp.device)[:, None])[:, 0].cpu().tolist()
-        am = lp.argmax(-1).cpu().tolist()
-        for r in batch:
-            n = max(1, len(r.tgt))
-            res = TFResult(tuple(r.tgt), tuple(tgt_lp[k:k + n]), tuple(am[k:k + n])) if r.tgt else None
-            dist = NextToken(lp[k].clamp_min(_F16_FLOOR).to(torch.float16).cpu()) if r.dist else None
-            out.append((res, dist))
-            k += n
-        return out
+        return {rc: lp[k] for k, rc in enumerate(reads)}
+
+    @staticmethod
+    def _read(job: _Job, b: int, lps: dict[tuple[int, int], torch.Tensor]) -> TFResult | NextToken:
+        if not job.tgt:
+            return NextToken(lps[(b, job.col)].clamp_min(_F16_FLOOR).to(torch.float16).cpu())
+        sel = torch.stack([lps[(b, c)] for c in range(job.col, job.col + job.n)])
+        tgt = torch.tensor(job.tgt, device=sel.device)
+        return TFResult(tuple(job.tgt), tuple(sel.gather(1, tgt[:, None])[:, 0].tolist()),
+                        tuple(sel.argmax(-1).tolist()))
 
     # ------------------------------------------------------------------ generation
     def generate(self, queries: Sequence[GenQuery], transform: Transform | None = None,
@@ -339,8 +340,8 @@ class Scorer:
             progress: Progress | None = None) -> dict:
         """Score a mixed, de-duplicated set of TF/Dist/Gen queries; returns query -> result.
 
-        A distribution query whose prompt tokenizes exactly to a teacher-forced query's context
-        is read from that query's forward pass instead of a pass of its own.
+        Teacher-forced and distribution queries share forward passes wherever one's input is a
+        prefix of another's; ``progress(done, total)`` is called after every batch.
         """
         uniq = list(dict.fromkeys(queries))
         tf = [q for q in uniq if isinstance(q, TFQuery)]
@@ -354,20 +355,41 @@ class Scorer:
             ps = [q.prompt for q in qs]
             return transform(ps) if transform is not None and ps else ps
 
+        jobs: list[tuple[list[int], list[int] | None, int, list[int]]] = []  # fed, enc, first column, target
+        if self.handle.is_encoder_decoder:
+            start = self._decoder_start()
+            for p, q in zip(prompts(tf), tf):
+                ctx, tgt = self.encode_pair(p, q.target)
+                jobs.append(([start] + tgt[:-1], ctx, 0, tgt))
+            for p in prompts(dq):
+                jobs.append(([start], self.encode_prompt(p), 0, []))
+        else:
+            for p, q in zip(prompts(tf), tf):
+                ctx, tgt = self.encode_pair(p, q.target)
+                jobs.append((ctx + tgt[:-1], None, len(ctx) - 1, tgt))
+            for p in prompts(dq):
+                ctx = self.encode_prompt(p)
+                jobs.append((ctx, None, len(ctx) - 1, []))
+
+        # A causal prediction depends only on the tokens up to it, so a query whose fed tokens are
+        # a prefix of another row's is read from that row: P(target_true) after a prompt comes
+        # from the forward pass of target_new, a next-token distribution from any TF row of its
+        # prompt. Longest first, so every row is as long as it will get.
         rows: list[_Row] = []
-        by_ctx: dict[tuple[int, ...], int] = {}
-        for p, q in zip(prompts(tf), tf):
-            rows.append(_Row(*self.encode_pair(p, q.target)))
-            by_ctx.setdefault(tuple(rows[-1].ctx), len(rows) - 1)
-        dist_row: list[int] = []
-        for p in prompts(dq):
-            ctx = self.encode_prompt(p)
-            i = by_ctx.get(tuple(ctx))
-            if i is None:
-                rows.append(_Row(ctx, []))
-                i = by_ctx[tuple(ctx)] = len(rows) - 1
-            rows[i].dist = True
-            dist_row.append(i)
+        placed: list[_Job | None] = [None] * len(jobs)
+        prefixes: dict[tuple, int] = {}
+        for j in sorted(range(len(jobs)), key=lambda j: -len(jobs[j][0])):
+            fed, enc, col, tgt = jobs[j]
+            head = tuple(enc) if enc is not None else None
+            r = prefixes.get((head, tuple(fed)))
+            if r is None:
+                r = len(rows)
+                rows.append(_Row(list(fed), None if enc is None else list(enc)))
+                for k in range(1, len(fed) + 1):
+                    prefixes.setdefault((head, tuple(fed[:k])), r)
+            n = max(1, len(tgt))
+            rows[r].cols.update(range(col, col + n))
+            placed[j] = _Job(r, col, n, tgt)
 
         # Progress is counted in tokens; a generated token costs about two prompt tokens.
         gen_unit = (sum(len(q.prompt) // 4 + 2 * q.max_new_tokens for q in gq) / len(gq)) if gq else 0.0
@@ -375,16 +397,22 @@ class Scorer:
         total = tf_total + gen_unit * len(gq)
         done = 0.0
 
-        results: list[tuple[TFResult | None, NextToken | None]] = [(None, None)] * len(rows)
+        by_row: dict[int, list[int]] = {}
+        for j, job in enumerate(placed):
+            assert job is not None
+            by_row.setdefault(job.row, []).append(j)
+        outs: list[Any] = [None] * len(jobs)
         with torch.inference_mode():
             for idx in self._batches(list(range(len(rows))), lambda i: rows[i].cost):
-                for i, r in zip(idx, self._forward([rows[i] for i in idx])):
-                    results[i] = r
+                lps = self._forward([rows[i] for i in idx])
+                for b, i in enumerate(idx):
+                    for j in by_row[i]:
+                        outs[j] = self._read(placed[j], b, lps)  # type: ignore[arg-type]
                 done += sum(rows[i].cost for i in idx)
                 if progress is not None:
                     progress(done, total)
-        res: dict = {q: results[i][0] for i, q in enumerate(tf)}
-        res.update({q: results[i][1] for q, i in zip(dq, dist_row)})
+        res: dict = dict(zip(tf, outs[:len(tf)]))
+        res.update(zip(dq, outs[len(tf):]))
         if gq:
             gen_progress = None if progress is None else (lambda n, _: progress(tf_total + n * gen_unit, total))
             res.update(zip(gq, self.generate(gq, transform, progress=gen_progress)))
