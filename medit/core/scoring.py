@@ -241,6 +241,22 @@ class Scorer:
         tgt = torch.tensor([t for _, ts in batch for t in ts], device=sel.device)
         return -sel.gather(1, tgt[:, None]).mean()
 
+    def score_pairs(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[TFResult]:
+        """Teacher-forced results for already tokenized (context, target) pairs, in one batch."""
+        rows, jobs = [], []
+        for c, t in pairs:
+            if self.handle.is_encoder_decoder:
+                rows.append(_Row([self._decoder_start()] + list(t[:-1]), list(c), set(range(len(t)))))
+                jobs.append(_Job(len(rows) - 1, 0, len(t), list(t)))
+            else:
+                rows.append(_Row(list(c) + list(t[:-1]), None, set(range(len(c) - 1, len(c) - 1 + len(t)))))
+                jobs.append(_Job(len(rows) - 1, len(c) - 1, len(t), list(t)))
+        with torch.inference_mode():
+            lps = self._forward(rows)
+            return [self._read(j, j.row, lps) for j in jobs]  # type: ignore[misc]
+
+    _tf_batch = score_pairs  # the name the example plugin (and older plugins) call
+
     @contextlib.contextmanager
     def _head_at(self, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[bool]:
         """Apply the LM head only at (rows, cols) of its input during the forward pass.
