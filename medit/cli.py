@@ -47,6 +47,7 @@ OutOpt = typer.Option(None, "--out", help="run folder (default: a new folder und
 GenOpt = typer.Option(8, "--gen-tokens", help="max new tokens for the generate protocol")
 CorpusOpt = typer.Option(None, "--stats-corpus", help="text/JSONL corpus (or HF dataset name) for covariance statistics")
 CheckpointOpt = typer.Option(None, "--checkpoint", help="trained editor folder from `medit train` (mend, ke, serac)")
+ChatOpt = typer.Option(False, "--chat-template", help="wrap in-context edits in the tokenizer's chat template (ike)")
 
 
 def _with_corpus(method: Any, overrides: dict[str, Any], corpus: Optional[str]) -> dict[str, Any]:
@@ -67,6 +68,15 @@ def _with_checkpoint(method: Any, overrides: dict[str, Any], checkpoint: Optiona
     if not Path(checkpoint).is_dir():
         raise MeditError(f"checkpoint folder {checkpoint!r} does not exist; pass the --out folder of `medit train`")
     return {**overrides, "checkpoint": checkpoint}
+
+
+def _with_chat(method: Any, overrides: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """Route --chat-template into the method's ``chat_template`` hparam."""
+    if not chat:
+        return overrides
+    if "chat_template" not in method.hparams_class.field_names():
+        raise MeditError(f"method {method.name!r} builds no in-context prompt; drop --chat-template")
+    return {**overrides, "chat_template": True}
 
 
 def _load(model: str, dtype: Optional[str], device: Optional[str], device_map: Optional[str],
@@ -121,6 +131,7 @@ def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registe
          save_patch: Optional[str] = typer.Option(None, "--save-patch", help="write the edit as a patch folder"),
          out: Optional[str] = OutOpt, protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt,
          stats_corpus: Optional[str] = CorpusOpt, checkpoint: Optional[str] = CheckpointOpt,
+         chat_template: bool = ChatOpt,
          dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Apply the edits in FILE, show before/after completions and metrics, optionally save a patch."""
@@ -135,6 +146,7 @@ def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registe
     meth = api.get_method(method)
     overrides = _with_corpus(meth, overrides, stats_corpus)
     overrides = _with_checkpoint(meth, overrides, checkpoint)
+    overrides = _with_chat(meth, overrides, chat_template)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
     run_dir = Path(out) if out else api.default_run_dir("edit", method)
     summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, hparams_file=hparams,
@@ -155,7 +167,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
           batch_size: int = typer.Option(0, "--batch-size", help="edits per batch in batch mode (0: all)"),
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
           protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt, stats_corpus: Optional[str] = CorpusOpt,
-          checkpoint: Optional[str] = CheckpointOpt,
+          checkpoint: Optional[str] = CheckpointOpt, chat_template: bool = ChatOpt,
           metrics: Optional[str] = typer.Option(None, "--metrics", help="comma list of metrics (default: all built-in)"),
           out: Optional[str] = OutOpt, resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
           also_immediate: bool = typer.Option(False, "--also-immediate", help="sequential mode: also score each case right after its own edit"),
@@ -178,6 +190,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     meth = api.get_method(method)
     overrides = _with_corpus(meth, overrides, stats_corpus)
     overrides = _with_checkpoint(meth, overrides, checkpoint)
+    overrides = _with_chat(meth, overrides, chat_template)
     cfg: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "gen_tokens": gen_tokens, **_protocols(protocol),
                            "also_immediate": also_immediate, "score_batch_size": score_batch_size,
                            "score_cache": not no_score_cache}
