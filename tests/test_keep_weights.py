@@ -31,7 +31,7 @@ UNRELATED = [TFQuery("The quick brown fox jumps over the", "lazy dog"), TFQuery(
 TINY = {
     "grace": {"layer": "1", "lr": "0.5", "steps": "100"},
     "wise": {"layer": "1", "lr": "0.02", "alpha": "0.1", "beta": "1.0", "gamma": "0.5", "steps": "150",
-             "n_irrelevant": "8", "mask_ratio": "1.0"},
+             "n_irrelevant": "8", "mask_ratio": "1.0", "norm_constraint": "1.0"},
 }
 
 
@@ -115,7 +115,7 @@ def test_edit_takes_unrelated_exact_revert_and_patch(tiny_handle, tmp_path, fami
 
 
 @pytest.mark.parametrize("method", ["grace", "wise"])
-@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+@pytest.mark.parametrize("family", ["llama", "t5"])
 def test_sequential_through_engine(tiny_handle, family, method):
     handle = tiny_handle(family)
     m = get_plugins().methods.get(method)
@@ -188,3 +188,19 @@ def test_ike_through_engine_and_chat_template_error(tiny_handle, pool):
         m.apply(handle, REQS[:1], m.resolve_hparams(handle, overrides={"pool": pool, "chat_template": "true"}))
     with pytest.raises(MethodError, match="pool"):
         m.apply(handle, REQS[:1], m.resolve_hparams(handle, overrides={"pool": "counterfact:/nonexistent.json"}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grace", "wise"])
+def test_smollm2_sequential_counterfact(smollm2, method):
+    """Three sequential CounterFact edits on SmolLM2: all take, the locality prompts' answers stay."""
+    from pathlib import Path
+    from medit.core.dataset import load_dataset
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "dev.json"
+    if not data.is_file():
+        pytest.skip("../shared/data/counterfact/dev.json is not next to this checkout")
+    reqs, _ = load_dataset(f"counterfact:{data}", n=3)
+    summary = evaluate(smollm2, method, reqs, mode="sequential", protocols=("token_acc",), progress=False)
+    assert summary["metrics"]["reliability"]["token_acc"]["post"] >= 0.9
+    assert summary["metrics"]["locality"]["agreement"]["post"] >= 0.9
+    assert not any(k[0] in ("grace", "wise") for k in smollm2.memo if isinstance(k, tuple))

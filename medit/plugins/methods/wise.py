@@ -2,13 +2,14 @@
 
 The side memory holds weight deltas ΔW for the MLP output projection of one layer (the main
 memory, the model's own weight, never changes). A sequence's activation score for a memory is
-the mean over its tokens of ‖ΔW a‖ (a: the projection's input); the router sends the sequence to
+the mean over its tokens of ‖ΔW a‖ (a: the projection's input) relative to that of ‖W a‖ (so
+the margins below do not depend on the model's scale); the router sends the sequence to
 the memory with the highest score when that score exceeds the memory's threshold (``act_ratio``
 times the lowest score its edits reached), else to the main memory, whose output is then exactly
 the unedited one. Generation keeps the routing decided on the prompt.
 
 Edits train the current *shard*: ΔW restricted to a random mask of ``mask_ratio`` of the entries,
-by SGD on the target NLL plus margin losses that push the score of the edit prompt (under context
+by Adam on the target NLL plus margin losses that push the score of the edit prompt (under context
 prefixes) above ``beta`` and that of unrelated text below ``alpha`` (with a gap of ``gamma``).
 After ``save_freq`` edits the shard is closed and a new one starts; after ``merge_freq`` edits
 the closed shards are merged into one memory by TIES merging (trim to the ``density`` largest
@@ -52,15 +53,16 @@ class WISEHParams(HParams):
     layer: int | str = "auto"
     #: fraction of the side memory's entries one shard may change.
     mask_ratio: float = 0.2
-    #: SGD steps and learning rate per edit.
+    #: Adam steps and learning rate per edit.
     steps: int = 40
-    lr: float = 1.0
+    lr: float = 0.005
     #: bound on every entry of ΔW.
-    norm_constraint: float = 1.0
-    #: margins of the routing loss (activation scores, in the output's units).
-    alpha: float = 5.0
-    beta: float = 20.0
-    gamma: float = 10.0
+    norm_constraint: float = 0.1
+    #: margins of the routing loss, on the activation score (‖ΔW a‖ relative to ‖W a‖): unrelated
+    #: text below ``alpha``, the edit above ``beta``, and a gap of at least ``gamma``.
+    alpha: float = 0.1
+    beta: float = 1.0
+    gamma: float = 0.5
     #: routing threshold: this fraction of the lowest score the memory's edits reached.
     act_ratio: float = 0.88
     #: edits per shard, and edits between merges of the closed shards.
@@ -317,8 +319,8 @@ class WISE(Method):
                     act = (torch.relu(s_out - hp.alpha).mean() + torch.relu(hp.beta - s_in).mean()
                            + torch.relu(s_out.max() - s_in + hp.gamma).mean())
                     loss = nll + act
-                    ok = bool(lm.row_correct(logits)[:n_in].all()) and float(nll) < hp.early_stop_nll
-                    if step == hp.steps or (ok and float(act) == 0.0):
+                    ok = bool(lm.row_correct(logits)[:n_in].all()) and float(nll.detach()) < hp.early_stop_nll
+                    if step == hp.steps or (ok and float(act.detach()) == 0.0):
                         break
                     opt.zero_grad()
                     loss.backward()
@@ -337,7 +339,7 @@ class WISE(Method):
         mem.count += 1
         mem.replay = mem.replay + [edit_pairs[0]]
         sm.total += 1
-        info.update(steps=step, nll=float(nll), score_in=s_in_min, score_out=float(s_out.detach().max()))
+        info.update(steps=step, nll=float(nll.detach()), score_in=s_in_min, score_out=float(s_out.detach().max()))
         if mem.count >= hp.save_freq:
             sm.closed.append(mem)
             sm.current = None
