@@ -12,7 +12,7 @@ from medit.core.edit import load_patch
 from medit.core.errors import InputFileError, MethodError, ValidationError
 from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest
-from medit.core.rewrite import DeltaSpec, compute_keys, optimise_deltas
+from medit.core.rewrite import DeltaSpec, compute_keys, delta_row_keys, optimise_deltas
 from medit.core.scoring import Scorer, TFQuery
 from medit.core.stats import second_moments
 from medit.core.tracing import capture, layers_above, run_until
@@ -85,6 +85,23 @@ def test_delta_batching_is_exact_and_nll_matches_scorer(tiny_handle, family):
     _, info = optimise_deltas(h, reqs[1:], 0, ["{}"], DeltaSpec(steps=1))
     res = Scorer(h).teacher_forced([TFQuery(reqs[1].prompt, reqs[1].target_new)])[0]
     assert info[0]["nll"] == pytest.approx(-res.mean_logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_row_keys_and_insert_scale(tiny_handle, family):
+    """Per-row keys average to compute_keys' k*; a row scale of 2 with half the learning rate
+    inserts exactly what the unscaled optimisation inserts (Adam's steps ignore gradient scale)."""
+    h = tiny_handle(family)
+    templates = ["{}", "Hello there. {}"]
+    spec = DeltaSpec(steps=4, lr=0.5, clamp_norm_factor=1e6, weight_decay=0.0, kl_factor=0.0)
+    rows = delta_row_keys(h, REQ, 1, templates, spec)
+    keys, _ = compute_keys(h, [REQ], [1], templates)
+    assert rows.shape[0] == len(templates) + 1
+    torch.testing.assert_close(rows[:len(templates)].mean(0), keys[1][0], atol=1e-5, rtol=1e-5)
+    plain, _ = optimise_deltas(h, [REQ], 0, templates, spec)
+    half = DeltaSpec(steps=4, lr=0.25, clamp_norm_factor=1e6, weight_decay=0.0, kl_factor=0.0)
+    doubled, _ = optimise_deltas(h, [REQ], 0, templates, half, row_scale=torch.full((1, 3), 2.0))
+    torch.testing.assert_close(2 * doubled, plain, atol=1e-4, rtol=1e-3)
 
 
 def test_subject_tokens_not_found(tiny_handle):

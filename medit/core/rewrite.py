@@ -76,25 +76,47 @@ def compute_keys(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: S
     """Keys [n_requests, d_in] per layer, averaged over templates; optionally also the residual
     stream after ``out_layer`` at the subject token of the bare prompt (template ``"{}"``)."""
     seqs, lookup, owner = _subject_rows(handle, reqs, templates, which)
+    rows_k, rows_z = _row_keys(handle, seqs, lookup, layers, out_layer)
+    own = torch.tensor(owner, device=handle.device)
+    keys: dict[int, torch.Tensor] = {}
+    for layer in layers:
+        k = rows_k[layer]
+        summed = torch.zeros(len(reqs), k.shape[1], device=k.device).index_add_(0, own, k)
+        keys[layer] = summed / torch.bincount(own, minlength=len(reqs))[:, None]
+    resid = None
+    if rows_z is not None:
+        bare = [templates.index("{}") + i * len(templates) for i in range(len(reqs))]
+        resid = rows_z[bare]
+    return keys, resid
+
+
+@torch.no_grad()
+def delta_row_keys(handle: "ModelHandle", req: "EditRequest", layer: int, templates: Sequence[str],
+                   spec: "DeltaSpec", which: str = "last") -> torch.Tensor:
+    """The rewrite module's input at the subject token of every row the target-vector
+    optimisation uses for ``req`` (each template, then the KL prompt): [len(templates) + 1, d_in]."""
+    seqs, lookup, _ = _subject_rows(handle, [req], templates, which)
+    kl_text = spec.kl_prompt.format(req.subject)
+    seqs.append(handle.tokenizer(kl_text).input_ids)
+    lookup.append(subject_token_index(handle, kl_text, kl_text.index(req.subject), req.subject, which))
+    return _row_keys(handle, seqs, lookup, [layer])[0][layer]
+
+
+def _row_keys(handle: "ModelHandle", seqs: list[list[int]], lookup: list[int], layers: Sequence[int],
+              out_layer: int | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """Per-row rewrite-module inputs at ``lookup`` for ``layers`` (and the residual after
+    ``out_layer``), from one forward pass that stops at the deepest layer needed."""
     ids, mask = _pad(handle, seqs)
     ids, mask = ids.to(handle.device), mask.to(handle.device)
     rows = torch.arange(len(seqs), device=handle.device)
     pos = torch.tensor(lookup, device=handle.device)
-    own = torch.tensor(owner, device=handle.device)
-    keys: dict[int, torch.Tensor] = {}
-    resid = None
     deepest = max(list(layers) + ([out_layer] if out_layer is not None else []))
     with capture(handle, "mlp_out", layers, what="input") as kstore, \
             capture(handle, "layers", [out_layer] if out_layer is not None else [], what="output") as zstore:
         with capture(handle, "layers", [deepest], what="output", stop=True):
             run_until(handle, lambda: handle.model(input_ids=ids, attention_mask=mask, use_cache=False))
-    for layer in layers:
-        k = kstore[layer][rows, pos].float()
-        summed = torch.zeros(len(reqs), k.shape[1], device=k.device).index_add_(0, own, k)
-        keys[layer] = summed / torch.bincount(own, minlength=len(reqs))[:, None]
-    if out_layer is not None:
-        bare = [templates.index("{}") + i * len(templates) for i in range(len(reqs))]
-        resid = zstore[out_layer][rows[bare], pos[bare]].float()
+    keys = {layer: kstore[layer][rows, pos].float() for layer in layers}
+    resid = zstore[out_layer][rows, pos].float() if out_layer is not None else None
     return keys, resid
 
 
@@ -115,13 +137,18 @@ class DeltaSpec:
 
 def optimise_deltas(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer: int,
                     templates: Sequence[str], spec: DeltaSpec, ref: str = "resid",
-                    which: str = "last") -> tuple[torch.Tensor, list[dict]]:
+                    which: str = "last", row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Vectors δ [n_requests, d_model] added after ``layer`` at the subject token that make the
     model produce each request's target_new. ``ref`` names what the norm clamp and weight decay
-    are relative to: the residual stream (``resid``, MEMIT) or the MLP output (``mlp``, ROME)."""
+    are relative to: the residual stream (``resid``, MEMIT) or the MLP output (``mlp``, ROME).
+
+    ``row_scale`` [n_requests, len(templates) + 1] optionally scales δ per row (each template,
+    then the KL prompt): a rank-one update inserts δ·(kᵀu) for a key k, not δ, so optimising with
+    those factors optimises what will actually be inserted."""
     out, infos = [], []
     for start in range(0, len(reqs), spec.chunk):
-        d, info = _optimise_chunk(handle, reqs[start:start + spec.chunk], layer, templates, spec, ref, which)
+        scale = None if row_scale is None else row_scale[start:start + spec.chunk]
+        d, info = _optimise_chunk(handle, reqs[start:start + spec.chunk], layer, templates, spec, ref, which, scale)
         out.append(d)
         infos.extend(info)
     return torch.cat(out), infos
@@ -154,7 +181,8 @@ def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates:
 
 
 def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer: int,
-                    templates: Sequence[str], spec: DeltaSpec, ref: str, which: str) -> tuple[torch.Tensor, list[dict]]:
+                    templates: Sequence[str], spec: DeltaSpec, ref: str, which: str,
+                    row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict]]:
     dev = handle.device
     rows = _build_rows(handle, reqs, templates, spec, which)
     ids, mask, pos, left = (t.to(dev) if isinstance(t, torch.Tensor) else t for t in _aligned(handle, rows.seqs, rows.lookup))
@@ -185,6 +213,9 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     kl_rows = torch.tensor([i for i, k in enumerate(rows.kl) if k], device=dev)
     kl_own = owner[kl_rows]
     n_tok = torch.bincount(t_own_t, minlength=n).float()
+    # rows are ordered per request: its templates, then its KL prompt (see _build_rows)
+    scale = (torch.ones(len(rows.owner), device=dev) if row_scale is None
+             else row_scale.to(dev, torch.float32).reshape(-1))
     head = handle.module("lm_head")
 
     delta = torch.zeros(n, hidden.shape[-1], device=dev, requires_grad=True)
@@ -196,7 +227,7 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     with layers_above(handle, layer) as above:
         cache = above.prefix(hidden[:, :split], mask[:, :split], pos[:, :split]) if split > 0 else None
         for step in range(spec.steps):
-            at = hidden[:, split:split + 1] + delta[owner][:, None].to(hidden.dtype)
+            at = hidden[:, split:split + 1] + (delta[owner] * scale[:, None])[:, None].to(hidden.dtype)
             final = above.suffix(torch.cat([at, hidden[:, split + 1:]], 1), mask, pos[:, split:], cache)
             logp = head(final[t_rows_t, t_cols_t]).float().log_softmax(-1)
             tok_lp = logp.gather(1, t_ids_t[:, None])[:, 0]
@@ -220,8 +251,8 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
             opt.step()
             with torch.no_grad():
                 max_norm = spec.clamp_norm_factor * ref_norm
-                scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-                delta.mul_(scale[:, None])
+                shrink = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                delta.mul_(shrink[:, None])
                 delta[done] = frozen[done]  # a request that reached its target keeps that delta
         for i in range(n):
             if infos[i]["nll"] is None:

@@ -24,7 +24,7 @@ from medit.core.layers import resolve_layers
 from medit.core.locate import LocateHParams, storage_factors
 from medit.core.method import Method
 from medit.core.requests import EditRequest
-from medit.core.rewrite import compute_keys, optimise_deltas
+from medit.core.rewrite import delta_row_keys, optimise_deltas
 
 #: ``layer: auto`` picks the layer at this fraction of the depth (GPT-2 XL's 17/48 and LLaMA-7B's
 #: 5/32 in the ROME/EasyEdit defaults bracket it; early-middle MLPs recall subject attributes).
@@ -41,6 +41,9 @@ class ROMEHParams(LocateHParams, HParams):
     mom2_adjustment: bool = True
     #: ridge added to C, relative to its mean diagonal, so that C is safely invertible.
     mom2_ridge: float = 1e-3
+    #: optimise δ as the update will insert it: scaled per context by kᵀu (< 1 for contexts whose
+    #: key points away from k*, often the bare prompt itself), instead of as if every context got δ.
+    v_insert_scale: bool = True
 
     def __post_init__(self) -> None:
         self.check_locate()
@@ -78,11 +81,13 @@ class ROME(Method):
             stats, stats_s = hp.stats(handle, [layer])
             C = stats[layer]
         templates = hp.templates(handle)
-        keys, _ = compute_keys(handle, [req], [layer], templates, hp.fact_token)
-        k = keys[layer][0]
-        delta, info = optimise_deltas(handle, [req], layer, templates, hp.delta_spec(), "mlp", hp.fact_token)
+        spec = hp.delta_spec()
+        rows = delta_row_keys(handle, req, layer, templates, spec, hp.fact_token)
+        k = rows[:len(templates)].mean(0)  # k*: the key averaged over the templates
         u = ridge_solve(C, k[:, None], hp.mom2_ridge)[:, 0] if C is not None else k
         left = u / torch.dot(u, k)  # so that ΔW k* = δ exactly
+        scale = (rows @ left)[None] if hp.v_insert_scale else None
+        delta, info = optimise_deltas(handle, [req], layer, templates, spec, "mlp", hp.fact_token, scale)
         name = handle.param_name("mlp_out", layer)
         factors = storage_factors(handle, delta[0][:, None].float(), left[:, None])
         edit = WeightEdit.from_deltas(handle, self.name, [req], hp.to_dict(), factors={name: factors})
