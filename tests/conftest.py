@@ -72,11 +72,15 @@ def medit_cache(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         os.environ["MEDIT_CACHE"] = old
 
 
+_CURRENT_TEST = [""]
+
+
 @pytest.fixture(autouse=True)
 def _threads(request: pytest.FixtureRequest) -> Any:
     """Tiny models run thousands of small ops that gain nothing from intra-op threads, and on a
     shared two-core machine OpenMP barriers make each one wait; fast tests use one thread. Slow
     (SmolLM2) tests keep torch's default, where the matrices are large enough to split."""
+    _CURRENT_TEST[0] = request.node.nodeid
     if request.node.get_closest_marker("slow") is not None:
         yield
         return
@@ -212,12 +216,22 @@ def tiny_model_dirs(tiny_tokenizers: dict[str, Any],
     return {f: build_tiny_model(f, tiny_tokenizers[TOKENIZER_STYLE[f]], root / f) for f in FAMILIES}
 
 
+def _foreign_hooks(module: torch.nn.Module) -> list[str]:
+    """Hooks on ``module`` other than transformers' own (it installs output-capturing hooks the
+    first time hidden states are requested, and keeps them)."""
+    return [getattr(f, "__qualname__", repr(f))
+            for f in list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+            if not getattr(f, "__module__", "").startswith("transformers")]
+
+
 @pytest.fixture(scope="session")
 def tiny_handle(tiny_model_dirs: dict[str, Path]) -> Callable[..., Any]:
     """``tiny_handle(family, fresh=False)`` -> a ModelHandle on CPU; cached per family unless fresh."""
     from medit.core.handle import load_model
 
     cache: dict[str, Any] = {}
+    pristine: dict[str, dict[str, torch.Tensor]] = {}
+    last_user: dict[str, str] = {}
 
     def get(family: str, fresh: bool = False) -> Any:
         if family not in tiny_model_dirs:
@@ -226,6 +240,16 @@ def tiny_handle(tiny_model_dirs: dict[str, Path]) -> Callable[..., Any]:
             return load_model(str(tiny_model_dirs[family]), device="cpu")
         if family not in cache:
             cache[family] = load_model(str(tiny_model_dirs[family]), device="cpu")
+            pristine[family] = {k: v.clone() for k, v in cache[family].model.state_dict().items()}
+        else:  # a shared handle must come back as it was lent: same weights, no hooks left behind
+            h = cache[family]
+            hooked = [f"{n}: {_foreign_hooks(m)[0]}" for n, m in h.model.named_modules() if _foreign_hooks(m)]
+            changed = [k for k, v in h.model.state_dict().items() if not torch.equal(v, pristine[family][k])]
+            assert not hooked and not changed, (
+                f"{last_user.get(family)} left the shared tiny {family} model modified "
+                f"(hooks {hooked[:3]}, changed {changed[:3]}); "
+                "revert edits or use fresh=True")
+        last_user[family] = _CURRENT_TEST[0]
         return cache[family]
 
     return get
