@@ -50,33 +50,23 @@ CheckpointOpt = typer.Option(None, "--checkpoint", help="trained editor folder f
 ChatOpt = typer.Option(False, "--chat-template", help="wrap in-context edits in the tokenizer's chat template (ike)")
 
 
-def _with_corpus(method: Any, overrides: dict[str, Any], corpus: Optional[str]) -> dict[str, Any]:
-    """Route --stats-corpus into the method's ``stats_corpus`` hparam."""
-    if corpus is None:
+def _route(method: Any, overrides: dict[str, Any], field: str, value: Any, flag: str, unused: str) -> dict[str, Any]:
+    """Put a CLI flag's ``value`` into the method's ``field`` hparam, refusing methods without it."""
+    if value is None or value is False:
         return overrides
-    if "stats_corpus" not in method.hparams_class.field_names():
-        raise MeditError(f"method {method.name!r} uses no covariance statistics; drop --stats-corpus")
-    return {**overrides, "stats_corpus": corpus}
+    if field not in method.hparams_class.field_names():
+        raise MeditError(f"method {method.name!r} {unused}; drop {flag}")
+    return {**overrides, field: value}
 
 
-def _with_checkpoint(method: Any, overrides: dict[str, Any], checkpoint: Optional[str]) -> dict[str, Any]:
-    """Route --checkpoint into a learned method's ``checkpoint`` hparam."""
-    if checkpoint is None:
-        return overrides
-    if "checkpoint" not in method.hparams_class.field_names():
-        raise MeditError(f"method {method.name!r} uses no trained editor; drop --checkpoint")
-    if not Path(checkpoint).is_dir():
+def _method_flags(method: Any, overrides: dict[str, Any], corpus: Optional[str], checkpoint: Optional[str],
+                  chat: bool) -> dict[str, Any]:
+    """Route --stats-corpus, --checkpoint and --chat-template into the method's hparams."""
+    overrides = _route(method, overrides, "stats_corpus", corpus, "--stats-corpus", "uses no covariance statistics")
+    overrides = _route(method, overrides, "checkpoint", checkpoint, "--checkpoint", "uses no trained editor")
+    if checkpoint is not None and not Path(checkpoint).is_dir():
         raise MeditError(f"checkpoint folder {checkpoint!r} does not exist; pass the --out folder of `medit train`")
-    return {**overrides, "checkpoint": checkpoint}
-
-
-def _with_chat(method: Any, overrides: dict[str, Any], chat: bool) -> dict[str, Any]:
-    """Route --chat-template into the method's ``chat_template`` hparam."""
-    if not chat:
-        return overrides
-    if "chat_template" not in method.hparams_class.field_names():
-        raise MeditError(f"method {method.name!r} builds no in-context prompt; drop --chat-template")
-    return {**overrides, "chat_template": True}
+    return _route(method, overrides, "chat_template", chat or None, "--chat-template", "builds no in-context prompt")
 
 
 def _load(model: str, dtype: Optional[str], device: Optional[str], device_map: Optional[str],
@@ -144,9 +134,7 @@ def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registe
     protos = _protocols(protocol)
     requests, info = load_dataset(file)
     meth = api.get_method(method)
-    overrides = _with_corpus(meth, overrides, stats_corpus)
-    overrides = _with_checkpoint(meth, overrides, checkpoint)
-    overrides = _with_chat(meth, overrides, chat_template)
+    overrides = _method_flags(meth, overrides, stats_corpus, checkpoint, chat_template)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
     run_dir = Path(out) if out else api.default_run_dir("edit", method)
     summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, hparams_file=hparams,
@@ -188,9 +176,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
         raise UnknownNameError("mode", mode, MODES)
     requests, info = load_dataset(dataset, n=n, offset=offset, seed=seed)  # fail fast, before loading the model
     meth = api.get_method(method)
-    overrides = _with_corpus(meth, overrides, stats_corpus)
-    overrides = _with_checkpoint(meth, overrides, checkpoint)
-    overrides = _with_chat(meth, overrides, chat_template)
+    overrides = _method_flags(meth, overrides, stats_corpus, checkpoint, chat_template)
     cfg: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "gen_tokens": gen_tokens, **_protocols(protocol),
                            "also_immediate": also_immediate, "score_batch_size": score_batch_size,
                            "score_cache": not no_score_cache}
