@@ -10,6 +10,7 @@ a low-rank update as a revertable :class:`~medit.core.edit.WeightEdit`.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
@@ -23,6 +24,22 @@ if TYPE_CHECKING:
     from .requests import EditRequest
 
 Pairs = list[tuple[list[int], list[int]]]
+
+
+@dataclass
+class EditedWeights:
+    """Which weights a gradient-based learned editor changes (mixed into MEND's and KE's hparams)."""
+
+    #: edited layers (indices, negative from the end) or ``auto``: the last three.
+    layers: list[int] | str = "auto"
+    #: standard module names edited at each layer.
+    modules: list[str] = field(default_factory=lambda: ["mlp_out"])
+
+    def check_edited_weights(self) -> None:
+        if isinstance(self.layers, str) and self.layers != "auto":
+            raise HParamsError(f"hparam 'layers' must be a list of layer indices or 'auto', got {self.layers!r}")
+        if not self.modules or any(m not in ("mlp_in", "mlp_out") for m in self.modules):
+            raise HParamsError(f"hparam 'modules' must list 'mlp_in' and/or 'mlp_out', got {self.modules!r}")
 
 
 def edited_params(handle: "ModelHandle", modules: Sequence[str], layers: Sequence[int] | str,

@@ -16,7 +16,7 @@ low-rank (edit tokens + 1), stored as factors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +27,7 @@ import medit
 from medit import hookimpl
 from medit.core.edit import WeightEdit
 from medit.core.errors import HParamsError
-from medit.core.gradedit import (dense_update, edit_pairs, edited_params, factor_edit, out_in_shape,
+from medit.core.gradedit import (EditedWeights, dense_update, edit_pairs, edited_params, factor_edit, out_in_shape,
                                  post_edit_losses, token_grads)
 from medit.core.handle import ModelHandle
 from medit.core.requests import EditRequest
@@ -38,13 +38,9 @@ HPARAMS = Path(medit.__file__).parent / "hparams"
 
 
 @dataclass
-class KEHParams(LearnedHParams):
+class KEHParams(EditedWeights, LearnedHParams):
     """Hyperparameters of KnowledgeEditor."""
 
-    #: edited layers (indices, negative from the end) or ``auto``: the last three.
-    layers: list[int] | str = "auto"
-    #: standard module names edited at each layer.
-    modules: list[str] = field(default_factory=lambda: ["mlp_out"])
     #: width of the condition network.
     hidden: int = 128
     #: initial update size relative to ‖W‖_F (learned per layer).
@@ -56,10 +52,7 @@ class KEHParams(LearnedHParams):
 
     def __post_init__(self) -> None:
         self.check_training()
-        if isinstance(self.layers, str) and self.layers != "auto":
-            raise HParamsError(f"hparam 'layers' must be a list of layer indices or 'auto', got {self.layers!r}")
-        if not self.modules or any(m not in ("mlp_in", "mlp_out") for m in self.modules):
-            raise HParamsError(f"hparam 'modules' must list 'mlp_in' and/or 'mlp_out', got {self.modules!r}")
+        self.check_edited_weights()
         if self.hidden < 1:
             raise HParamsError(f"hparam 'hidden' must be >= 1, got {self.hidden}")
         for name in ("init_scale", "kl_margin", "lagrange_lr"):

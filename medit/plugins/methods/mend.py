@@ -11,7 +11,7 @@ are small; several requests are edited at once by summing their gradients (batch
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +22,7 @@ import medit
 from medit import hookimpl
 from medit.core.edit import WeightEdit
 from medit.core.errors import HParamsError
-from medit.core.gradedit import (dense_update, edit_pairs, edited_params, factor_edit, out_in_shape,
+from medit.core.gradedit import (EditedWeights, dense_update, edit_pairs, edited_params, factor_edit, out_in_shape,
                                  post_edit_losses, token_grads)
 from medit.core.handle import ModelHandle
 from medit.core.requests import EditRequest
@@ -33,13 +33,9 @@ HPARAMS = Path(medit.__file__).parent / "hparams"
 
 
 @dataclass
-class MENDHParams(LearnedHParams):
+class MENDHParams(EditedWeights, LearnedHParams):
     """Hyperparameters of MEND (editor architecture, edit and training losses)."""
 
-    #: edited layers (indices, negative from the end) or ``auto``: the last three.
-    layers: list[int] | str = "auto"
-    #: standard module names edited at each layer.
-    modules: list[str] = field(default_factory=lambda: ["mlp_out"])
     #: hidden width of the editor's low-rank residual blocks.
     rank: int = 256
     #: residual blocks per editor network.
@@ -55,10 +51,7 @@ class MENDHParams(LearnedHParams):
 
     def __post_init__(self) -> None:
         self.check_training()
-        if isinstance(self.layers, str) and self.layers != "auto":
-            raise HParamsError(f"hparam 'layers' must be a list of layer indices or 'auto', got {self.layers!r}")
-        if not self.modules or any(m not in ("mlp_in", "mlp_out") for m in self.modules):
-            raise HParamsError(f"hparam 'modules' must list 'mlp_in' and/or 'mlp_out', got {self.modules!r}")
+        self.check_edited_weights()
         for name in ("rank", "n_blocks"):
             if getattr(self, name) < 1:
                 raise HParamsError(f"hparam {name!r} must be >= 1, got {getattr(self, name)}")
