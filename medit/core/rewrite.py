@@ -96,10 +96,17 @@ def delta_row_keys(handle: "ModelHandle", req: "EditRequest", layer: int, templa
     """The rewrite module's input at the subject token of every row the target-vector
     optimisation uses for ``req`` (each template, then the KL prompt): [len(templates) + 1, d_in]."""
     seqs, lookup, _ = _subject_rows(handle, [req], templates, which)
-    kl_text = spec.kl_prompt.format(req.subject)
-    seqs.append(handle.tokenizer(kl_text).input_ids)
-    lookup.append(subject_token_index(handle, kl_text, kl_text.index(req.subject), req.subject, which))
+    ids, pos = _kl_row(handle, req, spec, which)
+    seqs.append(ids)
+    lookup.append(pos)
     return _row_keys(handle, seqs, lookup, [layer])[0][layer]
+
+
+def _kl_row(handle: "ModelHandle", req: "EditRequest", spec: "DeltaSpec", which: str) -> tuple[list[int], int]:
+    """Token ids of the KL ("essence") prompt for ``req`` and the position of its subject token."""
+    text = spec.kl_prompt.format(req.subject)
+    return handle.tokenizer(text).input_ids, subject_token_index(handle, text, text.index(req.subject),
+                                                                  req.subject, which)
 
 
 def _row_keys(handle: "ModelHandle", seqs: list[list[int]], lookup: list[int], layers: Sequence[int],
@@ -169,9 +176,9 @@ def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates:
             r.targets.append(tgt)
             r.starts.append(len(ctx) - 1)
             r.kl.append(False)
-        kl_text = spec.kl_prompt.format(req.subject)
-        seqs.append(handle.tokenizer(kl_text).input_ids)
-        r.lookup.append(subject_token_index(handle, kl_text, kl_text.index(req.subject), req.subject, which))
+        ids, pos = _kl_row(handle, req, spec, which)
+        seqs.append(ids)
+        r.lookup.append(pos)
         r.owner.append(i)
         r.targets.append([])
         r.starts.append(0)
