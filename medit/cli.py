@@ -159,7 +159,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
           metrics: Optional[str] = typer.Option(None, "--metrics", help="comma list of metrics (default: all built-in)"),
           out: Optional[str] = OutOpt, resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
           also_immediate: bool = typer.Option(False, "--also-immediate", help="sequential mode: also score each case right after its own edit"),
-          score_batch_size: int = typer.Option(32, "--score-batch-size", help="sequences per forward pass when scoring"),
+          score_batch_size: int = typer.Option(64, "--score-batch-size", help="most sequences per forward pass when scoring"),
           no_score_cache: bool = typer.Option(False, "--no-score-cache", help="recompute pre-edit scores instead of reusing MEDIT_CACHE/scores"),
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:

@@ -36,7 +36,7 @@ class EvalConfig:
     protocols: tuple[str, ...] = PROTOCOLS
     metrics: tuple[str, ...] = DEFAULT_METRICS
     batch_size: int = 0
-    score_batch_size: int = 32
+    score_batch_size: int = 64
     gen_tokens: int = 8
     out_dir: Path | None = None
     resume: bool = False

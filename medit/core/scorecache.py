@@ -61,6 +61,7 @@ def cache_key(handle: "ModelHandle", scorer: "Scorer", queries: Sequence[Any],
     return {"format": FORMAT, "model": model_fp or model_fingerprint(handle),
             "model_type": str(handle.config.model_type), "tokenizer": tokenizer_fingerprint(handle.tokenizer),
             "dtype": str(handle.dtype), "device": handle.device.type, "score_batch_size": scorer.batch_size,
+            "engine": scorer.engine,
             "settings": {k: settings[k] for k in sorted(settings)},
             "queries": hashlib.sha256("\n".join(canon).encode()).hexdigest(), "n_queries": len(canon)}
 

@@ -7,6 +7,10 @@ matters. A target's tokens are the tokens that tokenizing ``prompt + target`` ad
 prompt, so scoring sees exactly the text a user would type. The LM head is applied only at the
 positions whose predictions are read (a 49k-token head on every position would cost a fifth of a
 small model's forward pass).
+
+For an unhooked causal model the work goes to :mod:`medit.core.prefill` instead, which runs each
+distinct prompt once over a key/value cache and continues every query (targets, next-token
+distributions, greedy generation) from it; :attr:`Scorer.engine` says which engine runs.
 """
 from __future__ import annotations
 
@@ -148,11 +152,28 @@ class Scorer:
     """Scores queries on a handle's model in batches. ``transform`` rewrites prompts first (an
     active edit's :meth:`~medit.core.edit.Edit.transform_prompts`)."""
 
-    def __init__(self, handle: "ModelHandle", batch_size: int = 32) -> None:
+    def __init__(self, handle: "ModelHandle", batch_size: int = 64, use_cache: bool = True) -> None:
         self.handle = handle
         self.tok = handle.tokenizer
         self.batch_size = max(1, int(batch_size))
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.use_cache = use_cache
+
+    @property
+    def engine(self) -> str:
+        """``"cached"`` when each prompt can be run once over a key/value cache
+        (:mod:`medit.core.prefill`), else ``"full"`` (whole-sequence passes, HF generate).
+
+        The cached engine needs a causal model with no hook anywhere: an edit that hooks a module
+        may decide from the whole sequence, which an incremental step would not show it.
+        """
+        if not self.use_cache or self.handle.is_encoder_decoder:
+            return "full"
+        from torch.nn.modules import module as nn_module
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return "full"
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.handle.model.modules())
+        return "full" if hooked else "cached"
 
     # ------------------------------------------------------------------ tokenisation
     def encode_pair(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
@@ -315,9 +336,15 @@ class Scorer:
         if transform is not None:
             prompts = transform(prompts)
         enc = [self.encode_prompt(p) for p in prompts]
+        if self.engine == "cached":
+            from .prefill import CachedRunner
+            _, _, toks = CachedRunner(self).run([], [], [(e, q.max_new_tokens) for e, q in zip(enc, queries)],
+                                                progress)
+            return [self.tok.decode(t, skip_special_tokens=True) for t in toks]
         out: list[str] = [""] * len(enc)
         finished = 0
-        for idx in self._batches(list(range(len(enc))), lambda i: len(enc[i])):
+        # Batches group equal token limits, so a short query never decodes as long as a long one.
+        for idx in self._batches(list(range(len(enc))), lambda i: (queries[i].max_new_tokens, len(enc[i]))):
             for i, text in zip(idx, self._gen_batch([enc[i] for i in idx], [queries[i].max_new_tokens for i in idx])):
                 out[i] = text
             finished += len(idx)
@@ -345,8 +372,20 @@ class Scorer:
         return [self.tok.decode(new[row].tolist()[: m + extra], skip_special_tokens=True)
                 for row, m in enumerate(max_new)]
 
+    def _run_cached(self, tf: list[TFQuery], dq: list[DistQuery], gq: list[GenQuery],
+                    prompts: Callable[[Sequence[Any]], list[str]], progress: Progress | None) -> dict:
+        from .prefill import CachedRunner
+        tf_jobs = [self.encode_pair(p, q.target) for p, q in zip(prompts(tf), tf)]
+        dist_jobs = [self.encode_prompt(p) for p in prompts(dq)]
+        gen_jobs = [(self.encode_prompt(p), q.max_new_tokens) for p, q in zip(prompts(gq), gq)]
+        tf_res, dist_res, toks = CachedRunner(self).run(tf_jobs, dist_jobs, gen_jobs, progress)
+        res: dict = dict(zip(tf, tf_res))
+        res.update(zip(dq, dist_res))
+        res.update(zip(gq, (self.tok.decode(t, skip_special_tokens=True) for t in toks)))
+        return res
+
     # ------------------------------------------------------------------ batching
-    def _batches(self, items: list[int], length: Callable[[int], int]) -> Iterator[list[int]]:
+    def _batches(self, items: list[int], length: Callable[[int], Any]) -> Iterator[list[int]]:
         """Items sorted by length (ties keep their order), cut into batches of ``batch_size``."""
         order = sorted(items, key=length)
         for start in range(0, len(order), self.batch_size):
@@ -370,6 +409,9 @@ class Scorer:
         def prompts(qs: Sequence[Any]) -> list[str]:
             ps = [q.prompt for q in qs]
             return transform(ps) if transform is not None and ps else ps
+
+        if self.engine == "cached":
+            return self._run_cached(tf, dq, gq, prompts, progress)
 
         jobs: list[tuple[list[int], list[int] | None, int, list[int]]] = []  # fed, enc, first column, target
         if self.handle.is_encoder_decoder:
