@@ -427,3 +427,24 @@ def test_eval_bad_inputs(tiny_model_dirs, one_case, tmp_path):
                         "--also-immediate", "--mode sequential", repr(mode))
     _one_line_error(runner.invoke(app, base + ["--method", "ft-l", "--score-batch-size", "0"]), "0", "--score-batch-size")
     assert not (tmp_path / "r").exists()
+
+
+def test_sequential_resume_scores_the_rest_after_every_edit(tiny_model_dirs, tmp_path):
+    """A sequential run cut off while writing its records resumes with the same edits applied
+    (all of them, in order), so the remaining cases get the values of an uninterrupted run."""
+    n = 4
+    data = _write_cases(tmp_path / "cases.jsonl", n)
+    args = ["eval", "--method", "ft-l", "--model", str(tiny_model_dirs["gpt2"]), "--dataset", str(data),
+            "--mode", "sequential", "--protocol", "exact,prob", *FT_CLI, "--no-score-cache"]
+    runner = CliRunner()
+    whole = tmp_path / "whole"
+    assert runner.invoke(app, args + ["--out", str(whole)]).exit_code == 0
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    lines = (whole / "cases.jsonl").read_text().splitlines(keepends=True)
+    (cut / "cases.jsonl").write_text("".join(lines[:2]) + lines[2][:40])  # killed mid-record
+    resumed = runner.invoke(app, args + ["--out", str(cut), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    got, want = _records(cut), _records(whole)
+    assert [r["case_id"] for r in got] == [r["case_id"] for r in want]
+    assert [r["metrics"] for r in got] == [r["metrics"] for r in want]

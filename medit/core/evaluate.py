@@ -187,7 +187,7 @@ class Evaluator:
         try:
             pre_all = self._pre_scores(requests, todo) if todo else {}
             bar = _progress(len(todo), f"{self.method.name} {cfg.mode} editing", cfg.progress)
-            for rec in self._run_mode(todo, pre_all, bar):
+            for rec in self._run_mode(todo, pre_all, bar, requests):
                 records.append(rec)
                 if writer is not None:
                     writer.write(rec)
@@ -220,7 +220,9 @@ class Evaluator:
             ctx["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return ctx
 
-    def _run_mode(self, todo: list[EditRequest], pre: dict, bar: Any) -> Any:
+    def _run_mode(self, todo: list[EditRequest], pre: dict, bar: Any, sequence: Sequence[EditRequest]) -> Any:
+        """Records for the ``todo`` cases. In sequential mode every case of ``sequence`` is edited,
+        in order, so a resumed run scores its remaining cases after the same edits as the first try."""
         mode = self.cfg.mode
         if mode == "single":
             for req in todo:
@@ -255,19 +257,22 @@ class Evaluator:
             times: list[float] = []
             now: list[dict | None] = []
             ok = False
+            wanted = {r.case_id for r in todo}
             try:
-                for req in todo:
+                for req in sequence:
                     edit, s = self._apply([req])
                     edits.append(edit)
                     times.append(s)
                     now.append(self._score([req], CompositeEdit(self.handle, edits))
-                               if self.cfg.also_immediate else None)
-                    bar.update(1)
+                               if self.cfg.also_immediate and req.case_id in wanted else None)
+                    if req.case_id in wanted:
+                        bar.update(1)
                 bar.close()
                 whole = CompositeEdit(self.handle, edits)
                 post = self._score(todo, whole, desc=f"{self.method.name} post-edit scoring")
-                for req, edit, s, imm in zip(todo, edits, times, now):
-                    yield self._case_record(req, pre, post, self._ctx(s, edit), imm)
+                for req, edit, s, imm in zip(sequence, edits, times, now):
+                    if req.case_id in wanted:
+                        yield self._case_record(req, pre, post, self._ctx(s, edit), imm)
                 ok = True
             finally:
                 if ok and self.cfg.keep_edit:
