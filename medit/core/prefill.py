@@ -97,8 +97,6 @@ class CachedRunner:
         self.model = scorer.handle.model
         params = inspect.signature(self.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        # ``logits_to_keep`` trims the head inside the model (no hook to add and remove).
-        self.keep_kw = "logits_to_keep" in params
         self.eos = scorer.tok.eos_token_id
 
     # ------------------------------------------------------------------ planning
@@ -131,7 +129,7 @@ class CachedRunner:
             groups.setdefault(p.max_new, []).append(p)
         for _, group in sorted(groups.items()):
             group.sort(key=lambda p: len(p.ids))
-            for i, j in split_sorted([len(p.ids) for p in group], self.scorer.batch_size):
+            for i, j in split_sorted([len(p.ids) for p in group], self.scorer.batch_size, TOKEN_BUDGET, BATCH_COST):
                 yield group[i:j]
 
     # ------------------------------------------------------------------ running
@@ -160,21 +158,19 @@ class CachedRunner:
         return tf_out, dist_out, gen_out
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
-                 rows: torch.Tensor, cols: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Log-probs at (rows, cols) of ``ids`` (``last_only``: every row's last column);
-        ``cache`` is extended in place."""
+                 rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Log-probs at (rows, cols) of ``ids``; ``cache`` is extended in place.
+
+        The head runs on the gathered positions as one 2-D product. (``logits_to_keep=1`` would
+        hand it a strided [batch, 1, d] view, which PyTorch multiplies as a batched product that
+        reads the 49k-row head once per sequence: 300 ms instead of 40 ms for 64 prompts.)
+        """
         dev = self.handle.device
-        kw = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "position_ids": pos.to(dev),
-              "use_cache": True, self.cache_kw: cache}
-        if self.keep_kw:
-            if last_only:
-                logits = self.model(**kw, logits_to_keep=1).logits[:, -1]
-            else:
-                logits = self.model(**kw).logits[rows.to(dev), cols.to(dev)]
-        else:
-            with self.scorer._head_at(rows.to(dev), cols.to(dev)) as picked:
-                out = self.model(**kw)
-            logits = out.logits if picked else out.logits[rows.to(dev), cols.to(dev)]
+        rows, cols = rows.to(dev), cols.to(dev)
+        with self.scorer._head_at(rows, cols) as picked:
+            out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                             use_cache=True, **{self.cache_kw: cache})
+        logits = out.logits if picked else out.logits[rows, cols]
         return logits.float().log_softmax(-1)
 
     def _new_cache(self) -> Any:
@@ -198,7 +194,7 @@ class CachedRunner:
             mask[r, width - len(p.ids):] = 1
         pos = (mask.cumsum(1) - 1).clamp_min(0)
         cache = self._new_cache()
-        last = self._forward(ids, mask, pos, cache, torch.arange(n), torch.full((n,), width - 1), last_only=True)
+        last = self._forward(ids, mask, pos, cache, torch.arange(n), torch.full((n,), width - 1))
         first = last.argmax(-1)
 
         for r, p in enumerate(batch):
