@@ -170,3 +170,37 @@ def test_tpatcher_batch_is_one_patch(tiny_handle, tmp_path):
     applied = load_patch(fresh, path)
     assert len(applied.requests) == 2 and applied.n_neurons == edit.n_neurons
     torch.testing.assert_close(_logits(fresh, queries), post, rtol=1e-5, atol=1e-5)
+
+
+def test_violated_mean_averages_only_broken_constraints():
+    from medit.plugins.methods.tpatcher import violated_mean
+    assert float(violated_mean(torch.tensor([-1.0, -0.5]))) == 0.0
+    # two violators among many satisfied rows keep their full weight (no dilution)
+    slack = torch.cat([torch.full((1000,), -2.0), torch.tensor([1.0, 3.0])])
+    assert float(violated_mean(slack)) == pytest.approx(2.0)
+
+
+def test_tpatcher_memory_from_a_dataset_silences_the_neighbour(tiny_handle, tmp_path):
+    """With ``memory_corpus`` an edit dataset, its prompts (+ true answers) and locality prompts
+    (+ answers) are the memory, and the patch stays silent on them."""
+    from medit.core.neurons import _memory_texts, target_batch, target_inputs
+    neighbour = "The capital of Germany is"
+    other = EditRequest(prompt=neighbour, subject="Germany", target_new="Rome", target_true="Berlin",
+                        locality=({"prompt": "The capital of Spain is", "answer": "Madrid"},), case_id="m1")
+    data = tmp_path / "memory.jsonl"
+    data.write_text(json.dumps(other.to_dict()) + "\n")
+    spec = f"medit-jsonl:{data}"
+    assert _memory_texts(spec, 5) == ["The capital of Germany is Berlin", "The capital of Spain is Madrid"]
+    handle = tiny_handle("llama")
+    m = get_plugins().methods.get("t-patcher")
+    hp = m.resolve_hparams(handle, overrides={**TINY["t-patcher"], "memory_corpus": spec, "memory_max_len": "64",
+                                                    "negative_subjects": "[]"})
+    edit = m.apply(handle, [REQ], hp)
+    try:
+        layer, g = edit.groups[0]
+        x_nb = target_inputs(handle, layer, target_batch(handle, [other], [[neighbour]]))
+        # row 0: the neighbour's last prompt position, which the memory text covers
+        assert bool((g.pre(x_nb[0]) < -hp.memory_margin + 1e-4).all()) and bool((g.pre(g.inputs).diagonal() > 0).all())
+        assert Scorer(handle).teacher_forced([TFQuery(REQ.prompt, REQ.target_new)])[0].exact == 1.0
+    finally:
+        edit.revert()

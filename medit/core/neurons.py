@@ -273,7 +273,10 @@ def memory_inputs(handle: "ModelHandle", layer: int, corpus: str, n_texts: int, 
     """FFN inputs at ``layer`` over every token of ``n_texts`` unrelated texts: [M, d_in].
 
     ``corpus`` is ``generated`` (texts sampled from the model itself with a fixed seed, so no data
-    is needed) or a local text/JSONL file. Cached in the handle's memo.
+    is needed), an edit dataset ``FORMAT:PATH`` (its prompts followed by their true answers and its
+    locality prompts followed by theirs: in-distribution text, as the T-Patcher paper's memory of
+    training inputs; use a split other than the one evaluated) or a local text/JSONL file. Cached
+    in the handle's memo.
     """
     key = ("neurons.memory", layer, corpus, n_texts, max_len)
     if key in handle.memo:
@@ -281,11 +284,26 @@ def memory_inputs(handle: "ModelHandle", layer: int, corpus: str, n_texts: int, 
     if corpus == "generated":
         seqs = _sampled(handle, n_texts, max_len)
     else:
-        from .stats import Corpus
-        seqs = [handle.tokenizer(t).input_ids[:max_len] for t in Corpus(corpus).paragraphs(n_texts)]
+        seqs = [handle.tokenizer(t).input_ids[:max_len] for t in _memory_texts(corpus, n_texts)]
     x = torch.cat(ffn_inputs(handle, layer, [s for s in seqs if s]))
     handle.memo[key] = x
     return x
+
+
+def _memory_texts(corpus: str, n_texts: int) -> list[str]:
+    """The first ``n_texts`` texts of a text corpus or of an edit dataset (see :func:`memory_inputs`)."""
+    from .dataset import load_dataset, parse_spec
+    fmt, _ = parse_spec(corpus)
+    if fmt is None:
+        from .stats import Corpus
+        return Corpus(corpus).paragraphs(n_texts)
+    texts: list[str] = []
+    for r in load_dataset(corpus, n=n_texts)[0]:
+        texts.append(f"{r.prompt} {r.target_true}" if r.target_true else r.prompt)
+        texts.extend(f"{pa.prompt} {pa.answer}" if pa.answer else pa.prompt for pa in r.locality)
+        if len(texts) >= n_texts:
+            break
+    return texts[:n_texts]
 
 
 @torch.no_grad()
