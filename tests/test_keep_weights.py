@@ -30,8 +30,10 @@ UNRELATED = [TFQuery("The quick brown fox jumps over the", "lazy dog"), TFQuery(
 # Tiny random models need bigger steps than trained ones; only the sizes differ.
 TINY = {
     "grace": {"layer": "1", "lr": "0.5", "steps": "100"},
+    # (A random model's activations barely tell one subject from another, so no subject-swapped
+    # negatives here: the router could not keep them out without stopping the edit.)
     "wise": {"layer": "1", "lr": "0.02", "alpha": "0.1", "beta": "1.0", "gamma": "0.5", "steps": "150",
-             "n_irrelevant": "8", "mask_ratio": "1.0", "norm_constraint": "1.0"},
+             "n_irrelevant": "8", "mask_ratio": "1.0", "norm_constraint": "1.0", "negative_subjects": "[]"},
 }
 
 
@@ -191,13 +193,7 @@ def test_ike_through_engine_and_chat_template_error(tiny_handle, pool):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [
-    "grace",
-    # Known failure, kept visible: with the untuned default hparams WISE's three sequential edits
-    # reached reliability token_acc 0.33 on SmolLM2 (clean-clone CI run, 2026-11-27). Strict, so
-    # the test fails loudly once WISE is fixed and the mark must go.
-    pytest.param("wise", marks=pytest.mark.xfail(strict=True, reason="WISE defaults not tuned for SmolLM2 (issue 5)")),
-])
+@pytest.mark.parametrize("method", ["grace", "wise"])
 def test_smollm2_sequential_counterfact(smollm2, method):
     """Three sequential CounterFact edits on SmolLM2: all take, the locality prompts' answers stay."""
     from pathlib import Path
@@ -210,3 +206,15 @@ def test_smollm2_sequential_counterfact(smollm2, method):
     assert summary["metrics"]["reliability"]["token_acc"]["post"] >= 0.9
     assert summary["metrics"]["locality"]["agreement"]["post"] >= 0.9
     assert not any(k[0] in ("grace", "wise") for k in smollm2.memo if isinstance(k, tuple))
+
+
+def test_wise_negatives_swap_the_subject(tiny_handle):
+    """WISE trains its router to leave the edit prompt about other subjects to the main memory
+    (never about the edit's own subject)."""
+    handle = tiny_handle("llama")
+    m = get_plugins().methods.get("wise")
+    hp = m.resolve_hparams(handle, overrides={"negative_subjects": "[Paris, France, the company]", "n_irrelevant": "2"})
+    _, irr, _ = m._rows(handle, REQS[0], hp)
+    scorer = Scorer(handle)
+    swapped = [scorer.encode_pair(f"The capital of {s} is", "and") for s in ("Paris", "the company")]
+    assert len(irr) == 2 + 2 and irr[2:] == swapped

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from .handle import ModelHandle
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
+#: stand-in subjects (people, places, organisations, things) for subject-swapped negatives: the
+#: edit prompt about another subject, which an edit must leave alone (T-Patcher, WISE).
+NEGATIVE_SUBJECTS = ("Paris", "Germany", "John Smith", "Microsoft", "the Beatles", "Tokyo", "Mary",
+                     "the Amazon River", "Albert", "Toyota", "Canada", "the company")
 
 
 def context_templates(handle: "ModelHandle", spec: Sequence[Sequence[int]] = ((5, 10),),
