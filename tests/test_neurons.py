@@ -204,3 +204,25 @@ def test_tpatcher_memory_from_a_dataset_silences_the_neighbour(tiny_handle, tmp_
         assert Scorer(handle).teacher_forced([TFQuery(REQ.prompt, REQ.target_new)])[0].exact == 1.0
     finally:
         edit.revert()
+
+
+def test_kn_scale_search_picks_the_smallest_scale_that_takes(tiny_handle):
+    handle = tiny_handle("llama")
+    m = get_plugins().methods.get("kn")
+    hp = m.resolve_hparams(handle, overrides={"edit_scale": "16.0", "scale_search": "true", "scale_steps": "8",
+                                              "scale_margin": "2.5", "steps": "4"})
+    queries = [TFQuery(REQ.prompt, REQ.target_new), TFQuery(REQ.prompt, REQ.target_true)]
+
+    def gap(edit) -> float:
+        new, old = Scorer(handle).teacher_forced(queries)
+        edit.revert()
+        return new.mean_logprob - old.mean_logprob
+
+    edit = m.apply(handle, [REQ], hp)
+    scale = edit.info["scale"]
+    print(f"kn: chosen scale {scale}")
+    assert scale in [16.0 / 2 ** k for k in range(8)]
+    assert gap(edit) >= 2.5 or scale == 16.0
+    if scale > 16.0 / 2 ** 7:  # half of it did not take
+        half = m.resolve_hparams(handle, overrides={"edit_scale": str(scale / 2), "scale_search": "false", "steps": "4"})
+        assert gap(m.apply(handle, [REQ], half)) < 2.5

@@ -9,9 +9,12 @@ prompt's largest one; the located neurons are the candidates shared by at least 
 the prompts (the paper's refinement), strongest first, at most ``max_neurons``.
 
 Editing (as the KN paper and EasyEdit): each located neuron's value vector (its column of
-``mlp_out``) loses ``edit_scale`` times the output embedding of the old answer's first token and
-gains ``edit_scale`` times the new answer's. A plain weight edit: reverts exactly, saves as a
-patch.
+``mlp_out``) loses ``scale`` times the output embedding of the old answer's first token and
+gains ``scale`` times the new answer's. The located neurons also fire on unrelated prompts, so
+every unit of scale costs locality: with ``scale_search`` the scale is the smallest of
+``edit_scale / 2**k`` (k = ``scale_steps - 1`` … 0) under which the edit prompt prefers the new
+answer by ``scale_margin`` nats (mean token log-prob), and ``edit_scale`` only when none does.
+A plain weight edit: reverts exactly, saves as a patch.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from medit.core.layers import resolve_layers
 from medit.core.locate import storage_factors
 from medit.core.method import Method
 from medit.core.requests import EditRequest
-from medit.core.scoring import GenQuery, Scorer
+from medit.core.scoring import GenQuery, Scorer, TFQuery
 
 
 @dataclass
@@ -54,15 +57,21 @@ class KNHParams(HParams):
     #: also attribute the request's rephrase prompts (refinement across prompts).
     refine_with_rephrase: bool = True
     max_neurons: int = 20
-    #: multiple of the answers' output embeddings moved in each value vector.
+    #: multiple of the answers' output embeddings moved in each value vector (the largest tried
+    #: with ``scale_search``).
     edit_scale: float = 2.0
+    #: use the smallest scale that makes the edit take (see the module docstring).
+    scale_search: bool = False
+    scale_steps: int = 6
+    #: nats by which the new answer's mean log-prob must beat the old one's on the edit prompt.
+    scale_margin: float = 0.5
     #: ``edit``: remove the old answer, add the new one; ``erase``: remove the old answer only.
     mode: Literal["edit", "erase"] = "edit"
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str) and self.layers != "all":
             raise HParamsError(f"hparam 'layers' must be 'all' or a list of layer indices, got {self.layers!r}")
-        for name in ("steps", "target_tokens", "max_neurons"):
+        for name in ("steps", "target_tokens", "max_neurons", "scale_steps"):
             if getattr(self, name) < 1:
                 raise HParamsError(f"hparam {name!r} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.threshold < 1:
@@ -134,16 +143,29 @@ class KnowledgeNeurons(Method):
         # A neuron adds activation x value vector: with a negative activation (gated or GELU
         # FFNs) the change goes in with the opposite sign so that it still favours the new answer.
         acts = neuron_activations(handle, req.prompt, _old_answer(handle, req), list(by_layer)) if by_layer else {}
-        factors = {}
-        for layer, idx in by_layer.items():
-            d_ff = handle.weight_out_in("mlp_out", layer).shape[1]
-            cols = torch.zeros(d_ff, len(idx), device=head.device)
-            cols[idx, torch.arange(len(idx))] = 1.0
-            sign = torch.sign(acts[layer][0, idx]).to(head.device)
-            outs = (hp.edit_scale * direction)[:, None] * sign[None, :]
-            factors[handle.param_name("mlp_out", layer)] = storage_factors(handle, outs, cols)
-        edit = WeightEdit.from_deltas(handle, self.name, [req], hp.to_dict(), factors=factors)
-        edit.info.update(neurons=[(n.layer, n.index, round(n.attribution, 6)) for n in neurons])
+
+        def make(scale: float) -> WeightEdit:
+            factors = {}
+            for layer, idx in by_layer.items():
+                d_ff = handle.weight_out_in("mlp_out", layer).shape[1]
+                cols = torch.zeros(d_ff, len(idx), device=head.device)
+                cols[idx, torch.arange(len(idx))] = 1.0
+                sign = torch.sign(acts[layer][0, idx]).to(head.device)
+                outs = (scale * direction)[:, None] * sign[None, :]
+                factors[handle.param_name("mlp_out", layer)] = storage_factors(handle, outs, cols)
+            return WeightEdit.from_deltas(handle, self.name, [req], hp.to_dict(), factors=factors)
+
+        scales = [hp.edit_scale / 2 ** k for k in reversed(range(hp.scale_steps))] if hp.scale_search and by_layer else [hp.edit_scale]
+        queries = [TFQuery(req.prompt, req.target_new), TFQuery(req.prompt, _old_answer(handle, req))]
+        for scale in scales:
+            edit = make(scale)
+            if scale == scales[-1]:
+                break
+            new, old = scorer.teacher_forced(queries)
+            if new.mean_logprob - old.mean_logprob >= hp.scale_margin:
+                break
+            edit.revert()
+        edit.info.update(neurons=[(n.layer, n.index, round(n.attribution, 6)) for n in neurons], scale=scale)
         return edit
 
 
