@@ -74,7 +74,7 @@ def _hook_count(handle) -> int:
 
 
 def _logits(handle, queries, edit=None):
-    res = Scorer(handle).teacher_forced(queries, edit.transform_prompts if edit is not None else None)
+    res = Scorer(handle, use_cache=False).teacher_forced(queries, edit.transform_prompts if edit is not None else None)
     return torch.tensor([lp for r in res for lp in r.logprobs]), res
 
 

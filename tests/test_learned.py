@@ -205,7 +205,7 @@ def test_serac_trains_and_routes_out_of_scope_queries_to_the_base_model(tiny_han
     assert loss1 < loss0
 
     req = data[0]
-    scorer = Scorer(handle)
+    scorer = Scorer(handle, use_cache=False)  # the edit hooks the model: compare like with like
     inside, outside = TFQuery(req.prompt, req.target_new), TFQuery(UNRELATED, "lazy dog")
     pre_in, pre_out = scorer.teacher_forced([inside])[0], scorer.teacher_forced([outside])[0]
     pre_gen = scorer.generate([GenQuery(UNRELATED, 4)])

@@ -96,7 +96,7 @@ class Evaluator:
         self.handle, self.method, self.hparams, self.cfg = handle, method, hparams, cfg
         registry = get_plugins().metrics
         self.metrics: list[Metric] = [registry.get(m) for m in cfg.metrics]
-        self.scorer = Scorer(handle, cfg.score_batch_size)
+        self.scorer = Scorer(handle, cfg.score_batch_size, use_cache=method.cached_scoring)
         method.check_supported(handle, cfg.mode)
         self.final_edit: Edit | None = None
 

@@ -21,6 +21,13 @@ if TYPE_CHECKING:
     from .handle import ModelHandle
 
 
+def call_cache(kwargs: dict) -> Any:
+    """The key/value cache a model call was given (``cache`` from transformers 5, before that
+    ``past_key_values``), or None."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _cache_len(cache: Any) -> int:
     if cache is None:
         return 0
@@ -52,7 +59,7 @@ class Adaptor:
     def _note(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
         enc_dec = self.handle.is_encoder_decoder
         self.mask = kwargs.get("decoder_attention_mask" if enc_dec else "attention_mask")
-        self.continuing = _cache_len(kwargs.get("past_key_values")) > 0
+        self.continuing = _cache_len(call_cache(kwargs)) > 0
 
     def _post(self, mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = args[0] if args else next(iter(kwargs.values()))

@@ -29,6 +29,10 @@ class Method:
     #: families this method refuses (e.g. ROME on T5), by adapter registry name.
     unsupported_families: ClassVar[tuple[str, ...]] = ()
     hparams_dir: ClassVar[Path | None] = None
+    #: False for methods whose edits hook modules. Their runs score with whole-sequence passes
+    #: before and after the edit alike (the cached engine cannot run a hooked model), so scores
+    #: of prompts an edit leaves alone compare bit for bit.
+    cached_scoring: ClassVar[bool] = True
 
     def apply(self, handle: "ModelHandle", requests: Sequence["EditRequest"], hparams: HParams) -> "Edit":
         raise NotImplementedError

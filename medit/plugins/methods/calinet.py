@@ -72,6 +72,7 @@ class CaliNET(Method):
     name = "calinet"
     description = "CaliNET: FFN-parallel calibration memory slots trained on the edits, base frozen"
     hparams_class = CaliNETHParams
+    cached_scoring = False  # edits hook modules
     modes = ("single", "batch", "sequential")
     hparams_dir = Path(medit.__file__).parent / "hparams" / "calinet"
 

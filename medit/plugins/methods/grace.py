@@ -179,6 +179,7 @@ class GRACE(Method):
     name = "grace"
     description = "GRACE: codebook of (key, value, radius) replacing one block's output; weights unchanged"
     hparams_class = GRACEHParams
+    cached_scoring = False  # edits hook modules
     modes = ("single", "batch", "sequential")
     hparams_dir = Path(medit.__file__).parent / "hparams" / "grace"
 

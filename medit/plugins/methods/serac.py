@@ -25,6 +25,7 @@ import medit
 from medit import hookimpl
 from medit.core.edit import Edit
 from medit.core.embed import get_embedder
+from medit.core.hooks import call_cache
 from medit.core.errors import HParamsError
 from medit.core.gradedit import outer_pairs
 from medit.core.handle import ModelHandle
@@ -119,7 +120,7 @@ class Router:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return
-        cache = kwargs.get("past_key_values")
+        cache = call_cache(kwargs)
         if self.rows is not None and cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
             return  # a generation step continues the rows marked at its first step
         n = len(self.marker)
@@ -194,6 +195,7 @@ class SERAC(LearnedMethod):
     name = "serac"
     description = "SERAC: edits in memory; a scope classifier sends in-scope queries to a counterfactual model"
     hparams_class = SERACHParams
+    cached_scoring = False  # edits hook modules
     modes = ("single", "batch", "sequential")
     hparams_dir = HPARAMS / "serac"
 

@@ -104,6 +104,7 @@ class TPatcher(Method):
     name = "t-patcher"
     description = "T-Patcher: a trainable neuron per edit in the last FFN, silent on other inputs"
     hparams_class = TPatcherHParams
+    cached_scoring = False  # edits hook modules
     modes = ("single", "batch", "sequential")
     hparams_dir = Path(medit.__file__).parent / "hparams" / "t-patcher"
 

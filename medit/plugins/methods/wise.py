@@ -260,6 +260,7 @@ class WISE(Method):
     name = "wise"
     description = "WISE: side memory of one MLP output projection with an activation router, shards and TIES merging"
     hparams_class = WISEHParams
+    cached_scoring = False  # edits hook modules
     modes = ("single", "batch", "sequential")
     hparams_dir = Path(medit.__file__).parent / "hparams" / "wise"
 
