@@ -364,9 +364,16 @@ class Scorer:
                 ids[row, :len(e)], mask[row, :len(e)] = t, 1
             else:  # left padding keeps every prompt's last token at the same position
                 ids[row, width - len(e):], mask[row, width - len(e):] = t, 1
-        gen = self.handle.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                         max_new_tokens=max(max_new), do_sample=False, num_beams=1,
-                                         pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id)
+        # generate() hands the head the last position as a strided view, which PyTorch multiplies
+        # as one product per sequence; a contiguous copy makes it one matrix product.
+        head = self.handle.module("lm_head")
+        contiguous = head.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(),) + tuple(args[1:]))
+        try:
+            gen = self.handle.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                             max_new_tokens=max(max_new), do_sample=False, num_beams=1,
+                                             pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id)
+        finally:
+            contiguous.remove()
         new = gen if self.handle.is_encoder_decoder else gen[:, width:]
         extra = 1 if self.handle.is_encoder_decoder else 0  # the decoder start token
         return [self.tok.decode(new[row].tolist()[: m + extra], skip_special_tokens=True)
