@@ -81,13 +81,14 @@ def test_fluency_through_the_evaluator(tiny_handle, monkeypatch):
     metric = get_plugins().metrics.get("fluency")
     monkeypatch.setattr(metric, "max_new_tokens", 16)  # keep the test fast on a busy CPU
     asked: list[GenQuery] = []
-    real_generate = Scorer.generate
+    real_generate, real_run = Scorer.generate, Scorer.run
 
     def spy(self, queries, *args, **kwargs):  # type: ignore[no-untyped-def]
-        asked.extend(queries)
-        return real_generate(self, queries, *args, **kwargs)
+        queries = list(queries)
+        asked.extend(q for q in queries if isinstance(q, GenQuery))
+        return real_run(self, queries, *args, **kwargs)
 
-    monkeypatch.setattr(Scorer, "generate", spy)
+    monkeypatch.setattr(Scorer, "run", spy)
     req = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome", case_id="f",
                       generation_prompts=("France is a country", "In France people"))
     method = get_plugins().methods.get("ft-m")
