@@ -46,6 +46,10 @@ def test_a_hooked_model_is_scored_with_whole_sequences(tiny_handle):
     """An edit's hook may read the whole sequence, so any hook switches the engine off."""
     h = tiny_handle("llama")
     assert Scorer(h).engine == "cached"
+    with torch.no_grad():  # transformers then keeps output-capturing hooks of its own, which change nothing
+        h.model(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True, output_attentions=True)
+    assert any(m._forward_hooks or m._forward_pre_hooks for m in h.model.modules())
+    assert Scorer(h).engine == "cached"
     hook = h.module("mlp_out", 0).register_forward_hook(lambda mod, args, out: None)
     try:
         assert Scorer(h).engine == "full"

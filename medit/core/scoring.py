@@ -114,6 +114,13 @@ def generation_matches(generated: str, target: str) -> float:
     return float(bool(t) and (g == t or g.startswith(t + " ") or g.startswith(t) and not g[len(t):len(t) + 1].isalnum()))
 
 
+def _foreign_hooks(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has hooks other than transformers' own (it installs output-capturing
+    hooks the first time hidden states are requested, keeps them, and they change nothing)."""
+    return any(not getattr(f, "__module__", "").startswith("transformers")
+               for f in (*module._forward_hooks.values(), *module._forward_pre_hooks.values()))
+
+
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -172,7 +179,7 @@ class Scorer:
         from torch.nn.modules import module as nn_module
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return "full"
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.handle.model.modules())
+        hooked = any(_foreign_hooks(m) for m in self.handle.model.modules())
         return "full" if hooked else "cached"
 
     # ------------------------------------------------------------------ tokenisation
