@@ -30,10 +30,7 @@ from medit.core.method import Method
 from medit.core.neurons import (NeuronEdit, NeuronGroup, attached_groups, memory_inputs, target_batch,
                                 target_inputs, train_groups)
 from medit.core.requests import EditRequest
-
-
-NEGATIVE_SUBJECTS = ("Paris", "Germany", "John Smith", "Microsoft", "the Beatles", "Tokyo", "Mary",
-                     "the Amazon River", "Albert", "Toyota", "Canada", "the company")
+from medit.core.context import NEGATIVE_SUBJECTS
 
 
 @dataclass
