@@ -252,7 +252,7 @@ class CachedRunner:
             for k, a in enumerate(alive):
                 _, j, limit = jobs[a]
                 t = int(tok[k])
-                if t != self.eos:
+                if t != self.eos and step < limit:
                     gen_out[j].append(t)
                 if t != self.eos and step + 1 < limit:
                     keep.append(k)
