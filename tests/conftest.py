@@ -217,11 +217,9 @@ def tiny_model_dirs(tiny_tokenizers: dict[str, Any],
 
 
 def _foreign_hooks(module: torch.nn.Module) -> list[str]:
-    """Hooks on ``module`` other than transformers' own (it installs output-capturing hooks the
-    first time hidden states are requested, and keeps them)."""
-    return [getattr(f, "__qualname__", repr(f))
-            for f in list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
-            if not getattr(f, "__module__", "").startswith("transformers")]
+    """Names of the hooks on ``module`` other than transformers' own."""
+    from medit.core.scoring import foreign_hooks
+    return [getattr(f, "__qualname__", repr(f)) for f in foreign_hooks(module)]
 
 
 @pytest.fixture(scope="session")

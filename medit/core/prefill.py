@@ -16,11 +16,12 @@ hook may look at the whole sequence, which a cached step does not show it.
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
+
+from .tracing import cache_kwarg
 
 if TYPE_CHECKING:
     from .scoring import NextToken, Scorer, TFResult
@@ -95,8 +96,7 @@ class CachedRunner:
         self.scorer = scorer
         self.handle = scorer.handle
         self.model = scorer.handle.model
-        params = inspect.signature(self.model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_kwarg(self.model.forward)
         self.eos = scorer.tok.eos_token_id
 
     # ------------------------------------------------------------------ planning
@@ -184,14 +184,8 @@ class CachedRunner:
                    gen_out: list[list[int]]) -> None:
         from .scoring import NextToken, TFResult, _F16_FLOOR
 
-        pad = self.scorer.pad_id
-        width = max(len(p.ids) for p in batch)
-        n = len(batch)
-        ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for r, p in enumerate(batch):  # left padding: every prompt ends in the last column
-            ids[r, width - len(p.ids):] = torch.tensor(p.ids)
-            mask[r, width - len(p.ids):] = 1
+        ids, mask = self.scorer._pad([p.ids for p in batch], left=True)  # every prompt ends in the last column
+        n, width = ids.shape
         pos = (mask.cumsum(1) - 1).clamp_min(0)
         cache = self._new_cache()
         last = self._forward(ids, mask, pos, cache, torch.arange(n), torch.full((n,), width - 1))
@@ -217,12 +211,8 @@ class CachedRunner:
         from .scoring import TFResult
 
         src = torch.tensor([r for r, _, _ in jobs])
-        span = max(len(t) - 1 for _, _, t in jobs)
-        ids = torch.full((len(jobs), span), self.scorer.pad_id, dtype=torch.long)
-        cmask = torch.zeros((len(jobs), span), dtype=torch.long)
-        for k, (_, _, t) in enumerate(jobs):
-            ids[k, :len(t) - 1] = torch.tensor(t[:-1])
-            cmask[k, :len(t) - 1] = 1
+        ids, cmask = self.scorer._pad([t[:-1] for _, _, t in jobs])
+        span = ids.shape[1]
         prefix = mask.index_select(0, src)
         pos = prefix.sum(1, keepdim=True) + torch.arange(span)[None, :]
         rows = torch.cat([torch.full((len(t) - 1,), k) for k, (_, _, t) in enumerate(jobs)])

@@ -114,11 +114,12 @@ def generation_matches(generated: str, target: str) -> float:
     return float(bool(t) and (g == t or g.startswith(t + " ") or g.startswith(t) and not g[len(t):len(t) + 1].isalnum()))
 
 
-def _foreign_hooks(module: torch.nn.Module) -> bool:
-    """Whether ``module`` has hooks other than transformers' own (it installs output-capturing
-    hooks the first time hidden states are requested, keeps them, and they change nothing)."""
-    return any(not getattr(f, "__module__", "").startswith("transformers")
-               for f in (*module._forward_hooks.values(), *module._forward_pre_hooks.values()))
+def foreign_hooks(module: torch.nn.Module) -> list[Callable[..., Any]]:
+    """The forward (pre-)hooks on ``module`` other than transformers' own (it installs
+    output-capturing hooks the first time hidden states are requested, keeps them, and they
+    change nothing)."""
+    return [f for f in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+            if not getattr(f, "__module__", "").startswith("transformers")]
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -179,7 +180,7 @@ class Scorer:
         from torch.nn.modules import module as nn_module
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return "full"
-        hooked = any(_foreign_hooks(m) for m in self.handle.model.modules())
+        hooked = any(foreign_hooks(m) for m in self.handle.model.modules())
         return "full" if hooked else "cached"
 
     # ------------------------------------------------------------------ tokenisation
@@ -253,14 +254,16 @@ class Scorer:
         start = self.handle.config.decoder_start_token_id
         return self.pad_id if start is None else int(start)
 
-    def _pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded ids and attention mask (positions of real tokens are unaffected)."""
+    def _pad(self, seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ids and attention mask: right-padded (positions of real tokens are unaffected),
+        or ``left``-padded (every sequence ends in the last column, as generation needs)."""
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, :len(s)] = 1
+            cols = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, cols] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, cols] = 1
         return ids, mask
 
     def target_nll(self, batch: Sequence[tuple[list[int], list[int]]], last_only: bool = False) -> torch.Tensor:
@@ -362,15 +365,9 @@ class Scorer:
     @torch.inference_mode()
     def _gen_batch(self, enc: list[list[int]], max_new: list[int]) -> list[str]:
         dev = self.handle.device
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(enc):
-            t = torch.tensor(e)
-            if self.handle.is_encoder_decoder:
-                ids[row, :len(e)], mask[row, :len(e)] = t, 1
-            else:  # left padding keeps every prompt's last token at the same position
-                ids[row, width - len(e):], mask[row, width - len(e):] = t, 1
+        # a causal prompt is left-padded so that every prompt's last token is in the same column
+        ids, mask = self._pad(enc, left=not self.handle.is_encoder_decoder)
+        width = ids.shape[1]
         # generate() hands the head the last position as a strided view, which PyTorch multiplies
         # as one product per sequence; a contiguous copy makes it one matrix product.
         head = self.handle.module("lm_head")

@@ -84,6 +84,12 @@ def run_until(handle: "ModelHandle", fn: Callable[[], Any]) -> None:
         pass
 
 
+def cache_kwarg(forward: Any) -> str:
+    """The name ``forward`` takes its key/value cache under: ``cache`` from transformers 5,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 class Above:
     """Runs the layers above an edit layer from hidden states (see :func:`layers_above`)."""
 
@@ -91,8 +97,7 @@ class Above:
         self.base = handle.model.base_model
         pos_path = handle.adapter.paths.get("pos_embed")
         self.pos = handle.model.get_submodule(pos_path) if pos_path else None
-        params = inspect.signature(self.base.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_kwarg(self.base.forward)
 
     def _embeds(self, hidden: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         # The model adds learned position embeddings to inputs_embeds; pre-subtract them.
