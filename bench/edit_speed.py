@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra hparam key=value")
     ap.add_argument("--fresh-stats", action="store_true", help="use an empty statistics cache")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, help="also profile one more edit (torch.profiler) and write its "
+                    "table of operators to this file")
     args = ap.parse_args()
 
     if args.fresh_stats:
@@ -100,6 +102,14 @@ def main() -> None:
         sync()
         per_edit.append(time.perf_counter() - t)
         edit.revert()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if handle.device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            method.apply(handle, [reqs[0]], hp).revert()
+            sync()
+        sort = "cuda_time_total" if handle.device.type == "cuda" else "cpu_time_total"
+        Path(args.profile).write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
     result = {
         "method": args.method, "model": args.model, "random_init": args.random_init,
         "device": str(handle.device), "device_name": torch.cuda.get_device_name() if handle.device.type == "cuda"

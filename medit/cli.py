@@ -268,6 +268,7 @@ def stats(model: str = ModelOpt,
           samples: int = typer.Option(1000, "--samples", help="corpus paragraphs to use"),
           max_len: int = typer.Option(128, "--max-len", help="tokens per paragraph (truncation)"),
           stats_dtype: str = typer.Option("float32", "--stats-dtype", help="accumulation dtype: float32 or float64"),
+          tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="on CUDA, TF32 matrix products for the corpus pass"),
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Precompute the key covariance statistics of the MLP rewrite layers (one pass for all layers)."""
@@ -278,8 +279,8 @@ def stats(model: str = ModelOpt,
     except ValueError:
         raise MeditError(f"--layers {layers!r} is not a comma list of integers; write e.g. --layers 4,5,6") from None
     handle = _load(model, dtype, device, None, random_init, trust_remote_code)
-    result, seconds = second_moments(handle, idx, corpus, samples, max_len, stats_dtype)
-    rows = [[layer, str(cache_file(handle, layer, corpus, samples, max_len, stats_dtype)), tuple(m.shape)]
+    result, seconds = second_moments(handle, idx, corpus, samples, max_len, stats_dtype, tf32=tf32)
+    rows = [[layer, str(cache_file(handle, layer, corpus, samples, max_len, stats_dtype, tf32)), tuple(m.shape)]
             for layer, m in sorted(result.items())]
     typer.echo(tabulate(rows, headers=["layer", "file", "shape"], tablefmt="simple"))
     typer.echo(f"computed in {seconds:.1f} s" if seconds else "all layers were cached")

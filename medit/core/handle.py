@@ -182,7 +182,7 @@ def load_model(spec: str, *, dtype: str | None = None, device: str | None = None
                          f"a .gguf file or an alias ({', '.join(sorted(all_aliases()))})")
 
     if random_init:
-        model, tok = _random_init(spec, alias, src, torch_dtype, trust_remote_code, seed)
+        model, tok = _random_init(spec, alias, src, torch_dtype, trust_remote_code, seed, dev)
     else:
         model, tok = _load_pretrained(spec, src, gguf, torch_dtype, device_map, trust_remote_code)
     adapter = adapter_for_model_type(model.config.model_type)
@@ -303,7 +303,8 @@ def _store_gguf_cache(path: Path, model: nn.Module, tok: Any) -> None:
 
 
 def _random_init(spec: str, alias: ModelAlias | None, src: str, dtype: torch.dtype,
-                 trust_remote_code: bool, seed: int) -> tuple[nn.Module, Any]:
+                 trust_remote_code: bool, seed: int,
+                 device: torch.device | None = None) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig
 
     if alias is not None:
@@ -320,18 +321,28 @@ def _random_init(spec: str, alias: ModelAlias | None, src: str, dtype: torch.dty
     if len(tok) > getattr(config, "vocab_size", len(tok)):
         config.vocab_size = len(tok)
     torch.manual_seed(seed)
-    model = _model_class(config).from_config(config, dtype=dtype)
+    # Built where it will run: initialising 7B random weights on a GPU takes seconds, on a CPU
+    # minutes (and would need the whole fp32 model in host memory first).
+    with torch.device(device if device is not None else "cpu"):
+        model = _model_class(config).from_config(config, dtype=dtype)
     return model, tok
 
 
 def _offline_tokenizer(src: str, trust_remote_code: bool) -> Any:
-    """The model's own tokenizer when reachable, else SmolLM2's (shipped offline) as a stand-in."""
+    """The model's own tokenizer when reachable, else a stand-in: the folder named by
+    ``MEDIT_TOKENIZER`` if set, else SmolLM2's (shipped offline)."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **_hub_kw(src))
     except (OSError, ValueError):
         pass
+    standin = os.environ.get("MEDIT_TOKENIZER")
+    if standin:
+        if not Path(standin).is_dir():
+            raise ModelError(f"MEDIT_TOKENIZER={standin!r} is not a folder; point it at a saved tokenizer "
+                             "folder (tokenizer.json, tokenizer_config.json) or unset it")
+        return AutoTokenizer.from_pretrained(standin)
     smol = all_aliases().get("smollm2-135m")
     local = smol.local() if smol and smol.local else None
     if local is None:

@@ -32,6 +32,8 @@ class LocateHParams:
     stats_samples: int = 1000
     stats_max_len: int = 128
     stats_dtype: str = "float32"
+    #: on CUDA, TF32 matrix products for the statistics' corpus pass (see medit.core.stats).
+    stats_tf32: bool = True
     #: context templates: (new tokens, count) pairs, plus the bare prompt.
     context_templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     #: which subject token the key is read at: ``last`` or ``first``.
@@ -69,7 +71,39 @@ class LocateHParams:
 
     def stats(self, handle: "ModelHandle", layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], float]:
         return second_moments(handle, layers, self.stats_corpus, self.stats_samples, self.stats_max_len,
-                              self.stats_dtype)
+                              self.stats_dtype, tf32=self.stats_tf32)
+
+
+class CovarianceSolver:
+    """``B -> A⁻¹ B`` for ``A = scale·C + ridge·mean(diag C)·I``, in float64. ``A`` is factorised
+    (Cholesky) once; ``factored`` is False when it is not numerically positive definite, and calls
+    then fall back to a direct solve of ``matrix``."""
+
+    def __init__(self, C: torch.Tensor, scale: float, ridge: float) -> None:
+        A = scale * C.double()
+        if ridge:
+            A.diagonal().add_(ridge * A.diagonal().mean())
+        L, info = torch.linalg.cholesky_ex(A)
+        self.factored = int(info) == 0
+        self.factor: torch.Tensor | None = L if self.factored else None
+        self.matrix: torch.Tensor | None = None if self.factored else A
+
+    def __call__(self, B: torch.Tensor) -> torch.Tensor:
+        if self.factor is not None:
+            return torch.cholesky_solve(B.double(), self.factor)
+        return torch.linalg.solve(self.matrix, B.double())
+
+
+def covariance_solver(handle: "ModelHandle", C: torch.Tensor, scale: float = 1.0, ridge: float = 0.0
+                      ) -> CovarianceSolver:
+    """The :class:`CovarianceSolver` for these statistics, kept on the handle: every later edit
+    against the same statistics costs a triangular solve (O(d²) per column) instead of a fresh
+    O(d³) factorisation."""
+    key = ("cov_factor", id(C), float(scale), float(ridge))
+    hit = handle.memo.get(key)
+    if hit is None or hit[0] is not C:  # id() alone could be reused by a later tensor
+        hit = handle.memo[key] = (C, CovarianceSolver(C, scale, ridge))
+    return hit[1]
 
 
 def storage_factors(handle: "ModelHandle", out_vecs: torch.Tensor, in_vecs: torch.Tensor

@@ -5,11 +5,19 @@ streamed pass over the corpus; the forward pass stops once the deepest requested
 traced. Results are cached on disk keyed by model fingerprint, corpus fingerprint, layer,
 sample count, max length and dtype; an entry for other settings is never reused and a corrupt
 one is recomputed.
+
+On CUDA the corpus pass uses TF32 matrix products unless ``tf32=False`` (about 4x faster on
+fp32 weights; its rounding, ~1e-3 relative per product with fp32 accumulation, is far below the
+sampling error of a 1,000-paragraph estimate). Such entries are cached under their own tag
+(``float32-tf32``). Cache files are written by a background thread so the caller can edit at
+once; a later read of the same file waits for its write.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +106,50 @@ def _cache_path(handle: "ModelHandle", corpus_fp: str, layer: int, n: int, max_l
     return cache_dir("stats") / handle.fingerprint() / corpus_fp / f"{handle.adapter.name}-mlp_out-L{layer}-n{n}-len{max_len}-{dtype}.safetensors"
 
 
+_writes: dict[Path, threading.Thread] = {}
+
+
+def _save_later(path: Path, mat: torch.Tensor, meta: dict[str, str]) -> None:
+    """Write ``mat`` to ``path`` atomically in a (non-daemon, so never cut off at exit) thread."""
+    from safetensors.torch import save_file
+
+    def write() -> None:  # ``mat`` is safe to read meanwhile: statistics are never modified in place
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"mom2": mat.contiguous().cpu()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    wait_for_writes(path)
+    t = _writes[path] = threading.Thread(target=write, name=f"medit-stats-write-{path.name}")
+    t.start()
+
+
+def wait_for_writes(path: Path | None = None) -> None:
+    """Block until the background write of ``path`` (or of every statistics file) has finished."""
+    for p in ([path] if path is not None else list(_writes)):
+        t = _writes.pop(p, None) if p is not None else None
+        if t is not None:
+            t.join()
+
+
+def effective_dtype(handle: "ModelHandle", dtype: str, tf32: bool) -> str:
+    """The cache tag for these settings: TF32 only changes results on CUDA."""
+    return f"{dtype}-tf32" if tf32 and handle.device.type == "cuda" else dtype
+
+
+@contextlib.contextmanager
+def _matmul_precision(level: str) -> Iterator[None]:
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(level)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _load_cached(path: Path, expect: dict[str, str]) -> torch.Tensor | None:
     from safetensors import safe_open
+    wait_for_writes(path)
     if not path.is_file():
         return None
     try:
@@ -114,15 +164,15 @@ def _load_cached(path: Path, expect: dict[str, str]) -> torch.Tensor | None:
 
 def second_moments(handle: "ModelHandle", layers: Sequence[int], corpus: str, n_samples: int = 1000,
                    max_len: int = 128, dtype: str = "float32", batch_size: int = 16,
-                   progress: bool = True) -> tuple[dict[int, torch.Tensor], float]:
+                   progress: bool = True, tf32: bool = True) -> tuple[dict[int, torch.Tensor], float]:
     """E[k kᵀ] of the ``mlp_out`` input at each layer, from ``n_samples`` corpus paragraphs.
 
     Returns ({layer: matrix on the model's device}, seconds spent computing; 0 when all cached).
     """
-    from safetensors.torch import save_file
-
     if dtype not in STATS_DTYPES:
         raise MeditError(f"statistics dtype {dtype!r} is not supported; use one of {', '.join(STATS_DTYPES)}")
+    acc_dtype = STATS_DTYPES[dtype]
+    dtype = effective_dtype(handle, dtype, tf32)
     for layer in layers:
         handle.check_layer(layer, what="statistics layer")
     c = Corpus(corpus)
@@ -144,24 +194,25 @@ def second_moments(handle: "ModelHandle", layers: Sequence[int], corpus: str, n_
     if not missing:
         return result, 0.0
     t0 = time.perf_counter()
-    computed, count = _compute(handle, missing, c.paragraphs(n_samples), max_len, STATS_DTYPES[dtype], batch_size, progress)
+    with _matmul_precision("high" if dtype.endswith("-tf32") else "highest"):
+        computed, count = _compute(handle, missing, c.paragraphs(n_samples), max_len, acc_dtype, batch_size, progress)
     seconds = time.perf_counter() - t0
     for layer, mat in computed.items():
         meta = {"model": handle.fingerprint(), "corpus": cfp, "corpus_spec": corpus, "layer": str(layer),
                 "n_samples": str(n_samples), "max_len": str(max_len), "dtype": dtype, "tokens": str(count),
                 "seconds": f"{seconds:.3f}"}
-        path = _cache_path(handle, cfp, layer, n_samples, max_len, dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"mom2": mat.contiguous().cpu()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        _save_later(_cache_path(handle, cfp, layer, n_samples, max_len, dtype), mat, meta)
         result[layer] = handle.memo[("mom2", layer, cfp, n_samples, max_len, dtype)] = mat
     return result, seconds
 
 
-def cache_file(handle: "ModelHandle", layer: int, corpus: str, n_samples: int, max_len: int, dtype: str) -> Path:
-    """Where the statistics for these settings are (or would be) cached."""
-    return _cache_path(handle, Corpus(corpus).fingerprint(), layer, n_samples, max_len, dtype)
+def cache_file(handle: "ModelHandle", layer: int, corpus: str, n_samples: int, max_len: int, dtype: str,
+               tf32: bool = True) -> Path:
+    """Where the statistics for these settings are (or would be) cached (once written)."""
+    path = _cache_path(handle, Corpus(corpus).fingerprint(), layer, n_samples, max_len,
+                       effective_dtype(handle, dtype, tf32))
+    wait_for_writes(path)
+    return path
 
 
 @torch.no_grad()

@@ -8,9 +8,10 @@ the new target) and *retain* (an unrelated prompt answered with its unchanged an
 demonstrations whose text is closest to the new fact (all-MiniLM-L6-v2 cosine similarity) are
 used, the closest last. Pool embeddings are computed once and cached on disk.
 
-With several facts in one edit, each prompt gets the context of the fact closest to it. With
-``scope_threshold`` set, a prompt whose similarity to every edited fact is below it is left
-unchanged (an in-scope test in the manner of SERAC's classifier; unset is the paper's setting).
+With several facts in one edit, each prompt gets the context of the fact closest to it. A prompt
+whose similarity to every edited fact is below ``scope_threshold`` is left unchanged (an
+in-scope test in the manner of SERAC's classifier). The paper puts the context in front of every
+prompt (``scope_threshold: null``), which on SmolLM2 changed 80% of unrelated answers.
 """
 from __future__ import annotations
 
@@ -47,8 +48,10 @@ class IKEHParams(HParams):
     pool_size: int = 2000
     #: wrap the context in the tokenizer's chat template (chat / instruct models).
     chat_template: bool = False
-    #: prompts less similar than this to every edited fact are left unchanged; null: never.
-    scope_threshold: float | None = None
+    #: prompts less similar than this to every edited fact are left unchanged; null: never (the
+    #: paper's setting). 0.65 was chosen on the first 300 CounterFact *train* cases: 2.0% of
+    #: neighbourhood prompts and 72.7% of paraphrases (100% of the edit prompts) pass it.
+    scope_threshold: float | None = 0.65
 
     def __post_init__(self) -> None:
         if self.k < 0:

@@ -19,7 +19,7 @@ from medit.core.errors import HParamsError
 from medit.core.handle import ModelHandle
 from medit.core.hparams import HParams
 from medit.core.layers import resolve_layers
-from medit.core.locate import LocateHParams, apply_spread
+from medit.core.locate import LocateHParams, apply_spread, covariance_solver
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 
@@ -71,8 +71,15 @@ class MEMIT(Method):
         lam = hparams.mom2_update_weight
 
         def solve(layer: int, K: torch.Tensor) -> torch.Tensor:
-            A = lam * stats[layer].double() + K.double() @ K.double().T
-            return torch.linalg.solve(A, K.double()).float()
+            # (λC + K Kᵀ)⁻¹ K = (λC)⁻¹K (I + Kᵀ(λC)⁻¹K)⁻¹ (Woodbury): only an n×n system per edit,
+            # with λC factorised once per run
+            inv = covariance_solver(handle, stats[layer], scale=lam)
+            Kd = K.double()
+            if not inv.factored:
+                return torch.linalg.solve(inv.matrix + Kd @ Kd.T, Kd).float()
+            AinvK = inv(K)
+            small = torch.eye(K.shape[1], dtype=torch.float64, device=K.device) + Kd.T @ AinvK
+            return torch.linalg.solve(small, AinvK.T).T.float()
 
         return apply_spread(handle, requests, hparams, self.name, layers, stats_s, solve)
 

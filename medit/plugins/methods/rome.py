@@ -21,7 +21,7 @@ from medit.core.errors import HParamsError
 from medit.core.handle import ModelHandle
 from medit.core.hparams import HParams
 from medit.core.layers import resolve_layers
-from medit.core.locate import LocateHParams, storage_factors
+from medit.core.locate import LocateHParams, covariance_solver, storage_factors
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.core.rewrite import delta_row_keys, optimise_deltas
@@ -53,13 +53,6 @@ class ROMEHParams(LocateHParams, HParams):
             raise HParamsError(f"hparam 'mom2_ridge' must be >= 0, got {self.mom2_ridge}")
 
 
-def ridge_solve(C: torch.Tensor, B: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(C + ridge·mean(diag C)·I)⁻¹ B in float64, for stability on near-singular covariances."""
-    C64 = C.double()
-    reg = ridge * C64.diagonal().mean() * torch.eye(C64.shape[0], dtype=C64.dtype, device=C64.device)
-    return torch.linalg.solve(C64 + reg, B.double()).to(torch.float32)
-
-
 class ROME(Method):
     name = "rome"
     description = "ROME: rank-one MLP update at one layer, covariance-weighted, consistent keys (r-ROME)"
@@ -84,7 +77,8 @@ class ROME(Method):
         spec = hp.delta_spec()
         rows = delta_row_keys(handle, req, layer, templates, spec, hp.fact_token)
         k = rows[:len(templates)].mean(0)  # k*: the key averaged over the templates
-        u = ridge_solve(C, k[:, None], hp.mom2_ridge)[:, 0] if C is not None else k
+        # float64 and a ridge: covariances of real corpora are near-singular
+        u = covariance_solver(handle, C, ridge=hp.mom2_ridge)(k[:, None])[:, 0].float() if C is not None else k
         left = u / torch.dot(u, k)  # so that ΔW k* = δ exactly
         scale = (rows @ left)[None] if hp.v_insert_scale else None
         delta, info = optimise_deltas(handle, [req], layer, templates, spec, "mlp", hp.fact_token, scale)
