@@ -14,7 +14,7 @@ from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest
 from medit.core.rewrite import DeltaSpec, compute_keys, delta_row_keys, optimise_deltas
 from medit.core.scoring import Scorer, TFQuery
-from medit.core.stats import second_moments
+from medit.core.stats import second_moments, wait_for_writes
 from medit.core.tracing import capture, layers_above, run_until
 
 CAUSAL = ("gpt2", "gptj", "gptneox", "llama")
@@ -120,6 +120,7 @@ def test_one_pass_statistics_equal_per_layer_and_cache(tiny_handle, tmp_path, mo
     assert secs > 0
     for layer in (0, 1):
         h.memo.clear()
+        wait_for_writes()  # files are written in the background
         for f in tmp_path.rglob("*.safetensors"):
             f.unlink()
         alone, _ = second_moments(h, [layer], str(CORPUS), n_samples=30, max_len=32, progress=False)
@@ -137,6 +138,7 @@ def test_one_pass_statistics_equal_per_layer_and_cache(tiny_handle, tmp_path, mo
     assert secs > 0
     # corrupt file: recomputed, not reused
     h.memo.clear()
+    wait_for_writes()
     files = sorted(tmp_path.rglob("*L0-n30-len32*.safetensors"))
     files[0].write_bytes(b"garbage")
     fixed, secs = second_moments(h, [0], str(CORPUS), n_samples=30, max_len=32, progress=False)
@@ -211,3 +213,32 @@ def test_t5_is_refused(tiny_handle):
 def test_rome_refuses_batch_mode(tiny_handle):
     with pytest.raises(MethodError, match="--mode single or --mode sequential"):
         get_plugins().methods.get("rome").check_supported(tiny_handle("gpt2"), "batch")
+
+
+def test_covariance_factor_is_memoised_and_memit_solve_matches_direct(tiny_handle):
+    from medit.core.locate import covariance_solver
+    from medit.core.stats import effective_dtype
+    from medit.plugins.methods.memit import least_squares_keys
+
+    h = tiny_handle("gpt2")
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 24, generator=g)
+    C = X.T @ X / 200
+    K = torch.randn(24, 3, generator=g)
+    inv = covariance_solver(h, C, scale=5.0, ridge=1e-3)
+    assert inv.factored and covariance_solver(h, C, scale=5.0, ridge=1e-3) is inv
+    A = 5.0 * C.double() + 1e-3 * (5.0 * C.double()).diagonal().mean() * torch.eye(24, dtype=torch.float64)
+    torch.testing.assert_close(inv(K), torch.linalg.solve(A, K.double()), rtol=1e-9, atol=1e-9)
+    direct = torch.linalg.solve(15.0 * C.double() + K.double() @ K.double().T, K.double()).float()
+    torch.testing.assert_close(least_squares_keys(h, C, 15.0, K), direct, rtol=1e-5, atol=1e-6)
+    # rank-deficient statistics: no Cholesky factor, the direct solve of λC + KKᵀ still answers
+    low = X[:, :20].T @ X[:, :20] / 200
+    C2 = torch.zeros(24, 24)
+    C2[:20, :20] = low
+    assert not covariance_solver(h, C2, scale=15.0).factored
+    K2 = torch.randn(24, 4, generator=g)
+    K2[20:] = torch.eye(4)  # the new keys span the statistics' null space: λC + KKᵀ is invertible
+    direct2 = torch.linalg.solve(15.0 * C2.double() + K2.double() @ K2.double().T, K2.double()).float()
+    torch.testing.assert_close(least_squares_keys(h, C2, 15.0, K2), direct2, rtol=1e-5, atol=1e-5)
+    # statistics computed with TF32 are cached apart only where TF32 applies
+    assert effective_dtype(h, "float32", True) == "float32"

@@ -114,7 +114,7 @@ class Above:
     def prefix(self, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> Any:
         """Key/value cache of the prefix columns (which a later change cannot affect)."""
         out = self.base(inputs_embeds=self._embeds(hidden, pos), attention_mask=mask, position_ids=pos, use_cache=True)
-        return out.past_key_values
+        return getattr(out, "cache", None) if self.cache_kw == "cache" else out.past_key_values
 
     def suffix(self, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         """Final hidden states of the suffix columns given the prefix ``cache`` (left unchanged)."""

@@ -57,6 +57,20 @@ def pick_layers(handle: ModelHandle, layers: list[int] | str) -> list[int]:
     return sorted(resolve_layers(handle, layers, auto=()))
 
 
+def least_squares_keys(handle: ModelHandle, C: torch.Tensor, lam: float, K: torch.Tensor) -> torch.Tensor:
+    """X = (λC + K Kᵀ)⁻¹ K [d_in, n], the right factor of MEMIT's update R Xᵀ.
+
+    Computed as (λC)⁻¹K (I + Kᵀ(λC)⁻¹K)⁻¹ (Woodbury): with λC factorised once per run, an edit
+    solves only an n×n system instead of factorising a d_in×d_in one."""
+    inv = covariance_solver(handle, C, scale=lam)
+    Kd = K.double()
+    if not inv.factored:
+        return torch.linalg.solve(inv.matrix + Kd @ Kd.T, Kd).float()
+    AinvK = inv(K)
+    small = torch.eye(K.shape[1], dtype=torch.float64, device=K.device) + Kd.T @ AinvK
+    return torch.linalg.solve(small, AinvK.T).T.float()
+
+
 class MEMIT(Method):
     name = "memit"
     description = "MEMIT: batch edits spread over several MLP layers by covariance-weighted least squares"
@@ -71,15 +85,7 @@ class MEMIT(Method):
         lam = hparams.mom2_update_weight
 
         def solve(layer: int, K: torch.Tensor) -> torch.Tensor:
-            # (λC + K Kᵀ)⁻¹ K = (λC)⁻¹K (I + Kᵀ(λC)⁻¹K)⁻¹ (Woodbury): only an n×n system per edit,
-            # with λC factorised once per run
-            inv = covariance_solver(handle, stats[layer], scale=lam)
-            Kd = K.double()
-            if not inv.factored:
-                return torch.linalg.solve(inv.matrix + Kd @ Kd.T, Kd).float()
-            AinvK = inv(K)
-            small = torch.eye(K.shape[1], dtype=torch.float64, device=K.device) + Kd.T @ AinvK
-            return torch.linalg.solve(small, AinvK.T).T.float()
+            return least_squares_keys(handle, stats[layer], lam, K)
 
         return apply_spread(handle, requests, hparams, self.name, layers, stats_s, solve)
 
