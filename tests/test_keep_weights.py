@@ -163,6 +163,11 @@ def test_ike_context_revert_scope_and_patch(tiny_handle, tmp_path, pool, family)
     assert len(blocks) == 3 and blocks[-1] == f"New Fact: {REQS[0].prompt} and\nPrompt: {REQS[0].prompt}"
     assert "capital" in blocks[-2]  # the most similar demonstration comes last
     assert edit.transform_prompts(["France has its capital in"])[0].endswith("Prompt: France has its capital in")
+    # The edit's own prompt is in scope however strict the threshold.
+    strict = m.apply(handle, REQS[:1], m.resolve_hparams(handle, overrides={"pool": pool, "k": "2",
+                                                                             "scope_threshold": "0.999"}))
+    assert strict.transform_prompts([REQS[0].prompt, "France has its capital in"]) == [ctx, "France has its capital in"]
+    strict.revert()
     # Out of scope: the prompt is left alone, so the logits are the unedited ones, bit for bit.
     assert edit.transform_prompts([q.prompt for q in UNRELATED]) == [q.prompt for q in UNRELATED]
     assert torch.equal(_logits(handle, UNRELATED, edit)[0], pre_unrel)

@@ -118,7 +118,9 @@ class IKEEdit(Edit):
             self._fact_emb = embed(self.facts)
         sims = embed(prompts) @ self._fact_emb.T
         best, idx = sims.max(dim=1)
-        return [int(i) if self.threshold is None or float(b) >= self.threshold else -1 for b, i in zip(best, idx)]
+        own = {r.prompt: i for i, r in enumerate(self.requests)}  # an edit's own prompt is always in scope
+        return [own[p] if p in own else int(i) if self.threshold is None or float(b) >= self.threshold else -1
+                for p, b, i in zip(prompts, best, idx)]
 
     def wrap(self, context: str, prompt: str) -> str:
         if not self.chat:
