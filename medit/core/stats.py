@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -114,10 +115,14 @@ def _save_later(path: Path, mat: torch.Tensor, meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     def write() -> None:  # ``mat`` is safe to read meanwhile: statistics are never modified in place
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"mom2": mat.contiguous().cpu()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"mom2": mat.contiguous().cpu()}, str(tmp), metadata=meta)
+            tmp.replace(path)
+        except OSError as exc:  # the statistics are in memory; only the cache entry is lost
+            tmp.unlink(missing_ok=True)
+            sys.stderr.write(f"medit: statistics not cached at {path} ({exc}); free space or set MEDIT_CACHE\n")
 
     wait_for_writes(path)
     t = _writes[path] = threading.Thread(target=write, name=f"medit-stats-write-{path.name}")
@@ -127,7 +132,7 @@ def _save_later(path: Path, mat: torch.Tensor, meta: dict[str, str]) -> None:
 def wait_for_writes(path: Path | None = None) -> None:
     """Block until the background write of ``path`` (or of every statistics file) has finished."""
     for p in ([path] if path is not None else list(_writes)):
-        t = _writes.pop(p, None) if p is not None else None
+        t = _writes.pop(p, None)
         if t is not None:
             t.join()
 
