@@ -464,3 +464,15 @@ def test_smollm2_random_init_uses_the_embedded_config(smollm2):
     assert h.adapter.name == "llama" and h.n_layers == 30 and h.lm_head_tied
     assert h.config.vocab_size == 49152
     assert not torch.equal(h.weight_out_in("mlp_out", 0), smollm2.weight_out_in("mlp_out", 0))
+
+
+def test_standin_tokenizer_folder_is_checked(tmp_path, monkeypatch):
+    from medit.core.handle import _offline_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MEDIT_TOKENIZER", str(tmp_path / "missing"))
+    with pytest.raises(ModelError, match="is not a folder"):
+        _offline_tokenizer("no-such-org/no-such-model", False)
+    monkeypatch.setenv("MEDIT_TOKENIZER", str(tmp_path))
+    with pytest.raises(ModelError, match="holds no loadable tokenizer"):
+        _offline_tokenizer("no-such-org/no-such-model", False)

@@ -342,7 +342,11 @@ def _offline_tokenizer(src: str, trust_remote_code: bool) -> Any:
         if not Path(standin).is_dir():
             raise ModelError(f"MEDIT_TOKENIZER={standin!r} is not a folder; point it at a saved tokenizer "
                              "folder (tokenizer.json, tokenizer_config.json) or unset it")
-        return AutoTokenizer.from_pretrained(standin)
+        try:
+            return AutoTokenizer.from_pretrained(standin)
+        except (OSError, ValueError):
+            raise ModelError(f"MEDIT_TOKENIZER={standin!r} holds no loadable tokenizer; point it at a folder "
+                             "written by tokenizer.save_pretrained() or unset it") from None
     smol = all_aliases().get("smollm2-135m")
     local = smol.local() if smol and smol.local else None
     if local is None:
