@@ -84,9 +84,13 @@ class CovarianceSolver:
         if ridge:
             A.diagonal().add_(ridge * A.diagonal().mean())
         L, info = torch.linalg.cholesky_ex(A)
-        self.factored = int(info) == 0
-        self.factor: torch.Tensor | None = L if self.factored else None
-        self.matrix: torch.Tensor | None = None if self.factored else A
+        ok = int(info) == 0
+        self.factor: torch.Tensor | None = L if ok else None
+        self.matrix: torch.Tensor | None = None if ok else A
+
+    @property
+    def factored(self) -> bool:
+        return self.factor is not None
 
     def __call__(self, B: torch.Tensor) -> torch.Tensor:
         if self.factor is not None:
