@@ -231,6 +231,8 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
           out: str = typer.Option(..., "--out", help="checkpoint folder to write"),
           resume: bool = typer.Option(False, "--resume", help="continue the training checkpointed in --out"),
           max_steps: Optional[int] = typer.Option(None, "--max-steps", help="cap the total number of steps (smoke runs)"),
+          max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
+                                                      help="stop (validated and checkpointed) after this much wall time"),
           n: Optional[int] = typer.Option(None, "--n", help="use only the first N training cases"),
           val_n: Optional[int] = typer.Option(None, "--val-n", help="use only the first N --val cases"),
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
@@ -254,7 +256,7 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
     handle = _load(model, dtype, device, None, random_init, trust_remote_code)
     hp = meth.resolve_hparams(handle, hparams, overrides)
     manifest = run_training(handle, meth, hp, requests, out, val=val_reqs, data_info=info, val_info=val_info,
-                            max_steps=max_steps, resume=resume, log=typer.echo)
+                            max_steps=max_steps, max_minutes=max_minutes, resume=resume, log=typer.echo)
     best = manifest["best"]
     typer.echo(f"trained {meth.name} for {manifest['step']} step(s) ({manifest['stopped']}); best validation at "
                f"step {best['step']}: " + ", ".join(f"{k} {v:.3f}" for k, v in (best["metrics"] or {}).items()))

@@ -245,3 +245,17 @@ def test_mend_trains_and_edits_smollm2(smollm2, tmp_path):
     assert changed == {f"model.layers.{i}.mlp.down_proj.weight" for i in (27, 28, 29)}
     edit.revert()
     assert all(torch.equal(v, before[k]) for k, v in smollm2.model.state_dict().items())
+
+
+def test_time_cap_stops_checkpointed_and_resumes(tiny_handle, tmp_path):
+    handle = tiny_handle("gpt2")
+    mend = get_plugins().methods.get("mend")
+    hp = hparams(mend, handle, steps=6, val_every=100)
+    capped = train(handle, mend, hp, cases(), tmp_path / "c", max_minutes=1e-9, progress=False)
+    # The step that crosses the budget is validated and checkpointed, then training stops.
+    assert capped["step"] == 1 and capped["stopped"] == "max_minutes"
+    assert [h["step"] for h in capped["history"]] == [1] and (tmp_path / "c" / EDITOR).is_file()
+    resumed = train(handle, mend, hp, cases(), tmp_path / "c", resume=True, progress=False)
+    assert resumed["step"] == 6 and resumed["stopped"] == "steps"
+    with pytest.raises(Exception, match="--max-minutes must be > 0"):
+        train(handle, mend, hp, cases(), tmp_path / "d", max_minutes=0, progress=False)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
@@ -256,12 +257,14 @@ def _data_record(info: Any, n: int) -> dict[str, Any]:
 
 def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequence["EditRequest"],
           out_dir: str | Path, *, val: Sequence["EditRequest"] | None = None, data_info: Any = None,
-          val_info: Any = None, max_steps: int | None = None, resume: bool = False,
-          progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+          val_info: Any = None, max_steps: int | None = None, max_minutes: float | None = None,
+          resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``method``'s editor on ``data`` and write a checkpoint folder; returns its manifest.
 
     Without ``val`` the last ``hparams.val_n`` cases of ``data`` are held out for validation.
-    ``max_steps`` caps the total number of steps (smoke runs). ``resume`` continues from
+    ``max_steps`` caps the total number of steps (smoke runs); ``max_minutes`` caps this call's
+    wall time: the step that crosses it is validated and checkpointed, and training stops with
+    ``stopped = "max_minutes"`` (``--resume`` goes on from there). ``resume`` continues from
     ``out_dir/last.pt`` exactly (same batches, same optimiser state).
     """
     from .. import __version__
@@ -271,6 +274,9 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
                          "editors (see `medit list methods`: mend, ke, serac)")
     if max_steps is not None and max_steps < 1:
         raise MeditError(f"--max-steps must be >= 1, got {max_steps}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise MeditError(f"--max-minutes must be > 0, got {max_minutes}")
+    deadline = time.monotonic() + 60.0 * max_minutes if max_minutes is not None else None
     data = list(data)
     if val is None:
         if hparams.val_n and len(data) <= hparams.val_n:
@@ -316,7 +322,7 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
         opt.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
         state.update(saved["state"])
-        if state["stopped"] != "early_stop":  # a step cap or a raised `steps` lets training go on
+        if state["stopped"] != "early_stop":  # a step or time cap, or a raised `steps`, lets training go on
             state["stopped"] = None
     elif resume:
         raise MeditError(f"--resume given but {str(out)!r} holds no checkpoint; drop --resume to start training")
@@ -360,7 +366,8 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
             state["loss_n"] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if state["step"] % hparams.val_every == 0 or state["step"] >= target:
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if state["step"] % hparams.val_every == 0 or state["step"] >= target or out_of_time:
                 metrics = validate(handle, method, editor, hparams, val, pre_val) if val else {"score": -state["loss_sum"] / state["loss_n"]}
                 entry = {"step": state["step"], "train_loss": state["loss_sum"] / state["loss_n"],
                          **{k: float(v) for k, v in stats.items()}, **metrics}
@@ -380,6 +387,8 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
                         state["stopped"] = "early_stop"
                 if state["step"] >= target and state["stopped"] is None:
                     state["stopped"] = "max_steps" if target < hparams.steps else "steps"
+                if out_of_time and state["stopped"] is None:
+                    state["stopped"] = "max_minutes"
                 save()
     finally:
         bar.close()
