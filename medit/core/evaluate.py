@@ -21,6 +21,7 @@ from .io import JsonlAppender, atomic_write_json, read_jsonl_tolerant
 from .method import MODES, Method
 from .metric import PROTOCOLS, Metric, mean
 from .plugins import get_plugins
+from .progress import progress_bar
 from .requests import EditRequest
 from .scoring import Scorer
 
@@ -75,9 +76,8 @@ def peak_rss_mb() -> float:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
-    """A bar counting cases (tqdm shows cases/s and the ETA); hidden when not on a terminal."""
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="case", disable=None if enabled else True, leave=False)
+    """A bar counting cases (cases/s and the ETA); periodic log lines when not on a terminal."""
+    return progress_bar(total, desc, "case", enabled)
 
 
 def _case_progress(bar: Any, n_cases: int) -> Any:

@@ -223,7 +223,7 @@ def cache_file(handle: "ModelHandle", layer: int, corpus: str, n_samples: int, m
 @torch.no_grad()
 def _compute(handle: "ModelHandle", layers: list[int], texts: list[str], max_len: int, dtype: torch.dtype,
              batch_size: int, progress: bool) -> tuple[dict[int, torch.Tensor], int]:
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     tok = handle.tokenizer
     encoded = [tok(t, truncation=True, max_length=max_len).input_ids for t in texts]
@@ -233,8 +233,8 @@ def _compute(handle: "ModelHandle", layers: list[int], texts: list[str], max_len
     acc = {layer: torch.zeros(d, d, dtype=dtype, device=handle.device) for layer in layers}
     count = 0
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    bar = tqdm(total=sum(len(e) for e in encoded), unit="tok", unit_scale=True, disable=None if progress else True,
-               desc=f"statistics L{','.join(map(str, layers))}", leave=False)
+    bar = progress_bar(sum(len(e) for e in encoded), f"statistics L{','.join(map(str, layers))}", "tok", progress,
+                       unit_scale=True)
     try:
         for start in range(0, len(order), batch_size):
             batch = [encoded[i] for i in order[start:start + batch_size]]

@@ -349,9 +349,8 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
     scorer = Scorer(handle)
     pre_val = scorer.run([TFQuery(x.prompt, x.answer) for r in val for x in r.locality if x.answer]) if val else {}
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=target, initial=min(state["step"], target), desc=f"train {method.name}", unit="step",
-               disable=None if progress else True, leave=False)
+    from .progress import progress_bar
+    bar = progress_bar(target, f"train {method.name}", "step", progress, initial=min(state["step"], target))
     try:
         while state["step"] < target and state["stopped"] is None:
             idx = batch_indices(len(data), hparams.batch_size, state["step"], hparams.seed)
