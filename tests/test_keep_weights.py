@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medit.core.edit import load_patch
+from medit.core.errors import HParamsError, MethodError
 from medit.core.evaluate import evaluate
 from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest, PromptAnswer
@@ -223,3 +224,31 @@ def test_wise_negatives_swap_the_subject(tiny_handle):
     scorer = Scorer(handle)
     swapped = [scorer.encode_pair(f"The capital of {s} is", "and") for s in ("Paris", "the company")]
     assert len(irr) == 2 + 2 and irr[2:] == swapped
+
+
+def test_wise_pool_negatives_and_replayed_negatives(tiny_handle, pool):
+    """Subjects drawn from ``negative_pool`` join the fixed ones (reproducibly per edit, never
+    the edit's own subject); the shard replays earlier edits' swapped rows; revert is exact."""
+    handle = tiny_handle("llama")
+    m = get_plugins().methods.get("wise")
+    hp = m.resolve_hparams(handle, overrides={**TINY["wise"], "steps": "3", "negative_subjects": "[Paris]",
+                                              "negative_pool": pool, "pool_negatives": "3", "replay_negatives": "2"})
+    pool_subjects = {r["subject"] for r in POOL}
+    for index in (0, 1):
+        subjects = m._negative_subjects(REQS[0], hp, index)
+        assert subjects[0] == "Paris" and len(subjects) == 4
+        assert set(subjects[1:]) <= pool_subjects and REQS[0].subject not in subjects
+        assert subjects == m._negative_subjects(REQS[0], hp, index)
+    first = m.apply(handle, REQS[:1], hp)
+    sm = handle.memo[("wise", first.layer)]
+    assert [len(rows) for rows in sm.current.replay_neg] == [2]
+    before = (sm.current.delta.clone(), list(sm.current.replay_neg))
+    second = m.apply(handle, REQS[1:2], hp)
+    assert [len(rows) for rows in sm.current.replay_neg] == [2, 2]
+    second.revert()
+    assert torch.equal(sm.current.delta, before[0]) and sm.current.replay_neg == before[1]
+    first.revert()
+    with pytest.raises(HParamsError, match="replay_negatives"):
+        m.resolve_hparams(handle, overrides={"replay_negatives": "-1"})
+    with pytest.raises(MethodError, match="negative pool"):
+        m.apply(handle, REQS[:1], m.resolve_hparams(handle, overrides={"negative_pool": "counterfact:/nope.json"}))

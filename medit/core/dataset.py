@@ -333,6 +333,24 @@ def parse_spec(spec: str | os.PathLike[str]) -> tuple[str | None, Path]:
     return None, Path(spec).expanduser()
 
 
+def resolve_packaged_spec(spec: str, what: str, hparam: str) -> str:
+    """``FORMAT:PATH`` with a relative PATH tried from the working directory, then from the medit
+    checkout (so method defaults such as ``counterfact:../shared/data/...`` work from either).
+    A missing file is a one-line MethodError naming ``what`` and the hparam that sets it."""
+    from .errors import MethodError
+
+    fmt, sep, path = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else ("", "", spec)
+    p = Path(path).expanduser()
+    if not p.exists() and not p.is_absolute():
+        alt = Path(__file__).resolve().parents[2] / path
+        if alt.exists():
+            p = alt
+    if not p.exists():
+        raise MethodError(f"{what} {path!r} does not exist; pass --set {hparam}=FORMAT:PATH "
+                          "(e.g. counterfact:../shared/data/counterfact/train.json)")
+    return f"{fmt}{sep}{p}"
+
+
 def _detect(path: Path) -> str:
     registry = _registry()
     try:

@@ -23,7 +23,7 @@ import torch
 
 import medit
 from medit import hookimpl
-from medit.core.dataset import load_dataset
+from medit.core.dataset import load_dataset, resolve_packaged_spec
 from medit.core.edit import Edit
 from medit.core.embed import embed
 from medit.core.errors import HParamsError, MethodError, PatchError
@@ -71,22 +71,9 @@ def demo(new_fact: str, prompt: str, answer: str) -> str:
     return f"New Fact: {new_fact}\nPrompt: {prompt} {answer}\n\n"
 
 
-def _pool_path(spec: str) -> str:
-    fmt, sep, path = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else ("", "", spec)
-    p = Path(path)
-    if not p.exists() and not p.is_absolute():
-        alt = Path(medit.__file__).resolve().parents[1] / path
-        if alt.exists():
-            p = alt
-    if not p.exists():
-        raise MethodError(f"IKE demonstration pool {path!r} does not exist; pass --set pool=FORMAT:PATH "
-                          "(e.g. counterfact:../shared/data/counterfact/train.json)")
-    return f"{fmt}{sep}{p}"
-
-
 def pool_demos(hp: IKEHParams) -> list[str]:
     """Copy, update and retain demonstrations of the first ``pool_size`` pool cases."""
-    reqs, _ = load_dataset(_pool_path(hp.pool), n=hp.pool_size)
+    reqs, _ = load_dataset(resolve_packaged_spec(hp.pool, "IKE demonstration pool", "pool"), n=hp.pool_size)
     out = []
     for r in reqs:
         f = fact(r)

@@ -12,7 +12,10 @@ Edits train the current *shard*: ΔW restricted to a random mask of ``mask_ratio
 by Adam on the target NLL plus margin losses that push the score of the edit prompt (under context
 prefixes) above ``beta`` and that of unrelated rows below ``alpha`` (and at least ``gamma`` under
 the edit's). Unrelated rows are text sampled from the model and the edit prompt about other
-subjects (``negative_subjects``), so that the router keys on the subject, not on the relation.
+subjects (``negative_subjects``, plus ``pool_negatives`` real subjects drawn from
+``negative_pool`` for each edit), so that the router keys on the subject, not on the relation;
+the subject-swapped rows of the shard's earlier edits are replayed too (``replay_negatives``), so
+training a later edit does not wake the router for them again.
 After ``save_freq`` edits the shard is closed and a new one starts; after ``merge_freq`` edits
 the closed shards are merged into one memory by TIES merging (trim to the ``density`` largest
 entries, elect signs, average the agreeing entries). Reverting an edit restores the state before
@@ -29,6 +32,7 @@ import torch
 import medit
 from medit import hookimpl
 from medit.core.context import NEGATIVE_SUBJECTS, context_templates, fill
+from medit.core.dataset import load_dataset, resolve_packaged_spec
 from medit.core.edit import Edit
 from medit.core.errors import HParamsError, MethodError, PatchError
 from medit.core.handle import ModelHandle
@@ -81,8 +85,15 @@ class WISEHParams(HParams):
     #: the edit prompt with its subject swapped for each of these is also sent to the main memory,
     #: so the router keys on the subject rather than on the relation's wording.
     negative_subjects: list[str] = field(default_factory=lambda: list(NEGATIVE_SUBJECTS))
+    #: dataset spec (``FORMAT:PATH``) whose subjects also stand in for the edit's subject in
+    #: unrelated rows; null: only ``negative_subjects``.
+    negative_pool: str | None = None
+    #: subjects drawn from ``negative_pool`` for each edit.
+    pool_negatives: int = 8
     #: earlier edits of the open shard replayed while training a new one (0: none).
     replay: int = 25
+    #: subject-swapped rows of each replayed edit that are replayed with it, as unrelated rows.
+    replay_negatives: int = 0
     early_stop_nll: float = 0.05
     seed: int = 0
 
@@ -93,8 +104,9 @@ class WISEHParams(HParams):
             raise HParamsError(f"hparam 'mask_ratio' must be in (0, 1], got {self.mask_ratio}")
         if not 0 < self.density <= 1:
             raise HParamsError(f"hparam 'density' must be in (0, 1], got {self.density}")
-        if self.replay < 0:
-            raise HParamsError(f"hparam 'replay' must be >= 0, got {self.replay}")
+        for name in ("replay", "replay_negatives", "pool_negatives"):
+            if getattr(self, name) < 0:
+                raise HParamsError(f"hparam {name!r} must be >= 0, got {getattr(self, name)}")
         for name in ("steps", "save_freq", "merge_freq", "n_irrelevant"):
             if getattr(self, name) < 1:
                 raise HParamsError(f"hparam {name!r} must be >= 1, got {getattr(self, name)}")
@@ -119,6 +131,8 @@ class Memory:
     count: int = 0
     #: (context ids, target ids) of the bare prompts of the edits in an open shard (replayed).
     replay: list = field(default_factory=list)
+    #: per edit of an open shard, the subject-swapped rows replayed as unrelated rows.
+    replay_neg: list = field(default_factory=list)
 
 
 class SideMemory(Adaptor):
@@ -234,9 +248,9 @@ class WiseEdit(Edit):
             closed, current, cur_state, total = self.before
             sm.closed, sm.current, sm.total = closed, current, total
             if current is not None:
-                vals, min_act, count, replay = cur_state
+                vals, min_act, count, replay, replay_neg = cur_state
                 current.delta[current.mask] = vals
-                current.min_act, current.count, current.replay = min_act, count, replay
+                current.min_act, current.count, current.replay, current.replay_neg = min_act, count, replay, replay_neg
             if total == 0:
                 sm.closed, sm.current = [], None
             release(self.handle, self.key)
@@ -272,7 +286,8 @@ class WISE(Method):
         sm.hp = hp
         edit = WiseEdit(handle, self.name, requests, hp.to_dict(), layer)
         cur = sm.current
-        edit.before = (list(sm.closed), cur, (cur.delta[cur.mask].clone(), cur.min_act, cur.count, cur.replay) if cur else None,
+        edit.before = (list(sm.closed), cur,
+                       (cur.delta[cur.mask].clone(), cur.min_act, cur.count, cur.replay, cur.replay_neg) if cur else None,
                        sm.total)
         try:
             infos = [self._one(handle, sm, r, hp) for r in requests]
@@ -283,7 +298,26 @@ class WISE(Method):
         edit.info.update(layer=layer, edits=infos)
         return edit
 
-    def _rows(self, handle: ModelHandle, req: EditRequest, hp: WISEHParams) -> tuple[list, list, list]:
+    def _pool_subjects(self, hp: WISEHParams) -> list[str]:
+        """Distinct subjects of ``hp.negative_pool`` (read once per pool)."""
+        if not hp.negative_pool:
+            return []
+        cache = self.__dict__.setdefault("_pools", {})
+        if hp.negative_pool not in cache:
+            reqs, _ = load_dataset(resolve_packaged_spec(hp.negative_pool, "WISE negative pool", "negative_pool"))
+            cache[hp.negative_pool] = sorted({r.subject for r in reqs})
+        return cache[hp.negative_pool]
+
+    def _negative_subjects(self, req: EditRequest, hp: WISEHParams, index: int) -> list[str]:
+        subjects = [s for s in hp.negative_subjects if s != req.subject]
+        pool = [s for s in self._pool_subjects(hp) if s != req.subject]
+        if pool and hp.pool_negatives:
+            g = torch.Generator().manual_seed(hp.seed * 1_000_003 + index)  # reproducible per edit
+            picks = torch.randperm(len(pool), generator=g)[:hp.pool_negatives].tolist()
+            subjects += [pool[i] for i in picks]
+        return subjects
+
+    def _rows(self, handle: ModelHandle, req: EditRequest, hp: WISEHParams, index: int = 0) -> tuple[list, list, list]:
         scorer = Scorer(handle)
         if handle.is_encoder_decoder:  # (templates are sampled from a causal LM's continuations)
             templates = ["{}"] + [f"{t}. {{}}" for t in NEUTRAL[:2]]
@@ -298,20 +332,22 @@ class WISE(Method):
             ids = handle.tokenizer(t).input_ids
             irr.append((ids[:-1], ids[-1:]) if not handle.is_encoder_decoder else (ids, ids[:2]))
         irr += [scorer.encode_pair(req.prompt.replace(req.subject, s), req.target_new)
-                for s in hp.negative_subjects if s != req.subject]
+                for s in self._negative_subjects(req, hp, index)]
         return edit_pairs, irr, templates
 
     def _one(self, handle: ModelHandle, sm: SideMemory, req: EditRequest, hp: WISEHParams) -> dict[str, Any]:
         if sm.current is None:
             sm.current = sm.new_shard()
         mem = sm.current
-        edit_pairs, irr, _ = self._rows(handle, req, hp)
+        edit_pairs, irr, _ = self._rows(handle, req, hp, sm.total)
+        swapped = irr[len(irr) - len(self._negative_subjects(req, hp, sm.total)):]
         # Earlier edits of this shard are replayed so that training the shard on this edit
         # does not overwrite them (the WISE paper's replay, restricted to the open shard).
         replay = mem.replay[-hp.replay:] if hp.replay else []
-        lm = LayerwiseLM(handle, edit_pairs + replay + irr, sm.layer)
+        old_neg = [row for rows_ in (mem.replay_neg[-hp.replay:] if hp.replay else []) for row in rows_]
+        lm = LayerwiseLM(handle, edit_pairs + replay + irr + old_neg, sm.layer)
         n_in = len(edit_pairs) + len(replay)
-        rows = torch.zeros(n_in + len(irr), device=handle.device)
+        rows = torch.zeros(n_in + len(irr) + len(old_neg), device=handle.device)
         rows[:n_in] = 1.0
         sm.mask = lm.mask
         sm.continuing = False
@@ -359,6 +395,8 @@ class WISE(Method):
         mem.min_act = s_in_min if len(replay) == mem.count else min(mem.min_act, s_in_min)
         mem.count += 1
         mem.replay = mem.replay + [edit_pairs[0]]
+        if hp.replay_negatives:  # the last ones: the pool's subjects when there is a pool
+            mem.replay_neg = mem.replay_neg + [swapped[-hp.replay_negatives:]]
         sm.total += 1
         info.update(steps=step, nll=float(nll.detach()), score_in=s_in_min, score_out=float(s_out.detach().max()))
         if mem.count >= hp.save_freq:
