@@ -42,6 +42,7 @@ from medit.core.layers import resolve_layers
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.core.scoring import Scorer
+from medit.core.tracing import capture, run_until
 
 AUTO_DEPTH = 0.85
 #: unrelated sentences for models whose own text cannot be sampled cheaply (encoder-decoders).
@@ -335,6 +336,20 @@ class WISE(Method):
                 for s in self._negative_subjects(req, hp, index)]
         return edit_pairs, irr, templates
 
+    @staticmethod
+    def _activations(handle: ModelHandle, sm: SideMemory, pairs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input a, main output W a, token mask) of the side memory's projection for ``pairs``
+        fed as the LM batch feeds them. A row's activation score needs only these, and they do
+        not depend on ΔW, so the unrelated rows are run once per edit up to the projection
+        instead of through the upper layers at every step."""
+        with torch.no_grad(), capture(handle, "mlp_out", [sm.layer], what="input", stop=True) as store:
+            run_until(handle, lambda: Scorer(handle).selected_logits(pairs))
+        a = store[sm.layer].detach()
+        tmask = sm.token_mask(a)  # the base model's pre-hook noted this call's mask
+        w = handle.weight_out_in("mlp_out", sm.layer)
+        bias = getattr(sm.module, "bias", None)
+        return a, torch.nn.functional.linear(a, w.to(a.dtype), None if bias is None else bias.to(a.dtype)), tmask
+
     def _one(self, handle: ModelHandle, sm: SideMemory, req: EditRequest, hp: WISEHParams) -> dict[str, Any]:
         if sm.current is None:
             sm.current = sm.new_shard()
@@ -345,10 +360,10 @@ class WISE(Method):
         # does not overwrite them (the WISE paper's replay, restricted to the open shard).
         replay = mem.replay[-hp.replay:] if hp.replay else []
         old_neg = [row for rows_ in (mem.replay_neg[-hp.replay:] if hp.replay else []) for row in rows_]
-        lm = LayerwiseLM(handle, edit_pairs + replay + irr + old_neg, sm.layer)
+        a_out, y_out, m_out = self._activations(handle, sm, irr + old_neg)
+        lm = LayerwiseLM(handle, edit_pairs + replay, sm.layer)
         n_in = len(edit_pairs) + len(replay)
-        rows = torch.zeros(n_in + len(irr) + len(old_neg), device=handle.device)
-        rows[:n_in] = 1.0
+        rows = torch.ones(n_in, device=handle.device)
         sm.mask = lm.mask
         sm.continuing = False
         start = mem.delta.detach().clone()
@@ -363,13 +378,13 @@ class WISE(Method):
                     sm.training = (Memory(delta, mem.mask), rows)
                     sm.mask = lm.mask
                     logits = lm.logits()
-                    nll = lm.row_nll(logits)[:n_in].mean()
-                    s = sm.train_scores
-                    s_in, s_out = s[:n_in], s[n_in:]
+                    nll = lm.row_nll(logits).mean()
+                    s_in = sm.train_scores
+                    s_out = sm.scores(a_out, y_out, delta, m_out)[1]
                     act = (torch.relu(s_out - hp.alpha).mean() + torch.relu(hp.beta - s_in).mean()
                            + torch.relu(s_out.max() - s_in + hp.gamma).mean())
                     loss = nll + act
-                    ok = bool(lm.row_correct(logits)[:n_in].all()) and float(nll.detach()) < hp.early_stop_nll
+                    ok = bool(lm.row_correct(logits).all()) and float(nll.detach()) < hp.early_stop_nll
                     # (``alpha`` only regularises: the router needs the edit above ``beta`` and
                     # ``gamma`` above every unrelated row, not the unrelated rows near zero.)
                     lo = float(s_in.detach().min())
