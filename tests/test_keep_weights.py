@@ -34,7 +34,8 @@ TINY = {
     # (A random model's activations barely tell one subject from another, so no subject-swapped
     # negatives here: the router could not keep them out without stopping the edit.)
     "wise": {"layer": "1", "lr": "0.02", "alpha": "0.1", "beta": "1.0", "gamma": "0.5", "steps": "150",
-             "n_irrelevant": "8", "mask_ratio": "1.0", "norm_constraint": "1.0", "negative_subjects": "[]"},
+             "n_irrelevant": "8", "mask_ratio": "1.0", "norm_constraint": "1.0", "negative_subjects": "[]",
+             "negative_pool": "null"},
 }
 
 
@@ -219,7 +220,8 @@ def test_wise_negatives_swap_the_subject(tiny_handle):
     (never about the edit's own subject)."""
     handle = tiny_handle("llama")
     m = get_plugins().methods.get("wise")
-    hp = m.resolve_hparams(handle, overrides={"negative_subjects": "[Paris, France, the company]", "n_irrelevant": "2"})
+    hp = m.resolve_hparams(handle, overrides={"negative_subjects": "[Paris, France, the company]", "n_irrelevant": "2",
+                                              "negative_pool": "null"})
     _, irr, _ = m._rows(handle, REQS[0], hp)
     scorer = Scorer(handle)
     swapped = [scorer.encode_pair(f"The capital of {s} is", "and") for s in ("Paris", "the company")]

@@ -333,10 +333,15 @@ def parse_spec(spec: str | os.PathLike[str]) -> tuple[str | None, Path]:
     return None, Path(spec).expanduser()
 
 
-def resolve_packaged_spec(spec: str, what: str, hparam: str) -> str:
+#: the CounterFact train split next to a checkout: IKE's demonstration pool, WISE's negative subjects.
+COUNTERFACT_TRAIN = "counterfact:../shared/data/counterfact/train.json"
+
+
+def resolve_packaged_spec(spec: str, what: str, hparam: str, optional: bool = False) -> str:
     """``FORMAT:PATH`` with a relative PATH tried from the working directory, then from the medit
     checkout (so method defaults such as ``counterfact:../shared/data/...`` work from either).
-    A missing file is a one-line MethodError naming ``what`` and the hparam that sets it."""
+    A missing file is a one-line MethodError naming ``what`` and the hparam that sets it (and,
+    when ``optional``, that null turns it off)."""
     from .errors import MethodError
 
     fmt, sep, path = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else ("", "", spec)
@@ -346,8 +351,9 @@ def resolve_packaged_spec(spec: str, what: str, hparam: str) -> str:
         if alt.exists():
             p = alt
     if not p.exists():
+        alt_fix = f", or --set {hparam}=null to go without" if optional else ""
         raise MethodError(f"{what} {path!r} does not exist; pass --set {hparam}=FORMAT:PATH "
-                          "(e.g. counterfact:../shared/data/counterfact/train.json)")
+                          f"(e.g. counterfact:../shared/data/counterfact/train.json){alt_fix}")
     return f"{fmt}{sep}{p}"
 
 

@@ -23,7 +23,7 @@ import torch
 
 import medit
 from medit import hookimpl
-from medit.core.dataset import load_dataset, resolve_packaged_spec
+from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged_spec
 from medit.core.edit import Edit
 from medit.core.embed import embed
 from medit.core.errors import HParamsError, MethodError, PatchError
@@ -32,7 +32,7 @@ from medit.core.hparams import HParams
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 
-DEFAULT_POOL = "counterfact:../shared/data/counterfact/train.json"
+DEFAULT_POOL = COUNTERFACT_TRAIN
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 import medit
 from medit import hookimpl
 from medit.core.context import NEGATIVE_SUBJECTS, context_templates, fill
-from medit.core.dataset import load_dataset, resolve_packaged_spec
+from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged_spec
 from medit.core.edit import Edit
 from medit.core.errors import HParamsError, MethodError, PatchError
 from medit.core.handle import ModelHandle
@@ -87,14 +87,15 @@ class WISEHParams(HParams):
     #: so the router keys on the subject rather than on the relation's wording.
     negative_subjects: list[str] = field(default_factory=lambda: list(NEGATIVE_SUBJECTS))
     #: dataset spec (``FORMAT:PATH``) whose subjects also stand in for the edit's subject in
-    #: unrelated rows; null: only ``negative_subjects``.
-    negative_pool: str | None = None
+    #: unrelated rows (relative paths: from the working directory, then the checkout); null: only
+    #: ``negative_subjects``.
+    negative_pool: str | None = COUNTERFACT_TRAIN
     #: subjects drawn from ``negative_pool`` for each edit.
     pool_negatives: int = 8
     #: earlier edits of the open shard replayed while training a new one (0: none).
     replay: int = 25
     #: subject-swapped rows of each replayed edit that are replayed with it, as unrelated rows.
-    replay_negatives: int = 0
+    replay_negatives: int = 2
     early_stop_nll: float = 0.05
     seed: int = 0
 
@@ -305,7 +306,8 @@ class WISE(Method):
             return []
         cache = self.__dict__.setdefault("_pools", {})
         if hp.negative_pool not in cache:
-            reqs, _ = load_dataset(resolve_packaged_spec(hp.negative_pool, "WISE negative pool", "negative_pool"))
+            reqs, _ = load_dataset(resolve_packaged_spec(hp.negative_pool, "WISE negative pool", "negative_pool",
+                                                    optional=True))
             cache[hp.negative_pool] = sorted({r.subject for r in reqs})
         return cache[hp.negative_pool]
 
