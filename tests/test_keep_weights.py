@@ -222,7 +222,8 @@ def test_wise_negatives_swap_the_subject(tiny_handle):
     m = get_plugins().methods.get("wise")
     hp = m.resolve_hparams(handle, overrides={"negative_subjects": "[Paris, France, the company]", "n_irrelevant": "2",
                                               "negative_pool": "null"})
-    _, irr, _ = m._rows(handle, REQS[0], hp)
+    _, texts, swapped_rows = m._rows(handle, REQS[0], hp)
+    irr = texts + swapped_rows
     scorer = Scorer(handle)
     swapped = [scorer.encode_pair(f"The capital of {s} is", "and") for s in ("Paris", "the company")]
     assert len(irr) == 2 + 2 and irr[2:] == swapped

@@ -148,9 +148,9 @@ class SideMemory(Adaptor):
         self.current: Memory | None = None
         self.total = 0
         self.routes: torch.Tensor | None = None  # last fresh call's choice per row (-1: main)
-        #: while training: (memory being trained, float mask of rows it applies to); scores of
-        #: every row of the call are left in ``train_scores``.
-        self.training: tuple[Memory, torch.Tensor] | None = None
+        #: while training: the memory being trained, applied to every row of the call (the edit's
+        #: own rows); their scores are left in ``train_scores``.
+        self.training: Memory | None = None
         self.train_scores: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(hp.seed)
 
@@ -176,10 +176,9 @@ class SideMemory(Adaptor):
     def rewrite(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tmask = self.token_mask(y)
         if self.training is not None:
-            mem, rows = self.training
-            side, s = self.scores(x, y, mem.delta, tmask)
+            side, s = self.scores(x, y, self.training.delta, tmask)
             self.train_scores = s
-            return y + side * rows[:, None, None].to(side.dtype)
+            return y + side.to(y.dtype)
         mems = self.memories()
         if not mems:
             return y
@@ -321,6 +320,8 @@ class WISE(Method):
         return subjects
 
     def _rows(self, handle: ModelHandle, req: EditRequest, hp: WISEHParams, index: int = 0) -> tuple[list, list, list]:
+        """(edit prompt under each context template, sampled unrelated texts, the edit prompt
+        about other subjects) as (context ids, target ids) pairs."""
         scorer = Scorer(handle)
         if handle.is_encoder_decoder:  # (templates are sampled from a causal LM's continuations)
             templates = ["{}"] + [f"{t}. {{}}" for t in NEUTRAL[:2]]
@@ -330,13 +331,13 @@ class WISE(Method):
             irr_texts = [t.replace("{}", "").strip()
                          for t in context_templates(handle, [(12, hp.n_irrelevant)], seed=hp.seed + 1)[1:]]
         edit_pairs = [scorer.encode_pair(fill(t, req.prompt)[0], req.target_new) for t in templates]
-        irr = []
+        texts = []
         for t in irr_texts:
             ids = handle.tokenizer(t).input_ids
-            irr.append((ids[:-1], ids[-1:]) if not handle.is_encoder_decoder else (ids, ids[:2]))
-        irr += [scorer.encode_pair(req.prompt.replace(req.subject, s), req.target_new)
-                for s in self._negative_subjects(req, hp, index)]
-        return edit_pairs, irr, templates
+            texts.append((ids[:-1], ids[-1:]) if not handle.is_encoder_decoder else (ids, ids[:2]))
+        swapped = [scorer.encode_pair(req.prompt.replace(req.subject, s), req.target_new)
+                   for s in self._negative_subjects(req, hp, index)]
+        return edit_pairs, texts, swapped
 
     @staticmethod
     def _activations(handle: ModelHandle, sm: SideMemory, pairs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -356,16 +357,13 @@ class WISE(Method):
         if sm.current is None:
             sm.current = sm.new_shard()
         mem = sm.current
-        edit_pairs, irr, _ = self._rows(handle, req, hp, sm.total)
-        swapped = irr[len(irr) - len(self._negative_subjects(req, hp, sm.total)):]
+        edit_pairs, texts, swapped = self._rows(handle, req, hp, sm.total)
         # Earlier edits of this shard are replayed so that training the shard on this edit
         # does not overwrite them (the WISE paper's replay, restricted to the open shard).
         replay = mem.replay[-hp.replay:] if hp.replay else []
         old_neg = [row for rows_ in (mem.replay_neg[-hp.replay:] if hp.replay else []) for row in rows_]
-        a_out, y_out, m_out = self._activations(handle, sm, irr + old_neg)
+        a_out, y_out, m_out = self._activations(handle, sm, texts + swapped + old_neg)
         lm = LayerwiseLM(handle, edit_pairs + replay, sm.layer)
-        n_in = len(edit_pairs) + len(replay)
-        rows = torch.ones(n_in, device=handle.device)
         sm.mask = lm.mask
         sm.continuing = False
         start = mem.delta.detach().clone()
@@ -377,7 +375,7 @@ class WISE(Method):
         try:
             with lm.session():
                 for step in range(hp.steps + 1):
-                    sm.training = (Memory(delta, mem.mask), rows)
+                    sm.training = Memory(delta, mem.mask)
                     sm.mask = lm.mask
                     logits = lm.logits()
                     nll = lm.row_nll(logits).mean()
