@@ -255,3 +255,40 @@ def test_wise_pool_negatives_and_replayed_negatives(tiny_handle, pool):
         m.resolve_hparams(handle, overrides={"replay_negatives": "-1"})
     with pytest.raises(MethodError, match="negative pool"):
         m.apply(handle, REQS[:1], m.resolve_hparams(handle, overrides={"negative_pool": "counterfact:/nope.json"}))
+
+
+def test_wise_subject_gate(tiny_handle, tmp_path):
+    """The subject gate passes a row only when a token after its first real one matches a key
+    (the first token is skipped, padding never matches); without keys or with ``key_gate: null``
+    every row passes. Edits record one unit key per context template."""
+    from medit.plugins.methods.wise import Memory
+    handle = tiny_handle("llama")
+    m = get_plugins().methods.get("wise")
+    hp = m.resolve_hparams(handle, overrides={**TINY["wise"], "steps": "2"})
+    edit = m.apply(handle, REQS[:1], hp)
+    sm = handle.memo[("wise", edit.layer)]
+    mem = sm.memories()[0]
+    assert mem.keys is not None and mem.keys.shape[0] == len(m._templates(handle, hp)[0])
+    torch.testing.assert_close(mem.keys.norm(dim=-1), torch.ones(mem.keys.shape[0]))
+    d = mem.keys.shape[1]
+    key = torch.zeros(d)
+    key[0] = 1.0
+    other = torch.zeros(d)
+    other[1] = 1.0
+    x = torch.stack([torch.stack([other, other, 3 * key]),   # match at a later token
+                     torch.stack([key, other, other]),       # match only at the first token
+                     torch.stack([other, key, other]),       # left-padded: the match is the first real token
+                     torch.stack([other, other, key])])      # the match is padding
+    tmask = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.float32)
+    gated = Memory(torch.zeros(1), None, keys=key[None])
+    assert sm.gate(x, tmask, gated).tolist() == [True, False, False, False]
+    assert sm.gate(x, tmask, Memory(torch.zeros(1), None)).all()
+    sm.hp = m.resolve_hparams(handle, overrides={**TINY["wise"], "key_gate": "null"})
+    assert sm.gate(x, tmask, gated).all()
+    fresh = tiny_handle("llama", fresh=True)
+    applied = load_patch(fresh, edit.save(tmp_path / "p.patch"))
+    assert torch.equal(fresh.memo[("wise", edit.layer)].memories()[0].keys, mem.keys)
+    applied.revert()
+    edit.revert()
+    with pytest.raises(HParamsError, match="key_gate"):
+        m.resolve_hparams(handle, overrides={"key_gate": "2"})

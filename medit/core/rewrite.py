@@ -91,6 +91,15 @@ def compute_keys(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: S
 
 
 @torch.no_grad()
+def template_keys(handle: "ModelHandle", req: "EditRequest", layer: int, templates: Sequence[str],
+                  which: str = "last") -> tuple[torch.Tensor, list[int]]:
+    """The rewrite module's input at the subject token of ``req.prompt`` under each template
+    ([len(templates), d_in]), and that token's position in each row."""
+    seqs, lookup, _ = _subject_rows(handle, [req], templates, which)
+    return _row_keys(handle, seqs, lookup, [layer])[0][layer], lookup
+
+
+@torch.no_grad()
 def delta_row_keys(handle: "ModelHandle", req: "EditRequest", layer: int, templates: Sequence[str],
                    spec: "DeltaSpec", which: str = "last") -> torch.Tensor:
     """The rewrite module's input at the subject token of every row the target-vector

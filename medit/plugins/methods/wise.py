@@ -8,6 +8,14 @@ the memory with the highest score when that score exceeds the memory's threshold
 times the lowest score of its edits' prompts), else to the main memory, whose output is then
 exactly the unedited one. Generation keeps the routing decided on the prompt.
 
+The router also has a subject gate (``key_gate``, a medit addition to the paper's router): a memory
+keeps, for each of its edits, the projection's input at the subject's last token of the edit
+prompt (bare and under each context prefix), and a sequence may go to that memory only if one of
+its tokens after the first has cosine similarity at least ``key_gate`` to one of those keys. The
+score alone does not keep out prompts of the same relation about other subjects (CounterFact's
+neighbourhood prompts), which the gate does; the first token is skipped because its activation
+is much the same in every sequence (an attention sink).
+
 Edits train the current *shard*: ΔW restricted to a random mask of ``mask_ratio`` of the entries,
 by Adam on the target NLL plus margin losses that push the score of the edit prompt (under context
 prefixes) above ``beta`` and that of unrelated rows below ``alpha`` (and at least ``gamma`` under
@@ -41,6 +49,7 @@ from medit.core.hparams import HParams
 from medit.core.layers import resolve_layers
 from medit.core.method import Method
 from medit.core.requests import EditRequest
+from medit.core.rewrite import template_keys
 from medit.core.scoring import Scorer
 from medit.core.tracing import capture, run_until
 
@@ -74,6 +83,10 @@ class WISEHParams(HParams):
     #: routing threshold: this fraction of the lowest score of the memory's edit prompts (those of
     #: the open shard are re-scored after each edit, as training it moves their scores).
     act_ratio: float = 0.88
+    #: subject gate: least cosine similarity between a token (after the first) of a sequence and
+    #: one of a memory's subject keys for the router to consider that memory; null: no gate (the
+    #: paper's router). Causal models only.
+    key_gate: float | None = 0.9
     #: edits per shard, and edits between merges of the closed shards.
     save_freq: int = 25
     merge_freq: int = 100
@@ -118,6 +131,8 @@ class WISEHParams(HParams):
         for name in ("lr", "norm_constraint", "act_ratio"):
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparam {name!r} must be > 0, got {getattr(self, name)}")
+        if self.key_gate is not None and not -1 <= self.key_gate <= 1:
+            raise HParamsError(f"hparam 'key_gate' must be a cosine similarity in [-1, 1] or null, got {self.key_gate}")
         if not self.beta > self.alpha >= 0:
             raise HParamsError(f"hparams must satisfy beta > alpha >= 0, got alpha={self.alpha}, beta={self.beta}")
 
@@ -125,12 +140,14 @@ class WISEHParams(HParams):
 @dataclass
 class Memory:
     """One side memory: ΔW in (out, in) orientation, the mask it may change (None: merged), the
-    lowest in-scope score of its edits and how many edits it holds."""
+    lowest in-scope score of its edits, how many edits it holds and its edits' unit subject keys
+    [n, d_in] for the subject gate (None: no gate)."""
 
     delta: torch.Tensor
     mask: torch.Tensor | None
     min_act: float = float("inf")
     count: int = 0
+    keys: torch.Tensor | None = None
     #: (context ids, target ids) of the bare prompts of the edits in an open shard (replayed).
     replay: list = field(default_factory=list)
     #: per edit of an open shard, the subject-swapped rows replayed as unrelated rows.
@@ -192,7 +209,7 @@ class SideMemory(Adaptor):
             for i, m in enumerate(mems):
                 side, s = self.scores(x, y, m.delta, tmask)
                 sides[i] = side
-                take = (s > self.hp.act_ratio * m.min_act) & (s > best_s)
+                take = (s > self.hp.act_ratio * m.min_act) & (s > best_s) & self.gate(x, tmask, m)
                 best = torch.where(take, torch.full_like(best, i), best)
                 best_s = torch.where(take, s, best_s)
             routes = self.routes = best
@@ -204,6 +221,16 @@ class SideMemory(Adaptor):
             if bool(rows.any()):
                 out[rows] = y[rows] + side[rows].to(y.dtype)
         return out
+
+    def gate(self, x: torch.Tensor, tmask: torch.Tensor, m: Memory) -> torch.Tensor:
+        """[B] bool: rows with a token after their first whose input is within ``key_gate`` (cosine)
+        of one of ``m``'s subject keys (all True without a gate)."""
+        if self.hp.key_gate is None or m.keys is None or not len(m.keys):
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        real = tmask > 0
+        later = real & (real.long().cumsum(1) > 1)
+        sim = torch.nn.functional.normalize(x.float(), dim=-1) @ m.keys.to(x.device).T
+        return (sim.amax(-1).masked_fill(~later, -2.0).amax(1) >= self.hp.key_gate)
 
     def new_shard(self) -> Memory:
         w = self.handle.weight_out_in("mlp_out", self.layer)
@@ -249,9 +276,10 @@ class WiseEdit(Edit):
             closed, current, cur_state, total = self.before
             sm.closed, sm.current, sm.total = closed, current, total
             if current is not None:
-                vals, min_act, count, replay, replay_neg = cur_state
+                vals, min_act, count, replay, replay_neg, keys = cur_state
                 current.delta[current.mask] = vals
                 current.min_act, current.count, current.replay, current.replay_neg = min_act, count, replay, replay_neg
+                current.keys = keys
             if total == 0:
                 sm.closed, sm.current = [], None
             release(self.handle, self.key)
@@ -264,6 +292,7 @@ class WiseEdit(Edit):
                              "together (medit edit --mode batch)")
         mems = sm.memories()
         tensors = {f"delta.{i}": m.delta for i, m in enumerate(mems)}
+        tensors.update({f"keys.{i}": m.keys for i, m in enumerate(mems) if m.keys is not None})
         extra = {"layer": self.layer, "min_act": [m.min_act for m in mems], "counts": [m.count for m in mems],
                  "base_fingerprint": self.handle.fingerprint(),
                  "note": "WISE side memories: weight deltas of one MLP output projection, routed per sequence; "
@@ -288,8 +317,8 @@ class WISE(Method):
         edit = WiseEdit(handle, self.name, requests, hp.to_dict(), layer)
         cur = sm.current
         edit.before = (list(sm.closed), cur,
-                       (cur.delta[cur.mask].clone(), cur.min_act, cur.count, cur.replay, cur.replay_neg) if cur else None,
-                       sm.total)
+                       (cur.delta[cur.mask].clone(), cur.min_act, cur.count, cur.replay, cur.replay_neg, cur.keys)
+                       if cur else None, sm.total)
         try:
             infos = [self._one(handle, sm, r, hp) for r in requests]
         except BaseException:
@@ -319,17 +348,31 @@ class WISE(Method):
             subjects += [pool[i] for i in picks]
         return subjects
 
+    @staticmethod
+    def _templates(handle: ModelHandle, hp: WISEHParams) -> tuple[list[str], list[str]]:
+        """(the edit prompt's context templates, the unrelated texts)."""
+        if handle.is_encoder_decoder:  # (templates are sampled from a causal LM's continuations)
+            return ["{}"] + [f"{t}. {{}}" for t in NEUTRAL[:2]], list(NEUTRAL[2:2 + hp.n_irrelevant])
+        templates = context_templates(handle, [tuple(x) for x in hp.context_templates])  # type: ignore[misc]
+        irr_texts = [t.replace("{}", "").strip()
+                     for t in context_templates(handle, [(12, hp.n_irrelevant)], seed=hp.seed + 1)[1:]]
+        return templates, irr_texts
+
+    @staticmethod
+    def _subject_keys(handle: ModelHandle, sm: SideMemory, req: EditRequest, hp: WISEHParams) -> torch.Tensor | None:
+        """Unit keys of ``req`` for the subject gate: the projection's input at the subject's last
+        token under each context template, where that token is not a row's first (None: no gate)."""
+        if hp.key_gate is None or handle.is_encoder_decoder:  # (the subject is in the encoder's input)
+            return None
+        keys, pos = template_keys(handle, req, sm.layer, WISE._templates(handle, hp)[0])
+        keep = torch.tensor([p > 0 for p in pos], device=keys.device)
+        return torch.nn.functional.normalize(keys[keep].float(), dim=-1)
+
     def _rows(self, handle: ModelHandle, req: EditRequest, hp: WISEHParams, index: int = 0) -> tuple[list, list, list]:
         """(edit prompt under each context template, sampled unrelated texts, the edit prompt
         about other subjects) as (context ids, target ids) pairs."""
         scorer = Scorer(handle)
-        if handle.is_encoder_decoder:  # (templates are sampled from a causal LM's continuations)
-            templates = ["{}"] + [f"{t}. {{}}" for t in NEUTRAL[:2]]
-            irr_texts = NEUTRAL[2:2 + hp.n_irrelevant]
-        else:
-            templates = context_templates(handle, [tuple(x) for x in hp.context_templates])  # type: ignore[misc]
-            irr_texts = [t.replace("{}", "").strip()
-                         for t in context_templates(handle, [(12, hp.n_irrelevant)], seed=hp.seed + 1)[1:]]
+        templates, irr_texts = self._templates(handle, hp)
         edit_pairs = [scorer.encode_pair(fill(t, req.prompt)[0], req.target_new) for t in templates]
         texts = []
         for t in irr_texts:
@@ -409,6 +452,9 @@ class WISE(Method):
             s_in_min = float(bare.min())
         mem.min_act = s_in_min if len(replay) == mem.count else min(mem.min_act, s_in_min)
         mem.count += 1
+        keys = self._subject_keys(handle, sm, req, hp)
+        if keys is not None:
+            mem.keys = keys if mem.keys is None else torch.cat([mem.keys, keys])
         mem.replay = mem.replay + [edit_pairs[0]]
         if hp.replay_negatives:  # the last ones: the pool's subjects when there is a pool
             mem.replay_neg = mem.replay_neg + [swapped[-hp.replay_negatives:]]
@@ -420,8 +466,10 @@ class WISE(Method):
         if sm.total % hp.merge_freq == 0:
             shards = [m for m in sm.closed if m.mask is not None]
             if len(shards) > 1:
+                keys = [m.keys for m in shards if m.keys is not None]
                 merged = Memory(ties_merge([m.delta for m in shards], hp.density), None,
-                                min(m.min_act for m in shards), sum(m.count for m in shards))
+                                min(m.min_act for m in shards), sum(m.count for m in shards),
+                                torch.cat(keys) if keys else None)
                 sm.closed = [m for m in sm.closed if m.mask is None] + [merged]
                 info["merged"] = len(shards)
         return info
@@ -442,7 +490,9 @@ class WISE(Method):
         edit.before = ([], None, None, 0)
         edit.after = len(reqs)
         for i, (min_act, count) in enumerate(zip(manifest["min_act"], manifest["counts"])):
-            sm.closed.append(Memory(tensors[f"delta.{i}"].to(handle.device).float(), None, float(min_act), int(count)))
+            keys = tensors.get(f"keys.{i}")
+            sm.closed.append(Memory(tensors[f"delta.{i}"].to(handle.device).float(), None, float(min_act), int(count),
+                                    None if keys is None else keys.to(handle.device).float()))
         sm.total = len(reqs)
         return edit
 
