@@ -261,3 +261,24 @@ def test_time_cap_stops_checkpointed_and_resumes(tiny_handle, tmp_path):
     assert resumed["step"] == 6 and resumed["stopped"] == "steps"
     with pytest.raises(Exception, match="--max-minutes must be > 0"):
         train(handle, mend, hp, cases(), tmp_path / "d", max_minutes=0, progress=False)
+
+
+def test_ke_edit_scale_scales_the_update(tiny_handle, tmp_path):
+    """KE's ``edit_scale`` multiplies the predicted weight change at edit time (the checkpoint
+    stays the same); it must be positive."""
+    from medit.core.errors import HParamsError
+    handle = tiny_handle("llama")
+    ke = get_plugins().methods.get("ke")
+    hp = hparams(ke, handle, steps=2, val_every=2)
+    train(handle, ke, hp, cases(8), tmp_path / "ck", progress=False)
+    before = _state(handle)
+    deltas = {}
+    for scale in (1.0, 0.5):
+        edit = ke.apply(handle, cases(1), hp.replace(checkpoint=str(tmp_path / "ck"), edit_scale=scale))
+        deltas[scale] = {k: v - before[k] for k, v in _state(handle).items() if not torch.equal(v, before[k])}
+        edit.revert()
+    assert deltas[1.0] and deltas[1.0].keys() == deltas[0.5].keys()
+    for k, d in deltas[1.0].items():
+        torch.testing.assert_close(deltas[0.5][k], 0.5 * d, rtol=1e-4, atol=1e-6)
+    with pytest.raises(HParamsError, match="edit_scale"):
+        hparams(ke, handle, edit_scale=0)

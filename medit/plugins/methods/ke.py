@@ -49,13 +49,16 @@ class KEHParams(EditedWeights, LearnedHParams):
     kl_margin: float = 0.01
     #: learning rate of the Lagrange multiplier's gradient ascent.
     lagrange_lr: float = 0.01
+    #: multiplier on the predicted update when editing (not in training): below 1 trades edit
+    #: strength for locality without retraining.
+    edit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.check_training()
         self.check_edited_weights()
         if self.hidden < 1:
             raise HParamsError(f"hparam 'hidden' must be >= 1, got {self.hidden}")
-        for name in ("init_scale", "kl_margin", "lagrange_lr"):
+        for name in ("init_scale", "kl_margin", "lagrange_lr", "edit_scale"):
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparam {name!r} must be > 0, got {getattr(self, name)}")
 
@@ -170,6 +173,8 @@ class KE(LearnedMethod):
         editor.eval()
         with torch.no_grad():
             updates = self._updates(handle, editor, requests)
+        if hparams.edit_scale != 1.0:
+            updates = {n: (left * hparams.edit_scale, right) for n, (left, right) in updates.items()}
         edit = factor_edit(handle, self.name, requests, hparams.to_dict(), updates)
         edit.info["checkpoint"] = hparams.checkpoint
         return edit
