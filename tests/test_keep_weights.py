@@ -281,10 +281,11 @@ def test_wise_subject_gate(tiny_handle, tmp_path):
                      torch.stack([other, other, key])])      # the match is padding
     tmask = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.float32)
     gated = Memory(torch.zeros(1), None, keys=key[None])
-    assert sm.gate(x, tmask, gated).tolist() == [True, False, False, False]
-    assert sm.gate(x, tmask, Memory(torch.zeros(1), None)).all()
+    assert sm.gates(x, tmask, [gated])[:, 0].tolist() == [True, False, False, False]
+    both = sm.gates(x, tmask, [Memory(torch.zeros(1), None), gated])
+    assert both[:, 0].all() and both[:, 1].tolist() == [True, False, False, False]
     sm.hp = m.resolve_hparams(handle, overrides={**TINY["wise"], "key_gate": "null"})
-    assert sm.gate(x, tmask, gated).all()
+    assert sm.gates(x, tmask, [gated]).all()
     fresh = tiny_handle("llama", fresh=True)
     applied = load_patch(fresh, edit.save(tmp_path / "p.patch"))
     assert torch.equal(fresh.memo[("wise", edit.layer)].memories()[0].keys, mem.keys)

@@ -353,7 +353,7 @@ def resolve_packaged_spec(spec: str, what: str, hparam: str, optional: bool = Fa
     if not p.exists():
         alt_fix = f", or --set {hparam}=null to go without" if optional else ""
         raise MethodError(f"{what} {path!r} does not exist; pass --set {hparam}=FORMAT:PATH "
-                          f"(e.g. counterfact:../shared/data/counterfact/train.json){alt_fix}")
+                          f"(e.g. {COUNTERFACT_TRAIN}){alt_fix}")
     return f"{fmt}{sep}{p}"
 
 

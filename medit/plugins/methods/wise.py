@@ -206,10 +206,11 @@ class SideMemory(Adaptor):
             best = torch.full((y.shape[0],), -1, dtype=torch.long, device=y.device)
             best_s = torch.full((y.shape[0],), -1.0, device=y.device)
             sides = {}
+            gates = self.gates(x, tmask, mems)
             for i, m in enumerate(mems):
                 side, s = self.scores(x, y, m.delta, tmask)
                 sides[i] = side
-                take = (s > self.hp.act_ratio * m.min_act) & (s > best_s) & self.gate(x, tmask, m)
+                take = (s > self.hp.act_ratio * m.min_act) & (s > best_s) & gates[:, i]
                 best = torch.where(take, torch.full_like(best, i), best)
                 best_s = torch.where(take, s, best_s)
             routes = self.routes = best
@@ -222,15 +223,21 @@ class SideMemory(Adaptor):
                 out[rows] = y[rows] + side[rows].to(y.dtype)
         return out
 
-    def gate(self, x: torch.Tensor, tmask: torch.Tensor, m: Memory) -> torch.Tensor:
-        """[B] bool: rows with a token after their first whose input is within ``key_gate`` (cosine)
-        of one of ``m``'s subject keys (all True without a gate)."""
-        if self.hp.key_gate is None or m.keys is None or not len(m.keys):
-            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    def gates(self, x: torch.Tensor, tmask: torch.Tensor, mems: Sequence[Memory]) -> torch.Tensor:
+        """[B, len(mems)] bool: rows with a token after their first whose input is within
+        ``key_gate`` (cosine) of one of the memory's subject keys (all True for a memory without
+        keys, and everywhere without a gate)."""
+        out = torch.ones(x.shape[0], len(mems), dtype=torch.bool, device=x.device)
+        keyed = [i for i, m in enumerate(mems) if m.keys is not None and len(m.keys)]
+        if self.hp.key_gate is None or not keyed:
+            return out
         real = tmask > 0
         later = real & (real.long().cumsum(1) > 1)
-        sim = torch.nn.functional.normalize(x.float(), dim=-1) @ m.keys.to(x.device).T
-        return (sim.amax(-1).masked_fill(~later, -2.0).amax(1) >= self.hp.key_gate)
+        unit = torch.nn.functional.normalize(x.float(), dim=-1)  # once per call, not per memory
+        for i in keyed:
+            sim = (unit @ mems[i].keys.to(x.device).T).amax(-1)  # type: ignore[union-attr]
+            out[:, i] = sim.masked_fill(~later, -2.0).amax(1) >= self.hp.key_gate
+        return out
 
     def new_shard(self) -> Memory:
         w = self.handle.weight_out_in("mlp_out", self.layer)
@@ -466,10 +473,10 @@ class WISE(Method):
         if sm.total % hp.merge_freq == 0:
             shards = [m for m in sm.closed if m.mask is not None]
             if len(shards) > 1:
-                keys = [m.keys for m in shards if m.keys is not None]
+                # (a shard without keys was never gated, so neither is a merge that holds it)
+                keys = None if any(m.keys is None for m in shards) else torch.cat([m.keys for m in shards])  # type: ignore[misc]
                 merged = Memory(ties_merge([m.delta for m in shards], hp.density), None,
-                                min(m.min_act for m in shards), sum(m.count for m in shards),
-                                torch.cat(keys) if keys else None)
+                                min(m.min_act for m in shards), sum(m.count for m in shards), keys)
                 sm.closed = [m for m in sm.closed if m.mask is None] + [merged]
                 info["merged"] = len(shards)
         return info
