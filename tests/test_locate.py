@@ -203,6 +203,33 @@ def test_locate_methods_take_revert_and_patch(tiny_handle, tmp_path, method, fam
     applied.revert()
 
 
+@needs_corpus
+def test_alphaedit_key_cache_keeps_keys_and_reverts(tiny_handle):
+    """The run's preserved-key cache holds Σ K Kᵀ of the active edits; each edit keeps only its
+    keys K [d_in, n] (not a d_in² matrix), and its revert withdraws exactly its own share."""
+    from medit.plugins.methods.alphaedit import CACHE
+
+    h = tiny_handle("llama")
+    m = get_plugins().methods.get("alphaedit")
+    hp = m.resolve_hparams(h, overrides={**FAST, "layers": "[0]", "L2": "0.01", "nullspace_threshold": "0.5",
+                                         "stats_corpus": str(CORPUS)})
+    m.start_run(h)
+    req = _request(h)
+    first = m.apply(h, [req], hp)
+    K1 = first.added[0]
+    assert K1.shape == (h.weight_out_in("mlp_out", 0).shape[1], 1)
+    torch.testing.assert_close(h.memo[CACHE][0], K1 @ K1.T)
+    second = m.apply(h, [EditRequest(prompt="The river bank", subject="river", target_new=" is", case_id="r2")], hp)
+    K2 = second.added[0]
+    torch.testing.assert_close(h.memo[CACHE][0], K1 @ K1.T + K2 @ K2.T)
+    second.revert()
+    torch.testing.assert_close(h.memo[CACHE][0], K1 @ K1.T, rtol=1e-5, atol=1e-6)
+    first.revert()
+    assert h.memo[CACHE][0].abs().max() < 1e-5
+    m.start_run(h)
+    assert h.memo[CACHE] == {}
+
+
 def test_t5_is_refused(tiny_handle):
     h = tiny_handle("t5")
     for name in ("rome", "memit", "alphaedit"):

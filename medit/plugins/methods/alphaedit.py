@@ -47,16 +47,19 @@ class AlphaEditHParams(LocateHParams, HParams):
 
 
 class AlphaEditEdit(WeightEdit):
-    """A WeightEdit that also withdraws its keys from the run's preserved-key cache on revert."""
+    """A WeightEdit that also withdraws its keys from the run's preserved-key cache on revert.
+
+    It keeps the keys K [d_in, n] it added, not K Kᵀ: a d_in² matrix per layer per edit came to
+    4.7 GB over a 100-edit SmolLM2 run."""
 
     added: dict[int, torch.Tensor]
 
     def revert(self) -> None:
         if self.active:
             cache = self.handle.memo.get(CACHE, {})
-            for layer, kk in getattr(self, "added", {}).items():
+            for layer, K in getattr(self, "added", {}).items():
                 if layer in cache:
-                    cache[layer] -= kk
+                    cache[layer] -= K @ K.T
         super().revert()
 
 
@@ -100,7 +103,7 @@ class AlphaEdit(Method):
         def remember(layer: int, K: torch.Tensor) -> None:
             kk = K @ K.T
             cache[layer] = cache[layer] + kk if layer in cache else kk
-            added[layer] = kk
+            added[layer] = K.detach().clone()
 
         edit = apply_spread(handle, requests, hparams, self.name, layers, stats_s, solve, AlphaEditEdit, remember)
         edit.added = added  # type: ignore[attr-defined]
