@@ -16,7 +16,7 @@ import torch
 
 from .context import fill, subject_token_index
 from .scoring import Scorer
-from .tracing import capture, layers_above, run_until
+from .tracing import capture, head_logits, layers_above, run_until
 
 if TYPE_CHECKING:
     from .handle import ModelHandle
@@ -232,7 +232,7 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     # rows are ordered per request: its templates, then its KL prompt (see _build_rows)
     scale = (torch.ones(len(rows.owner), device=dev) if row_scale is None
              else row_scale.to(dev, torch.float32).reshape(-1))
-    head = handle.module("lm_head")
+    n_t = len(t_ids)
 
     delta = torch.zeros(n, hidden.shape[-1], device=dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=spec.lr)
@@ -245,10 +245,11 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
         for step in range(spec.steps):
             at = hidden[:, split:split + 1] + (delta[owner] * scale[:, None])[:, None].to(hidden.dtype)
             final = above.suffix(torch.cat([at, hidden[:, split + 1:]], 1), mask, pos[:, split:], cache)
-            logp = head(final[t_rows_t, t_cols_t]).float().log_softmax(-1)
-            tok_lp = logp.gather(1, t_ids_t[:, None])[:, 0]
+            # one head call for the target and the KL positions: its cost hardly grows with rows
+            logp = head_logits(handle, torch.cat([final[t_rows_t, t_cols_t], final[kl_rows, 0]])).float().log_softmax(-1)
+            tok_lp = logp[:n_t].gather(1, t_ids_t[:, None])[:, 0]
             nll = -torch.zeros(n, device=dev).index_add(0, t_own_t, tok_lp) / n_tok
-            kl_logp = head(final[kl_rows, 0]).float().log_softmax(-1)
+            kl_logp = logp[n_t:]
             if kl_ref is None:
                 kl_ref = kl_logp.detach()
             kl = (kl_ref.exp() * (kl_ref - kl_logp)).sum(-1)
