@@ -282,30 +282,3 @@ def test_ke_edit_scale_scales_the_update(tiny_handle, tmp_path):
         torch.testing.assert_close(deltas[0.5][k], 0.5 * d, rtol=1e-4, atol=1e-6)
     with pytest.raises(HParamsError, match="edit_scale"):
         hparams(ke, handle, edit_scale=0)
-
-
-def test_ke_whiten_keeps_the_edit_keys_response_and_reverts(tiny_handle, tmp_path):
-    """With ``whiten`` the update's input side is C⁻¹x rescaled so (C⁻¹x)·x = x·x; it needs
-    ``modules: [mlp_out]`` (the statistics are of that module's input)."""
-    from medit.core.errors import HParamsError
-    from medit.core.gradedit import edit_pairs, token_grads
-    from medit.core.scoring import Scorer
-    handle = tiny_handle("llama")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("The capital of France is Paris. The quick brown fox jumps over the lazy dog.\n" * 40)
-    ke = get_plugins().methods.get("ke")
-    hp = hparams(ke, handle, steps=2, val_every=2, whiten="true", stats_corpus=str(corpus), stats_samples=20)
-    train(handle, ke, hp, cases(8), tmp_path / "ck", progress=False)
-    names = [n for n in dict(handle.model.named_parameters()) if n.endswith("down_proj.weight")][-3:]
-    grads = token_grads(handle, names, edit_pairs(Scorer(handle), cases(1)))
-    keys = ke._whitened(handle, hp, grads)
-    for n, (u, _) in grads.items():
-        torch.testing.assert_close((keys[n] * u).sum(1), (u * u).sum(1), rtol=1e-3, atol=1e-5)
-        assert not torch.allclose(keys[n], u)
-    before = _state(handle)
-    edit = ke.apply(handle, cases(1), hp.replace(checkpoint=str(tmp_path / "ck")))
-    assert any(not torch.equal(v, before[k]) for k, v in _state(handle).items())
-    edit.revert()
-    assert all(torch.equal(v, before[k]) for k, v in _state(handle).items())
-    with pytest.raises(HParamsError, match="whiten"):
-        hparams(ke, handle, whiten="true", modules="[mlp_in]")

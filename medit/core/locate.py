@@ -23,8 +23,8 @@ Solver = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class StatsHParams:
-    """Key-covariance statistics settings (mixed into every method that uses the statistics)."""
+class LocateHParams:
+    """Hyperparameters every locate-then-edit method shares (mixed into each method's dataclass)."""
 
     #: statistics corpus: local .txt/.jsonl file or Hugging Face dataset ``name[:config]``.
     stats_corpus: str = "wikitext:wikitext-103-raw-v1"
@@ -34,23 +34,6 @@ class StatsHParams:
     stats_dtype: str = "float32"
     #: on CUDA, TF32 matrix products for the statistics' corpus pass (see medit.core.stats).
     stats_tf32: bool = True
-
-    def check_stats(self) -> None:
-        for name in ("stats_samples", "stats_max_len"):
-            if getattr(self, name) < 1:
-                raise HParamsError(f"hparam {name!r} must be >= 1, got {getattr(self, name)}")
-        if self.stats_dtype not in ("float32", "float64"):
-            raise HParamsError(f"hparam 'stats_dtype' must be float32 or float64, got {self.stats_dtype!r}")
-
-    def stats(self, handle: "ModelHandle", layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], float]:
-        return second_moments(handle, layers, self.stats_corpus, self.stats_samples, self.stats_max_len,
-                              self.stats_dtype, tf32=self.stats_tf32)
-
-
-@dataclass
-class LocateHParams(StatsHParams):
-    """Hyperparameters every locate-then-edit method shares (mixed into each method's dataclass)."""
-
     #: context templates: (new tokens, count) pairs, plus the bare prompt.
     context_templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     #: which subject token the key is read at: ``last`` or ``first``.
@@ -64,8 +47,7 @@ class LocateHParams(StatsHParams):
     v_chunk: int = 8
 
     def check_locate(self) -> None:
-        self.check_stats()
-        for name in ("v_steps", "v_chunk"):
+        for name in ("stats_samples", "stats_max_len", "v_steps", "v_chunk"):
             if getattr(self, name) < 1:
                 raise HParamsError(f"hparam {name!r} must be >= 1, got {getattr(self, name)}")
         for name in ("v_lr", "v_clamp_norm_factor"):
@@ -73,6 +55,8 @@ class LocateHParams(StatsHParams):
                 raise HParamsError(f"hparam {name!r} must be > 0, got {getattr(self, name)}")
         if self.fact_token not in ("last", "first"):
             raise HParamsError(f"hparam 'fact_token' must be 'last' or 'first', got {self.fact_token!r}")
+        if self.stats_dtype not in ("float32", "float64"):
+            raise HParamsError(f"hparam 'stats_dtype' must be float32 or float64, got {self.stats_dtype!r}")
         if any(len(x) != 2 or x[0] < 1 or x[1] < 0 for x in self.context_templates):
             raise HParamsError("hparam 'context_templates' must be a list of [new_tokens, count] pairs, "
                                f"got {self.context_templates!r}")
@@ -84,6 +68,10 @@ class LocateHParams(StatsHParams):
 
     def templates(self, handle: "ModelHandle") -> list[str]:
         return context_templates(handle, [tuple(x) for x in self.context_templates])  # type: ignore[misc]
+
+    def stats(self, handle: "ModelHandle", layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], float]:
+        return second_moments(handle, layers, self.stats_corpus, self.stats_samples, self.stats_max_len,
+                              self.stats_dtype, tf32=self.stats_tf32)
 
 
 class CovarianceSolver:

@@ -30,7 +30,6 @@ from medit.core.errors import HParamsError
 from medit.core.gradedit import (EditedWeights, dense_update, edit_pairs, edited_params, factor_edit, out_in_shape,
                                  post_edit_losses, token_grads)
 from medit.core.handle import ModelHandle
-from medit.core.locate import StatsHParams, covariance_solver
 from medit.core.requests import EditRequest
 from medit.core.scoring import Scorer
 from medit.core.train import LearnedHParams, LearnedMethod
@@ -39,7 +38,7 @@ HPARAMS = Path(medit.__file__).parent / "hparams"
 
 
 @dataclass
-class KEHParams(EditedWeights, StatsHParams, LearnedHParams):
+class KEHParams(EditedWeights, LearnedHParams):
     """Hyperparameters of KnowledgeEditor."""
 
     #: width of the condition network.
@@ -53,22 +52,10 @@ class KEHParams(EditedWeights, StatsHParams, LearnedHParams):
     #: multiplier on the predicted update when editing (not in training): below 1 trades edit
     #: strength for locality without retraining.
     edit_scale: float = 1.0
-    #: build the update's input side from C⁻¹x (C: the layer's key covariance over the statistics
-    #: corpus) instead of the gradient's raw inputs x, rescaled so each edit key still gets the same
-    #: response; keys common in ordinary text then pick up less of the update (ROME's covariance
-    #: adjustment, applied to KE's gradient-shaped update; our addition).
-    whiten: bool = False
-    #: ridge added to C for ``whiten``, relative to its mean diagonal.
-    whiten_ridge: float = 1e-2
 
     def __post_init__(self) -> None:
         self.check_training()
         self.check_edited_weights()
-        self.check_stats()
-        if self.whiten and list(self.modules) != ["mlp_out"]:
-            raise HParamsError(f"hparam 'whiten' needs modules [mlp_out] (the statistics are of its input), got {self.modules!r}")
-        if self.whiten_ridge < 0:
-            raise HParamsError(f"hparam 'whiten_ridge' must be >= 0, got {self.whiten_ridge}")
         if self.hidden < 1:
             raise HParamsError(f"hparam 'hidden' must be >= 1, got {self.hidden}")
         for name in ("init_scale", "kl_margin", "lagrange_lr", "edit_scale"):
@@ -97,10 +84,9 @@ class KEEditor(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor([float(torch.tensor(init_scale * norms[n]).log()) for n in self.names]))
         self.rho = nn.Parameter(torch.tensor(0.0))  # Lagrange multiplier λ = softplus(ρ)
 
-    def updates(self, cond_in: torch.Tensor, grads: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                keys: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """name -> (left [T+1, out], right [T+1, in]) with ΔW = Σ left_t right_tᵀ, for one edit.
-        ``keys`` optionally replaces the gradient's inputs [T, in] on the update's input side."""
+    def updates(self, cond_in: torch.Tensor, grads: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (left [T+1, out], right [T+1, in]) with ΔW = Σ left_t right_tᵀ, for one edit."""
         h = self.cond(cond_in)
         out = {}
         for k, n in enumerate(self.names):
@@ -112,7 +98,7 @@ class KEEditor(nn.Module):
             coef = torch.sigmoid(eta) * self.log_scale[k].exp()
             alpha = torch.softmax(a, 0) * o
             left = torch.cat([-(d * alpha) / gnorm, torch.softmax(b, 0)[None]]) * coef
-            right = torch.cat([(u if keys is None else keys[n]) * gamma, delta[None]])
+            right = torch.cat([u * gamma, delta[None]])
             out[n] = (left, right)
         return out
 
@@ -152,29 +138,15 @@ class KE(LearnedMethod):
             return torch.cat([mean_emb(req.prompt), mean_emb(" " + req.target_new),
                               mean_emb(" " + (req.target_true or ""))])
 
-    def _whitened(self, handle: ModelHandle, hp: KEHParams, grads: dict[str, tuple[torch.Tensor, torch.Tensor]]
-                  ) -> dict[str, torch.Tensor]:
-        """C⁻¹x per gradient input x, scaled so that (C⁻¹x)·x = x·x: the edit's own keys respond as
-        to the raw gradient, keys along C's dominant directions respond less."""
-        layer_of = {handle.param_name("mlp_out", layer): layer for layer in range(handle.n_layers)}
-        stats, _ = hp.stats(handle, sorted({layer_of[n] for n in grads}))
-        out = {}
-        for n, (u, _) in grads.items():
-            w = covariance_solver(handle, stats[layer_of[n]], ridge=hp.whiten_ridge)(u.T).T.float().to(u.device)
-            own = (w * u).sum(1, keepdim=True)
-            out[n] = w * ((u * u).sum(1, keepdim=True) / own.where(own.abs() > 1e-12, torch.ones_like(own)))
-        return out
-
-    def _updates(self, handle: ModelHandle, editor: KEEditor, requests: Sequence[EditRequest],
-                 hp: KEHParams) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _updates(self, handle: ModelHandle, editor: KEEditor,
+                 requests: Sequence[EditRequest]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         scorer = Scorer(handle)
         dev = editor.rho.device
         parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for r in requests:  # one condition per edit; a batch sums the edits' updates
             grads = token_grads(handle, editor.names, edit_pairs(scorer, [r]))
             grads = {n: (u.to(dev), d.to(dev)) for n, (u, d) in grads.items()}
-            keys = self._whitened(handle, hp, grads) if hp.whiten else None
-            for n, lr in editor.updates(self._condition(handle, r).to(dev), grads, keys).items():
+            for n, lr in editor.updates(self._condition(handle, r).to(dev), grads).items():
                 parts.setdefault(n, []).append(lr)
         return {n: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for n, ps in parts.items()}
 
@@ -185,7 +157,7 @@ class KE(LearnedMethod):
         nlls, kls = [], []
         for r in batch:  # KE is trained one edit at a time
             weights = {n: params[n] + dense_update(handle, left, right).to(params[n].dtype)
-                       for n, (left, right) in self._updates(handle, editor, [r], hparams).items()}
+                       for n, (left, right) in self._updates(handle, editor, [r]).items()}
             nll, kl = post_edit_losses(handle, [r], weights)
             lam = nn.functional.softplus(editor.rho)
             loss = nll + lam * (kl - hparams.kl_margin)
@@ -200,7 +172,7 @@ class KE(LearnedMethod):
                   hparams: KEHParams) -> WeightEdit:
         editor.eval()
         with torch.no_grad():
-            updates = self._updates(handle, editor, requests, hparams)
+            updates = self._updates(handle, editor, requests)
         if hparams.edit_scale != 1.0:
             updates = {n: (left * hparams.edit_scale, right) for n, (left, right) in updates.items()}
         edit = factor_edit(handle, self.name, requests, hparams.to_dict(), updates)
