@@ -12,7 +12,7 @@ from medit.core.edit import load_patch
 from medit.core.errors import InputFileError, MethodError, ValidationError
 from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest
-from medit.core.rewrite import DeltaSpec, compute_keys, delta_row_keys, optimise_deltas
+from medit.core.rewrite import DeltaSpec, compute_keys, delta_row_keys, negative_rows, optimise_deltas
 from medit.core.scoring import Scorer, TFQuery
 from medit.core.stats import second_moments, wait_for_writes
 from medit.core.tracing import capture, layers_above, run_until
@@ -104,6 +104,39 @@ def test_row_keys_and_insert_scale(tiny_handle, family):
     torch.testing.assert_close(2 * doubled, plain, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_negative_rows_reproduce_the_rank_one_update(tiny_handle, family):
+    """Adding δ·(x_t·left) after the edit layer gives exactly the logits of the model with
+    ΔW = δ leftᵀ in the rewrite module, so the v-step's negative KL is the finished edit's."""
+    h = tiny_handle(family)
+    layer = 0
+    g = torch.Generator().manual_seed(0)
+    d_out, d_in = h.weight_out_in("mlp_out", layer).shape
+    left, delta = torch.randn(d_in, generator=g) / d_in, torch.randn(d_out, generator=g)
+    neg = negative_rows(h, REQ, layer, left, ["Germany", "the United Kingdom", "France"])
+    assert neg is not None and neg.hidden.shape[0] == 2  # the edit's own subject is skipped
+    with torch.no_grad(), layers_above(h, layer) as above:
+        sim = above(neg.hidden + neg.coef[..., None] * delta, neg.mask)
+        sim = h.module("lm_head")(sim[torch.arange(2), neg.last])
+    name = h.param_name("mlp_out", layer)
+    p = dict(h.model.named_parameters())[name]
+    orig = p.detach().clone()
+    upd = torch.outer(left, delta) if h.adapter.transposed else torch.outer(delta, left)
+    try:
+        with torch.no_grad():
+            p.add_(upd)
+            prompts = [REQ.prompt.replace(REQ.subject, s) for s in ("Germany", "the United Kingdom")]
+            ids, mask = Scorer(h)._pad([h.tokenizer(x).input_ids for x in prompts])
+            real = h.model(input_ids=ids, attention_mask=mask).logits[torch.arange(2), neg.last]
+    finally:
+        with torch.no_grad():
+            p.copy_(orig)
+    torch.testing.assert_close(sim, real, atol=1e-4, rtol=1e-4)
+    assert negative_rows(h, REQ, layer, left, [SUBJECT]) is None
+    with pytest.raises(ValueError):
+        optimise_deltas(h, [REQ, REQ], 0, ["{}"], DeltaSpec(steps=1), negatives=neg)
+
+
 def test_subject_tokens_not_found(tiny_handle):
     h = tiny_handle("gpt2")
     bad = EditRequest(prompt="The capital of France", subject="France", target_new=" Paris", case_id="x")
@@ -163,14 +196,15 @@ def test_empty_corpus_and_bad_layer(tiny_handle, tmp_path):
 
 
 @needs_corpus
-@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+@pytest.mark.parametrize("method", ["rome", "rome-negatives", "memit", "alphaedit"])
 @pytest.mark.parametrize("family", CAUSAL)
 def test_locate_methods_take_revert_and_patch(tiny_handle, tmp_path, method, family):
     h = tiny_handle(family)
-    m = get_plugins().methods.get(method)
+    m = get_plugins().methods.get(method.split("-")[0])
     # Tiny random keys are isotropic, so the covariance weight / ridge that suit a trained model
     # would swamp the update; scale them to the tiny model.
-    layer_key = {"rome": {"layer": "0"}, "memit": {"layers": "[0]", "mom2_update_weight": "10"},
+    layer_key = {"rome": {"layer": "0"}, "rome-negatives": {"layer": "0", "v_negative_subjects": "[Germany, Paris]"},
+                 "memit": {"layers": "[0]", "mom2_update_weight": "10"},
                  "alphaedit": {"layers": "[0]", "L2": "0.01", "nullspace_threshold": "0.5"}}[method]
     hp = m.resolve_hparams(h, overrides={**FAST, **layer_key, "stats_corpus": str(CORPUS)})
     m.start_run(h)
@@ -235,6 +269,15 @@ def test_t5_is_refused(tiny_handle):
     for name in ("rome", "memit", "alphaedit"):
         with pytest.raises(MethodError, match="does not support the t5 family"):
             get_plugins().methods.get(name).check_supported(h, "single")
+
+
+def test_rome_negative_hparams_are_validated(tiny_handle):
+    from medit.core.errors import HParamsError
+    m = get_plugins().methods.get("rome")
+    with pytest.raises(HParamsError, match="v_negative_subjects"):
+        m.resolve_hparams(tiny_handle("gpt2"), overrides={"v_negative_subjects": "[Paris, ' ']"})
+    with pytest.raises(HParamsError, match="v_negative_kl_factor"):
+        m.resolve_hparams(tiny_handle("gpt2"), overrides={"v_negative_kl_factor": "-1"})
 
 
 def test_rome_refuses_batch_mode(tiny_handle):

@@ -149,22 +149,64 @@ class DeltaSpec:
     kl_prompt: str = "{} is a"
     #: requests optimised together (the optimisation of each stays independent).
     chunk: int = 8
+    #: weight of the KL term on subject-swapped prompts (see :class:`Negatives`).
+    negative_kl_factor: float = 1.0
+
+
+@dataclass
+class Negatives:
+    """Prompts an edit must leave alone (its prompt with the subject swapped for another), prepared
+    for the target-vector optimisation of one rank-one insertion ``ΔW = δ leftᵀ``.
+
+    Such an update adds ``δ · (x_t · left)`` to the edit layer's output at every position t, with
+    ``x_t`` the rewrite module's input there (which the update itself cannot change). So the
+    optimisation can run these prompts exactly as the finished edit will, and penalise the KL of
+    their next-token distribution: δ learns to avoid directions that leak to the relation."""
+
+    hidden: torch.Tensor  # [rows, T, d] residual stream after the edit layer
+    mask: torch.Tensor  # [rows, T]
+    coef: torch.Tensor  # [rows, T] x_t · left (0 on padding)
+    last: torch.Tensor  # [rows] position of each row's last token
+
+
+@torch.no_grad()
+def negative_rows(handle: "ModelHandle", req: "EditRequest", layer: int, left: torch.Tensor,
+                  subjects: Sequence[str]) -> Negatives | None:
+    """:class:`Negatives` for ``req``: its prompt with the subject replaced by each of ``subjects``
+    (those equal to the edit's subject are skipped); None when none is left."""
+    prompts = [req.prompt.replace(req.subject, s) for s in subjects if s != req.subject]
+    if not prompts:
+        return None
+    ids, mask = _pad(handle, [handle.tokenizer(p).input_ids for p in prompts])
+    ids, mask = ids.to(handle.device), mask.to(handle.device)
+    with capture(handle, "mlp_out", [layer], what="input") as ks, \
+            capture(handle, "layers", [layer], what="output", stop=True) as hs:
+        run_until(handle, lambda: handle.model(input_ids=ids, attention_mask=mask, use_cache=False))
+    coef = (ks[layer].float() @ left.to(handle.device).float()) * mask
+    return Negatives(hs[layer].detach(), mask, coef, mask.sum(1) - 1)
 
 
 def optimise_deltas(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer: int,
                     templates: Sequence[str], spec: DeltaSpec, ref: str = "resid",
-                    which: str = "last", row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict]]:
+                    which: str = "last", row_scale: torch.Tensor | None = None,
+                    negatives: Negatives | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Vectors δ [n_requests, d_model] added after ``layer`` at the subject token that make the
     model produce each request's target_new. ``ref`` names what the norm clamp and weight decay
     are relative to: the residual stream (``resid``, MEMIT) or the MLP output (``mlp``, ROME).
 
     ``row_scale`` [n_requests, len(templates) + 1] optionally scales δ per row (each template,
     then the KL prompt): a rank-one update inserts δ·(kᵀu) for a key k, not δ, so optimising with
-    those factors optimises what will actually be inserted."""
+    those factors optimises what will actually be inserted.
+
+    ``negatives`` (one request only) adds ``spec.negative_kl_factor`` × the mean KL of those
+    prompts' next-token distributions under the insertion."""
+    if negatives is not None and len(reqs) != 1:
+        raise ValueError("negatives apply to the optimisation of a single request")
     out, infos = [], []
     for start in range(0, len(reqs), spec.chunk):
         scale = None if row_scale is None else row_scale[start:start + spec.chunk]
-        d, info = _optimise_chunk(handle, reqs[start:start + spec.chunk], layer, templates, spec, ref, which, scale)
+        d, info = _optimise_chunk(handle, reqs[start:start + spec.chunk], layer, templates, spec, ref, which, scale,
+                                  negatives)
         out.append(d)
         infos.extend(info)
     return torch.cat(out), infos
@@ -198,7 +240,8 @@ def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates:
 
 def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer: int,
                     templates: Sequence[str], spec: DeltaSpec, ref: str, which: str,
-                    row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict]]:
+                    row_scale: torch.Tensor | None = None, negatives: Negatives | None = None
+                    ) -> tuple[torch.Tensor, list[dict]]:
     dev = handle.device
     rows = _build_rows(handle, reqs, templates, spec, which)
     ids, mask, pos, left = (t.to(dev) if isinstance(t, torch.Tensor) else t for t in _aligned(handle, rows.seqs, rows.lookup))
@@ -238,7 +281,7 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     opt = torch.optim.Adam([delta], lr=spec.lr)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     frozen = torch.zeros_like(delta)
-    kl_ref = None
+    kl_ref = neg_ref = None
     infos = [{"steps": spec.steps, "nll": None} for _ in range(n)]
     with layers_above(handle, layer) as above:
         cache = above.prefix(hidden[:, :split], mask[:, :split], pos[:, :split]) if split > 0 else None
@@ -255,6 +298,13 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
             kl = (kl_ref.exp() * (kl_ref - kl_logp)).sum(-1)
             kl_per = torch.zeros(n, device=dev).index_add(0, kl_own, kl)
             decay = spec.weight_decay * delta.norm(dim=1) ** 2 / ref_norm ** 2
+            if negatives is not None:  # a single request (checked above)
+                ng = negatives
+                nf = above(ng.hidden + (ng.coef[..., None] * delta[0]).to(ng.hidden.dtype), ng.mask)
+                neg_logp = head_logits(handle, nf[torch.arange(len(ng.last), device=dev), ng.last]).float().log_softmax(-1)
+                if neg_ref is None:
+                    neg_ref = neg_logp.detach()
+                decay = decay + spec.negative_kl_factor * (neg_ref.exp() * (neg_ref - neg_logp)).sum(-1).mean()
             newly = (nll.detach() < spec.early_stop_nll) & ~done
             for i in torch.nonzero(newly).flatten().tolist():
                 infos[i].update(steps=step, nll=float(nll[i].detach()))

@@ -8,7 +8,7 @@ fix), which keeps long sequences of edits from collapsing the model. Stored as r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +24,7 @@ from medit.core.layers import resolve_layers
 from medit.core.locate import LocateHParams, covariance_solver, storage_factors
 from medit.core.method import Method
 from medit.core.requests import EditRequest
-from medit.core.rewrite import delta_row_keys, optimise_deltas
+from medit.core.rewrite import delta_row_keys, negative_rows, optimise_deltas
 
 #: ``layer: auto`` picks the layer at this fraction of the depth (GPT-2 XL's 17/48 and LLaMA-7B's
 #: 5/32 in the ROME/EasyEdit defaults bracket it; early-middle MLPs recall subject attributes).
@@ -44,6 +44,12 @@ class ROMEHParams(LocateHParams, HParams):
     #: optimise δ as the update will insert it: scaled per context by kᵀu (< 1 for contexts whose
     #: key points away from k*, often the bare prompt itself), instead of as if every context got δ.
     v_insert_scale: bool = True
+    #: subjects swapped into the edit prompt to make prompts the edit must leave alone; the
+    #: target-vector optimisation adds the KL of their next token under the finished update
+    #: (empty: off). E.g. ``medit.core.context.NEGATIVE_SUBJECTS``.
+    v_negative_subjects: list[str] = field(default_factory=list)
+    #: weight of that KL term.
+    v_negative_kl_factor: float = 1.0
 
     def __post_init__(self) -> None:
         self.check_locate()
@@ -51,6 +57,11 @@ class ROMEHParams(LocateHParams, HParams):
             raise HParamsError(f"hparam 'layer' must be an integer or 'auto', got {self.layer!r}")
         if self.mom2_ridge < 0:
             raise HParamsError(f"hparam 'mom2_ridge' must be >= 0, got {self.mom2_ridge}")
+        if self.v_negative_kl_factor < 0:
+            raise HParamsError(f"hparam 'v_negative_kl_factor' must be >= 0, got {self.v_negative_kl_factor}")
+        if not all(str(x).strip() for x in self.v_negative_subjects):
+            raise HParamsError("hparam 'v_negative_subjects' must list non-empty subjects, "
+                               f"got {self.v_negative_subjects!r}")
 
 
 class ROME(Method):
@@ -74,14 +85,15 @@ class ROME(Method):
             stats, stats_s = hp.stats(handle, [layer])
             C = stats[layer]
         templates = hp.templates(handle)
-        spec = hp.delta_spec()
+        spec = replace(hp.delta_spec(), negative_kl_factor=hp.v_negative_kl_factor)
         rows = delta_row_keys(handle, req, layer, templates, spec, hp.fact_token)
         k = rows[:len(templates)].mean(0)  # k*: the key averaged over the templates
         # float64 and a ridge: covariances of real corpora are near-singular
         u = covariance_solver(handle, C, ridge=hp.mom2_ridge)(k[:, None])[:, 0].float() if C is not None else k
         left = u / torch.dot(u, k)  # so that ΔW k* = δ exactly
         scale = (rows @ left)[None] if hp.v_insert_scale else None
-        delta, info = optimise_deltas(handle, [req], layer, templates, spec, "mlp", hp.fact_token, scale)
+        negatives = negative_rows(handle, req, layer, left, hp.v_negative_subjects) if hp.v_negative_subjects else None
+        delta, info = optimise_deltas(handle, [req], layer, templates, spec, "mlp", hp.fact_token, scale, negatives)
         name = handle.param_name("mlp_out", layer)
         factors = storage_factors(handle, delta[0][:, None].float(), left[:, None])
         edit = WeightEdit.from_deltas(handle, self.name, [req], hp.to_dict(), factors={name: factors})
