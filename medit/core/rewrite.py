@@ -298,13 +298,14 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
             kl = (kl_ref.exp() * (kl_ref - kl_logp)).sum(-1)
             kl_per = torch.zeros(n, device=dev).index_add(0, kl_own, kl)
             decay = spec.weight_decay * delta.norm(dim=1) ** 2 / ref_norm ** 2
+            neg_kl = torch.zeros(n, device=dev)
             if negatives is not None:  # a single request (checked above)
                 ng = negatives
                 nf = above(ng.hidden + (ng.coef[..., None] * delta[0]).to(ng.hidden.dtype), ng.mask)
                 neg_logp = head_logits(handle, nf[torch.arange(len(ng.last), device=dev), ng.last]).float().log_softmax(-1)
                 if neg_ref is None:
                     neg_ref = neg_logp.detach()
-                decay = decay + spec.negative_kl_factor * (neg_ref.exp() * (neg_ref - neg_logp)).sum(-1).mean()
+                neg_kl = neg_kl + (neg_ref.exp() * (neg_ref - neg_logp)).sum(-1).mean()
             newly = (nll.detach() < spec.early_stop_nll) & ~done
             for i in torch.nonzero(newly).flatten().tolist():
                 infos[i].update(steps=step, nll=float(nll[i].detach()))
@@ -312,7 +313,7 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
             done |= newly
             if bool(done.all()):
                 break
-            loss = (nll + spec.kl_factor * kl_per + decay)[~done].sum()
+            loss = (nll + spec.kl_factor * kl_per + decay + spec.negative_kl_factor * neg_kl)[~done].sum()
             opt.zero_grad()
             loss.backward()
             opt.step()

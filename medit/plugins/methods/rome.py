@@ -92,7 +92,7 @@ class ROME(Method):
         u = covariance_solver(handle, C, ridge=hp.mom2_ridge)(k[:, None])[:, 0].float() if C is not None else k
         left = u / torch.dot(u, k)  # so that ΔW k* = δ exactly
         scale = (rows @ left)[None] if hp.v_insert_scale else None
-        negatives = negative_rows(handle, req, layer, left, hp.v_negative_subjects) if hp.v_negative_subjects else None
+        negatives = negative_rows(handle, req, layer, left, hp.v_negative_subjects)  # None when the list is empty
         delta, info = optimise_deltas(handle, [req], layer, templates, spec, "mlp", hp.fact_token, scale, negatives)
         name = handle.param_name("mlp_out", layer)
         factors = storage_factors(handle, delta[0][:, None].float(), left[:, None])
