@@ -22,7 +22,7 @@ REQ2 = EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="
 UNRELATED = [TFQuery("The quick brown fox jumps over the", "lazy dog"), TFQuery("The river bank", "is near")]
 # Tiny random models need larger steps than a trained one; only the sizes differ from the defaults.
 TINY = {"kn": {"edit_scale": "4.0"},
-        "t-patcher": {"lr": "0.3", "steps": "60", "memory_texts": "6", "memory_max_len": "10"},
+        "t-patcher": {"lr": "0.08", "memory_texts": "6", "memory_max_len": "10"},
         "calinet": {"lr": "0.2", "steps": "50", "context_templates": "[[3, 1]]", "memory_texts": "6",
                     "memory_max_len": "10"}}
 
@@ -164,10 +164,12 @@ def test_tpatcher_batch_is_one_patch(tiny_handle, tmp_path):
     n_hooks = _hooks(handle)
     edit = m.apply(handle, [REQ, REQ2], hp)
     queries = [TFQuery(REQ.prompt, REQ.target_new), TFQuery(REQ2.prompt, REQ2.target_new)]
-    post = _logits(handle, queries)
-    assert [r.exact for r in Scorer(handle).teacher_forced(queries)] == [1.0, 1.0]
-    path = edit.save(tmp_path / "both.patch")
-    edit.revert()
+    try:  # a failed assertion must not leave the shared model hooked for later tests
+        post = _logits(handle, queries)
+        assert [r.exact for r in Scorer(handle).teacher_forced(queries)] == [1.0, 1.0]
+        path = edit.save(tmp_path / "both.patch")
+    finally:
+        edit.revert()
     assert torch.equal(_logits(handle, UNRELATED), pre) and _hooks(handle) == n_hooks
     fresh = tiny_handle("gpt2", fresh=True)
     applied = load_patch(fresh, path)
