@@ -282,3 +282,41 @@ def test_ke_edit_scale_scales_the_update(tiny_handle, tmp_path):
         torch.testing.assert_close(deltas[0.5][k], 0.5 * d, rtol=1e-4, atol=1e-6)
     with pytest.raises(HParamsError, match="edit_scale"):
         hparams(ke, handle, edit_scale=0)
+
+
+def test_ke_token_attention_starts_as_the_plain_editor_and_learns(tiny_handle):
+    """With ``token_attention`` the untrained editor predicts exactly the plain editor's update
+    (its keys start at zero, so every token weighs 1); training moves the attention off uniform."""
+    from medit.core.errors import HParamsError
+    handle = tiny_handle("gpt2")
+    ke = get_plugins().methods.get("ke")
+    plain_hp, attn_hp = hparams(ke, handle), hparams(ke, handle, token_attention=4)
+    torch.manual_seed(0)
+    plain = ke.init_editor(handle, plain_hp)
+    torch.manual_seed(0)
+    attn = ke.init_editor(handle, attn_hp)
+    attn.load_state_dict(plain.state_dict(), strict=False)
+    batch = cases(4)
+    for (n, (l1, r1)), (_, (l2, r2)) in zip(ke._updates(handle, plain, batch[:1]).items(),
+                                             ke._updates(handle, attn, batch[:1]).items()):
+        torch.testing.assert_close(l1, l2)
+        torch.testing.assert_close(r1, r2)
+    opt = torch.optim.Adam(attn.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = ke.train_loss(handle, attn, batch, attn_hp)[0]
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+    assert any(float(k.weight.detach().abs().max()) > 0 for k in attn.token_keys)
+    from medit.core.gradedit import edit_pairs, token_grads
+    from medit.core.scoring import Scorer
+    u, _ = token_grads(handle, attn.names[:1], edit_pairs(Scorer(handle), batch[:1]))[attn.names[0]]
+    h = attn.cond(ke._condition(handle, batch[0]))
+    w = attn.token_weights(0, h, u)
+    assert w.shape == (u.shape[0],) and float(w.mean()) == pytest.approx(1.0, abs=1e-5)
+    assert float(w.std()) > 0
+    with pytest.raises(HParamsError, match="token_attention"):
+        hparams(ke, handle, token_attention=-1)

@@ -12,7 +12,8 @@ target; the paper uses an LSTM over the same embeddings). Training minimises the
 prompt and its rephrasings subject to ``KL(unedited ‖ edited) ≤ margin`` on unrelated prompts,
 enforced with a Lagrange multiplier updated by gradient ascent, as in the paper. The gradient
 normalisation makes the update independent of the loss scale (our addition). The update is
-low-rank (edit tokens + 1), stored as factors.
+low-rank (edit tokens + 1), stored as factors. Optionally (``token_attention``, also ours) the
+gradient's token terms are reweighted, ``G = Σ_t w_t δ_t x_tᵀ``, by a conditioned attention.
 """
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ class KEHParams(EditedWeights, LearnedHParams):
     #: multiplier on the predicted update when editing (not in training): below 1 trades edit
     #: strength for locality without retraining.
     edit_scale: float = 1.0
+    #: rank of a conditioned attention over the gradient's token positions (0: off, every token
+    #: weighs the same, as in the paper). Each position's weight is a softmax of
+    #: ⟨P x̂_t, Q h⟩ (x̂_t its normalised layer input, h the edit's condition), so the editor can
+    #: put the update on the inputs that identify the edit rather than the ones every prompt of
+    #: the relation shares. P starts at zero: the untrained editor equals the plain one.
+    token_attention: int = 0
 
     def __post_init__(self) -> None:
         self.check_training()
@@ -61,13 +68,15 @@ class KEHParams(EditedWeights, LearnedHParams):
         for name in ("init_scale", "kl_margin", "lagrange_lr", "edit_scale"):
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparam {name!r} must be > 0, got {getattr(self, name)}")
+        if self.token_attention < 0:
+            raise HParamsError(f"hparam 'token_attention' must be >= 0 (0: off), got {self.token_attention}")
 
 
 class KEEditor(nn.Module):
     """Condition MLP, one head per edited weight, per-layer scales and the Lagrange multiplier."""
 
     def __init__(self, emb_dim: int, hidden: int, shapes: dict[str, tuple[int, int]],
-                 norms: dict[str, float], init_scale: float) -> None:
+                 norms: dict[str, float], init_scale: float, token_attention: int = 0) -> None:
         super().__init__()
         self.names = list(shapes)
         self.shapes = dict(shapes)
@@ -83,6 +92,22 @@ class KEEditor(nn.Module):
             self.heads.append(head)
         self.log_scale = nn.Parameter(torch.tensor([float(torch.tensor(init_scale * norms[n]).log()) for n in self.names]))
         self.rho = nn.Parameter(torch.tensor(0.0))  # Lagrange multiplier λ = softplus(ρ)
+        self.token_keys = nn.ModuleList()
+        self.token_queries = nn.ModuleList()
+        if token_attention:
+            for n in self.names:
+                key = nn.Linear(shapes[n][1], token_attention, bias=False)
+                nn.init.zeros_(key.weight)
+                self.token_keys.append(key)
+                self.token_queries.append(nn.Linear(hidden, token_attention))
+
+    def token_weights(self, k: int, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Weight of each token position [T] of weight ``k``'s gradient (mean 1; all 1 when off)."""
+        if not len(self.token_keys):
+            return u.new_ones(u.shape[0])
+        x = u / u.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        scores = self.token_keys[k](x) @ self.token_queries[k](h)
+        return torch.softmax(scores, 0) * u.shape[0]
 
     def updates(self, cond_in: torch.Tensor, grads: dict[str, tuple[torch.Tensor, torch.Tensor]]
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -94,6 +119,7 @@ class KEEditor(nn.Module):
             v = self.heads[k](h)
             a, b, gamma, delta, eta = v[:o], v[o:2 * o], v[2 * o:2 * o + i], v[2 * o + i:2 * o + 2 * i], v[-1]
             u, d = grads[n]
+            d = d * self.token_weights(k, h, u)[:, None]
             gnorm = ((d @ d.T) * (u @ u.T)).sum().clamp_min(1e-30).sqrt()  # ‖Σ d_t u_tᵀ‖_F
             coef = torch.sigmoid(eta) * self.log_scale[k].exp()
             alpha = torch.softmax(a, 0) * o
@@ -116,7 +142,7 @@ class KE(LearnedMethod):
         norms = {n: float(params[n].detach().float().norm()) for n in names}
         emb_dim = handle.module("embed").weight.shape[1]
         return KEEditor(emb_dim, hparams.hidden, {n: out_in_shape(handle, n) for n in names}, norms,
-                        hparams.init_scale)
+                        hparams.init_scale, hparams.token_attention)
 
     def param_groups(self, editor: nn.Module, hparams: KEHParams) -> list[dict[str, Any]]:  # type: ignore[override]
         rest = [p for n, p in editor.named_parameters() if n != "rho"]
