@@ -72,7 +72,9 @@ def _state(handle) -> dict[str, torch.Tensor]:
 
 
 def _hook_count(handle) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in handle.model.modules())
+    # transformers installs hooks of its own lazily, so a fresh handle and a used one differ in them
+    from medit.core.scoring import foreign_hooks
+    return sum(len(foreign_hooks(m)) for m in handle.model.modules())
 
 
 def _logits(handle, queries, edit=None):

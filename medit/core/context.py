@@ -24,6 +24,11 @@ NEGATIVE_SUBJECTS = ("Paris", "Germany", "John Smith", "Microsoft", "the Beatles
                      "the Amazon River", "Albert", "Toyota", "Canada", "the company")
 
 
+def swapped_prompts(prompt: str, subject: str, subjects: Sequence[str]) -> list[str]:
+    """``prompt`` about each of ``subjects`` instead of ``subject`` (which is skipped if listed)."""
+    return [prompt.replace(subject, s) for s in subjects if s != subject]
+
+
 def context_templates(handle: "ModelHandle", spec: Sequence[Sequence[int]] = ((5, 10),),
                       seed: int = 0) -> list[str]:
     """``["{}"]`` plus, for each (length, count) in ``spec``, ``count`` sampled prefixes of

@@ -17,7 +17,7 @@ import torch
 
 from .edit import WeightEdit
 from .errors import HParamsError
-from .scoring import Scorer
+from .scoring import Scorer, kl_per_row
 
 if TYPE_CHECKING:
     from .handle import ModelHandle
@@ -164,9 +164,7 @@ def locality_pairs(scorer: Scorer, requests: Sequence["EditRequest"]) -> Pairs:
 
 def kl_logits(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(pre ‖ post) of next-token distributions."""
-    p = pre.float().log_softmax(-1)
-    q = post.float().log_softmax(-1)
-    return (p.exp() * (p - q)).sum(-1).mean()
+    return kl_per_row(pre.float().log_softmax(-1), post.float().log_softmax(-1)).mean()
 
 
 def post_edit_losses(handle: "ModelHandle", requests: Sequence["EditRequest"],

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .context import fill, subject_token_index
-from .scoring import Scorer
+from .context import fill, subject_token_index, swapped_prompts
+from .scoring import Scorer, kl_per_row
 from .tracing import capture, head_logits, layers_above, run_until
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def negative_rows(handle: "ModelHandle", req: "EditRequest", layer: int, left: t
                   subjects: Sequence[str]) -> Negatives | None:
     """:class:`Negatives` for ``req``: its prompt with the subject replaced by each of ``subjects``
     (those equal to the edit's subject are skipped); None when none is left."""
-    prompts = [req.prompt.replace(req.subject, s) for s in subjects if s != req.subject]
+    prompts = swapped_prompts(req.prompt, req.subject, subjects)
     if not prompts:
         return None
     ids, mask = _pad(handle, [handle.tokenizer(p).input_ids for p in prompts])
@@ -295,7 +295,7 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
             kl_logp = logp[n_t:]
             if kl_ref is None:
                 kl_ref = kl_logp.detach()
-            kl = (kl_ref.exp() * (kl_ref - kl_logp)).sum(-1)
+            kl = kl_per_row(kl_ref, kl_logp)
             kl_per = torch.zeros(n, device=dev).index_add(0, kl_own, kl)
             decay = spec.weight_decay * delta.norm(dim=1) ** 2 / ref_norm ** 2
             neg_kl = torch.zeros(n, device=dev)
@@ -305,7 +305,7 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
                 neg_logp = head_logits(handle, nf[torch.arange(len(ng.last), device=dev), ng.last]).float().log_softmax(-1)
                 if neg_ref is None:
                     neg_ref = neg_logp.detach()
-                neg_kl = neg_kl + (neg_ref.exp() * (neg_ref - neg_logp)).sum(-1).mean()
+                neg_kl = neg_kl + kl_per_row(neg_ref, neg_logp).mean()
             newly = (nll.detach() < spec.early_stop_nll) & ~done
             for i in torch.nonzero(newly).flatten().tolist():
                 infos[i].update(steps=step, nll=float(nll[i].detach()))

@@ -88,6 +88,11 @@ class NextToken:
         return cls(lp.to(torch.float16).cpu())
 
 
+def kl_per_row(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(ref ‖ other) of each row of two log-probability tensors [..., vocab] -> [...]."""
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+
 def kl_divergence(p: NextToken, q: NextToken) -> float:
     """KL(p || q) in nats, computed in float64 from the stored (float16) log-probs.
 
@@ -101,7 +106,7 @@ def kl_divergence(p: NextToken, q: NextToken) -> float:
     lq = q.logprobs.double()
     lp = lp - lp.logsumexp(-1)
     lq = lq - lq.logsumexp(-1)
-    return max(0.0, float((lp.exp() * (lp - lq)).sum()))
+    return max(0.0, float(kl_per_row(lp, lq).sum()))
 
 
 def normalise(text: str) -> str:

@@ -30,7 +30,7 @@ from medit.core.method import Method
 from medit.core.neurons import (NeuronEdit, NeuronGroup, attached_groups, memory_inputs, target_batch,
                                 target_inputs, train_groups)
 from medit.core.requests import EditRequest
-from medit.core.context import NEGATIVE_SUBJECTS
+from medit.core.context import NEGATIVE_SUBJECTS, swapped_prompts
 
 
 @dataclass
@@ -122,7 +122,7 @@ class TPatcher(Method):
         x_edit = target_inputs(handle, layer, batch).to(handle.device)
         x_text = memory_inputs(handle, layer, hp.memory_corpus, hp.memory_texts, hp.memory_max_len)
         earlier = [g.inputs for g in attached_groups(handle, layer) if g.inputs is not None]
-        swapped = [req.prompt.replace(req.subject, s) for s in hp.negative_subjects if s != req.subject]
+        swapped = swapped_prompts(req.prompt, req.subject, hp.negative_subjects)
         negatives = [target_inputs(handle, layer, target_batch(handle, [req], [swapped]))] if swapped else []
         x_mem = torch.cat([x_text] + [e.cpu() for e in earlier + negatives]).to(handle.device)
         d_out = handle.weight_out_in("mlp_out", layer).shape[0]

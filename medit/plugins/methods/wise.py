@@ -39,7 +39,7 @@ import torch
 
 import medit
 from medit import hookimpl
-from medit.core.context import NEGATIVE_SUBJECTS, context_templates, fill
+from medit.core.context import NEGATIVE_SUBJECTS, context_templates, fill, swapped_prompts
 from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged_spec
 from medit.core.edit import Edit
 from medit.core.errors import HParamsError, MethodError, PatchError
@@ -385,8 +385,8 @@ class WISE(Method):
         for t in irr_texts:
             ids = handle.tokenizer(t).input_ids
             texts.append((ids[:-1], ids[-1:]) if not handle.is_encoder_decoder else (ids, ids[:2]))
-        swapped = [scorer.encode_pair(req.prompt.replace(req.subject, s), req.target_new)
-                   for s in self._negative_subjects(req, hp, index)]
+        swapped = [scorer.encode_pair(p, req.target_new)
+                   for p in swapped_prompts(req.prompt, req.subject, self._negative_subjects(req, hp, index))]
         return edit_pairs, texts, swapped
 
     @staticmethod
