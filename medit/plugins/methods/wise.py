@@ -347,8 +347,8 @@ class WISE(Method):
         return cache[hp.negative_pool]
 
     def _negative_subjects(self, req: EditRequest, hp: WISEHParams, index: int) -> list[str]:
-        subjects = [s for s in hp.negative_subjects if s != req.subject]
-        pool = [s for s in self._pool_subjects(hp) if s != req.subject]
+        subjects = list(hp.negative_subjects)  # (swapped_prompts drops the edit's own subject)
+        pool = [s for s in self._pool_subjects(hp) if s != req.subject]  # before the draw: picks stay as they were
         if pool and hp.pool_negatives:
             g = torch.Generator().manual_seed(hp.seed * 1_000_003 + index)  # reproducible per edit
             picks = torch.randperm(len(pool), generator=g)[:hp.pool_negatives].tolist()
