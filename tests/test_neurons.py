@@ -20,7 +20,8 @@ REQ = EditRequest(prompt="The capital of France is", subject="France", target_ne
 REQ2 = EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
                    target_new="the", target_true="French", case_id="n2")
 UNRELATED = [TFQuery("The quick brown fox jumps over the", "lazy dog"), TFQuery("The river bank", "is near")]
-# Tiny random models need larger steps than a trained one; only the sizes differ from the defaults.
+# Tiny random models need larger steps than a trained one, and smaller memories; T-Patcher's lr is
+# 0.08 (default 0.05), where both of the batch test's edits take on every CPU tried.
 TINY = {"kn": {"edit_scale": "4.0"},
         "t-patcher": {"lr": "0.08", "memory_texts": "6", "memory_max_len": "10"},
         "calinet": {"lr": "0.2", "steps": "50", "context_templates": "[[3, 1]]", "memory_texts": "6",

@@ -298,14 +298,14 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
             kl = kl_per_row(kl_ref, kl_logp)
             kl_per = torch.zeros(n, device=dev).index_add(0, kl_own, kl)
             decay = spec.weight_decay * delta.norm(dim=1) ** 2 / ref_norm ** 2
-            neg_kl = torch.zeros(n, device=dev)
+            neg_kl: torch.Tensor | float = 0.0  # one scalar: negatives serve a single request
             if negatives is not None:  # a single request (checked above)
                 ng = negatives
                 nf = above(ng.hidden + (ng.coef[..., None] * delta[0]).to(ng.hidden.dtype), ng.mask)
                 neg_logp = head_logits(handle, nf[torch.arange(len(ng.last), device=dev), ng.last]).float().log_softmax(-1)
                 if neg_ref is None:
                     neg_ref = neg_logp.detach()
-                neg_kl = neg_kl + kl_per_row(neg_ref, neg_logp).mean()
+                neg_kl = kl_per_row(neg_ref, neg_logp).mean()
             newly = (nll.detach() < spec.early_stop_nll) & ~done
             for i in torch.nonzero(newly).flatten().tolist():
                 infos[i].update(steps=step, nll=float(nll[i].detach()))
