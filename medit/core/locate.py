@@ -74,6 +74,21 @@ class LocateHParams:
                               self.stats_dtype, tf32=self.stats_tf32)
 
 
+@dataclass
+class SpreadHParams(LocateHParams):
+    """Shared hyperparameters of the MEMIT-style methods that spread an edit over several layers."""
+
+    #: passes of the layer-by-layer solve. The ridge (and AlphaEdit's null-space projection) make
+    #: each layer realise only part of its share, so one pass can leave the edit short of the
+    #: optimised target; each further pass solves again for the remaining gap (same targets).
+    spread_passes: int = 1
+
+    def check_locate(self) -> None:
+        super().check_locate()
+        if self.spread_passes < 1:
+            raise HParamsError(f"hparam 'spread_passes' must be >= 1, got {self.spread_passes}")
+
+
 class CovarianceSolver:
     """``B -> A⁻¹ B`` for ``A = scale·C + ridge·mean(diag C)·I``, in float64. ``A`` is factorised
     (Cholesky) once; ``factored`` is False when it is not numerically positive definite, and calls
@@ -134,20 +149,33 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
     targets = z0 + deltas.float()
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     params = dict(handle.model.named_parameters())
-    for i, layer in enumerate(layers):
-        keys, cur = compute_keys(handle, reqs, [layer], templates, hp.fact_token, out_layer=z_layer)
-        K = keys[layer].T  # [d_in, n]
-        R = ((targets - cur) / (len(layers) - i)).T  # [d_out, n]
-        X = solver(layer, K)
-        u, v = storage_factors(handle, R, X)
-        name = handle.param_name("mlp_out", layer)
-        p = params[name]
-        with torch.no_grad():
-            p.add_((u @ v.T).to(p.dtype))
-        factors[name] = (u.detach().cpu(), v.detach().cpu())
-        if on_keys is not None:
+    first_keys: dict[int, torch.Tensor] = {}
+    passes = hp.spread_passes if isinstance(hp, SpreadHParams) else 1
+    for _ in range(passes):
+        for i, layer in enumerate(layers):
+            keys, cur = compute_keys(handle, reqs, [layer], templates, hp.fact_token, out_layer=z_layer)
+            K = keys[layer].T  # [d_in, n]
+            first_keys.setdefault(layer, K)
+            R = ((targets - cur) / (len(layers) - i)).T  # [d_out, n]
+            X = solver(layer, K)
+            u, v = storage_factors(handle, R, X)
+            name = handle.param_name("mlp_out", layer)
+            p = params[name]
+            with torch.no_grad():
+                p.add_((u @ v.T).to(p.dtype))
+            u, v = u.detach().cpu(), v.detach().cpu()
+            if name in factors:  # a later pass: the patch holds the columns of every pass
+                u, v = torch.cat([factors[name][0], u], 1), torch.cat([factors[name][1], v], 1)
+            factors[name] = (u, v)
+    # after all passes, so that a later pass's solve does not count this edit's keys twice
+    if on_keys is not None:
+        for layer, K in first_keys.items():
             on_keys(layer, K)
-    return factors, {"delta_steps": [x["steps"] for x in infos], "delta_nll": [x["nll"] for x in infos]}
+    _, final = compute_keys(handle, reqs, [], templates, hp.fact_token, out_layer=z_layer)
+    # the share of the optimised residual change the update realises at the last edited layer
+    realised = 1 - (targets - final).norm(dim=1) / deltas.float().norm(dim=1).clamp_min(1e-12)
+    return factors, {"delta_steps": [x["steps"] for x in infos], "delta_nll": [x["nll"] for x in infos],
+                     "realised": [round(float(x), 4) for x in realised]}
 
 
 def apply_spread(handle: "ModelHandle", requests: Sequence["EditRequest"], hp: LocateHParams, method: str,

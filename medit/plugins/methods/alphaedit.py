@@ -20,7 +20,7 @@ from medit.core.edit import WeightEdit
 from medit.core.errors import HParamsError
 from medit.core.handle import ModelHandle
 from medit.core.hparams import HParams
-from medit.core.locate import LocateHParams, apply_spread
+from medit.core.locate import SpreadHParams, apply_spread
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.plugins.methods.memit import pick_layers
@@ -29,7 +29,7 @@ CACHE = "alphaedit.preserved"
 
 
 @dataclass
-class AlphaEditHParams(LocateHParams, HParams):
+class AlphaEditHParams(SpreadHParams, HParams):
     """Hyperparameters of AlphaEdit (plus the shared statistics / target-vector settings)."""
 
     layers: list[int] | str = "auto"

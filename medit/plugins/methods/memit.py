@@ -19,7 +19,7 @@ from medit.core.errors import HParamsError
 from medit.core.handle import ModelHandle
 from medit.core.hparams import HParams
 from medit.core.layers import resolve_layers
-from medit.core.locate import LocateHParams, apply_spread, covariance_solver
+from medit.core.locate import SpreadHParams, apply_spread, covariance_solver
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 
@@ -35,7 +35,7 @@ def auto_layers(n_layers: int) -> list[int]:
 
 
 @dataclass
-class MEMITHParams(LocateHParams, HParams):
+class MEMITHParams(SpreadHParams, HParams):
     """Hyperparameters of MEMIT (plus the shared statistics / target-vector settings)."""
 
     #: edited layers (ascending), or ``auto``.
