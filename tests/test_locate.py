@@ -294,8 +294,16 @@ def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
         edit.revert()
     assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items()), "revert not bit-exact"
     assert realised[0] < 0.9 and realised[1] > realised[0] + 0.05, realised
+    # an edit that already realises spread_min_realised gets no further pass
+    m.start_run(h)
+    hp = m.resolve_hparams(h, overrides={**base, "spread_passes": "2", "spread_min_realised": str(realised[0] / 2)})
+    edit = m.apply(h, [req], hp)
+    assert edit.info["spread_passes"] == 1 and edit.info["realised"][0] == realised[0]
+    edit.revert()
     with pytest.raises(HParamsError, match="spread_passes"):
         m.resolve_hparams(h, overrides={"spread_passes": "0"})
+    with pytest.raises(HParamsError, match="spread_min_realised"):
+        m.resolve_hparams(h, overrides={"spread_min_realised": "0"})
 
 
 def test_t5_is_refused(tiny_handle):

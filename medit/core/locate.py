@@ -82,11 +82,16 @@ class SpreadHParams(LocateHParams):
     #: each layer realise only part of its share, so one pass can leave the edit short of the
     #: optimised target; each further pass solves again for the remaining gap (same targets).
     spread_passes: int = 1
+    #: a further pass runs only while some edit realises less than this share of its optimised
+    #: change (measured after the last edited layer), so edits that already took stay as they are.
+    spread_min_realised: float = 1.0
 
     def check_locate(self) -> None:
         super().check_locate()
         if self.spread_passes < 1:
             raise HParamsError(f"hparam 'spread_passes' must be >= 1, got {self.spread_passes}")
+        if not 0 < self.spread_min_realised <= 1:
+            raise HParamsError(f"hparam 'spread_min_realised' must be in (0, 1], got {self.spread_min_realised}")
 
 
 class CovarianceSolver:
@@ -150,8 +155,9 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     params = dict(handle.model.named_parameters())
     first_keys: dict[int, torch.Tensor] = {}
-    passes = hp.spread_passes if isinstance(hp, SpreadHParams) else 1
-    for _ in range(passes):
+    passes, enough = (hp.spread_passes, hp.spread_min_realised) if isinstance(hp, SpreadHParams) else (1, 1.0)
+    done = 0
+    while True:
         for i, layer in enumerate(layers):
             keys, cur = compute_keys(handle, reqs, [layer], templates, hp.fact_token, out_layer=z_layer)
             K = keys[layer].T  # [d_in, n]
@@ -167,15 +173,18 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
             if name in factors:  # a later pass: the patch holds the columns of every pass
                 u, v = torch.cat([factors[name][0], u], 1), torch.cat([factors[name][1], v], 1)
             factors[name] = (u, v)
+        done += 1
+        _, final = compute_keys(handle, reqs, [], templates, hp.fact_token, out_layer=z_layer)
+        # the share of the optimised residual change the update realises at the last edited layer
+        realised = 1 - (targets - final).norm(dim=1) / deltas.float().norm(dim=1).clamp_min(1e-12)
+        if done >= passes or float(realised.min()) >= enough:
+            break
     # after all passes, so that a later pass's solve does not count this edit's keys twice
     if on_keys is not None:
         for layer, K in first_keys.items():
             on_keys(layer, K)
-    _, final = compute_keys(handle, reqs, [], templates, hp.fact_token, out_layer=z_layer)
-    # the share of the optimised residual change the update realises at the last edited layer
-    realised = 1 - (targets - final).norm(dim=1) / deltas.float().norm(dim=1).clamp_min(1e-12)
     return factors, {"delta_steps": [x["steps"] for x in infos], "delta_nll": [x["nll"] for x in infos],
-                     "realised": [round(float(x), 4) for x in realised]}
+                     "realised": [round(float(x), 4) for x in realised], "spread_passes": done}
 
 
 def apply_spread(handle: "ModelHandle", requests: Sequence["EditRequest"], hp: LocateHParams, method: str,
