@@ -281,12 +281,11 @@ def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
     base = {**FAST, **extra, "stats_corpus": str(CORPUS)}
     req = _request(h)
     before = _state(h)
-    realised, edits = [], []
+    realised = []
     for passes in (1, 2):
         m.start_run(h)
         edit = m.apply(h, [req], m.resolve_hparams(h, overrides={**base, "spread_passes": str(passes)}))
         realised.append(edit.info["realised"][0])
-        edits.append(edit)
         if method == "alphaedit":
             K = edit.added[0]
             torch.testing.assert_close(h.memo[CACHE][0], K @ K.T)

@@ -139,7 +139,7 @@ def storage_factors(handle: "ModelHandle", out_vecs: torch.Tensor, in_vecs: torc
 
 
 def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: Sequence[int],
-                  hp: LocateHParams, solver: Solver, on_keys: Callable[[int, torch.Tensor], None] | None = None
+                  hp: SpreadHParams, solver: Solver, on_keys: Callable[[int, torch.Tensor], None] | None = None
                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     """MEMIT's algorithm: optimise target residuals at the last layer, then for each layer (lowest
     first) solve for the update that moves the keys towards an equal share of what remains.
@@ -155,7 +155,6 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     params = dict(handle.model.named_parameters())
     first_keys: dict[int, torch.Tensor] = {}
-    passes, enough = (hp.spread_passes, hp.spread_min_realised) if isinstance(hp, SpreadHParams) else (1, 1.0)
     done = 0
     while True:
         for i, layer in enumerate(layers):
@@ -177,7 +176,7 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
         _, final = compute_keys(handle, reqs, [], templates, hp.fact_token, out_layer=z_layer)
         # the share of the optimised residual change the update realises at the last edited layer
         realised = 1 - (targets - final).norm(dim=1) / deltas.float().norm(dim=1).clamp_min(1e-12)
-        if done >= passes or float(realised.min()) >= enough:
+        if done >= hp.spread_passes or float(realised.min()) >= hp.spread_min_realised:
             break
     # after all passes, so that a later pass's solve does not count this edit's keys twice
     if on_keys is not None:
@@ -187,7 +186,7 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
                      "realised": [round(float(x), 4) for x in realised], "spread_passes": done}
 
 
-def apply_spread(handle: "ModelHandle", requests: Sequence["EditRequest"], hp: LocateHParams, method: str,
+def apply_spread(handle: "ModelHandle", requests: Sequence["EditRequest"], hp: SpreadHParams, method: str,
                  layers: Sequence[int], stats_s: float, solver: Solver, edit_cls: type | None = None,
                  on_keys: Callable[[int, torch.Tensor], None] | None = None) -> "WeightEdit":
     """Record the edited projections, run :func:`spread_update`, and return the Edit holding the
