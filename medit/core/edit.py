@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from .errors import PatchError
+from .errors import EditError, PatchError
 from .io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -85,6 +85,10 @@ class WeightEdit(Edit):
 
     ``factors`` optionally hold a low-rank form of each delta in storage orientation,
     ``delta = u @ v.T``; patches then store the factors instead of the dense matrix.
+
+    In a sequence of edits (see :func:`share_originals`) a later edit of a parameter that an
+    earlier one already changed does not keep its own copy of the original (``shared`` names
+    those parameters); such an edit reverts and saves only as part of its whole sequence.
     """
 
     def __init__(self, handle: "ModelHandle", method: str, requests: Sequence["EditRequest"],
@@ -94,6 +98,14 @@ class WeightEdit(Edit):
         self.originals = originals
         self.base_fingerprint = base_fingerprint
         self.factors = factors or {}
+        #: parameters whose original an earlier edit of the same sequence holds.
+        self.shared: set[str] = set()
+        self._in_sequence_revert = False
+
+    def _whole_only(self, what: str) -> None:
+        if self.shared and not self._in_sequence_revert:
+            raise EditError(f"this {self.method} edit shares original weights with earlier edits of its sequence, "
+                            f"so it cannot {what} alone; {what} the whole sequence (the CompositeEdit)")
 
     def _params(self) -> dict[str, torch.nn.Parameter]:
         params = dict(self.handle.model.named_parameters())
@@ -102,7 +114,8 @@ class WeightEdit(Edit):
     def revert(self) -> None:
         if not self.active:
             return
-        with torch.no_grad():
+        self._whole_only("revert")
+        with torch.no_grad():  # shared parameters: an earlier edit of the sequence restores them
             for name, p in self._params().items():
                 p.copy_(self.originals[name])
         self.active = False
@@ -113,6 +126,7 @@ class WeightEdit(Edit):
             return {n: (p.detach() - self.originals[n].to(p.device)) for n, p in self._params().items()}
 
     def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        self._whole_only("save")
         tensors: dict[str, torch.Tensor] = {}
         params: dict[str, Any] = {}
         dense = self.deltas() if set(self.factors) != set(self.originals) else {}
@@ -185,6 +199,7 @@ class CompositeEdit(Edit):
     """Several edits applied one after another (sequential mode, or ``medit edit`` of many facts)."""
 
     def __init__(self, handle: "ModelHandle", edits: Sequence[Edit]) -> None:
+        share_originals(edits)
         method = edits[0].method if edits else "none"
         reqs = [r for e in edits for r in e.requests]
         super().__init__(handle, method, reqs, edits[0].hparams if edits else {})
@@ -198,6 +213,8 @@ class CompositeEdit(Edit):
 
     def revert(self) -> None:
         for e in reversed(self.edits):
+            if isinstance(e, WeightEdit):
+                e._in_sequence_revert = True
             e.revert()
         self.active = False
 
@@ -211,6 +228,21 @@ class CompositeEdit(Edit):
         return merged.payload()
 
 
+def share_originals(edits: Sequence[Edit]) -> None:
+    """``edits`` were applied in this order: keep each parameter's original weights only in the
+    first weight edit that changed it. Reverting the sequence (last edit first) restores them
+    exactly, and memory no longer grows by a full copy of every edited matrix per edit (100
+    sequential MEMIT edits of LLaMA-2-7B's five layers would hold ~90 GB of copies). Idempotent."""
+    held: set[str] = set()
+    for e in edits:
+        if not isinstance(e, WeightEdit):
+            continue
+        for name in [n for n in e.originals if n in held]:
+            del e.originals[name]
+            e.shared.add(name)
+        held.update(e.originals)
+
+
 def _merge_weight_edits(handle: "ModelHandle", edits: Sequence[WeightEdit]) -> WeightEdit:
     """One WeightEdit equivalent to the stack: originals from the first edit touching each
     parameter; factors concatenated when every edit of a parameter is low-rank."""
@@ -218,8 +250,9 @@ def _merge_weight_edits(handle: "ModelHandle", edits: Sequence[WeightEdit]) -> W
     factor_lists: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     dense_needed: set[str] = set()
     for e in edits:
-        for n, t in e.originals.items():
-            originals.setdefault(n, t)
+        for n in [*e.originals, *sorted(e.shared)]:
+            if n in e.originals:
+                originals.setdefault(n, e.originals[n])
             if n in e.factors:
                 factor_lists.setdefault(n, []).append(e.factors[n])
             else:
@@ -227,8 +260,10 @@ def _merge_weight_edits(handle: "ModelHandle", edits: Sequence[WeightEdit]) -> W
     factors = {n: (torch.cat([u for u, _ in fl], 1), torch.cat([v for _, v in fl], 1))
                for n, fl in factor_lists.items() if n not in dense_needed}
     first = edits[0]
+    # the union of the parameters, at their values before the first edit
+    base = first.base_fingerprint if len(edits) == 1 else handle.fingerprint_of(originals)
     merged = WeightEdit(handle, first.method, [r for e in edits for r in e.requests], first.hparams,
-                        originals, first.base_fingerprint, factors)
+                        originals, base, factors)
     return merged
 
 

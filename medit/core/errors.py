@@ -46,6 +46,11 @@ class PatchError(MeditError):
     """A patch cannot be read or does not match the model it is applied to."""
 
 
+class EditError(MeditError):
+    """An edit cannot be reverted or saved on its own (e.g. it belongs to a sequence that shares
+    original weights)."""
+
+
 class MethodError(MeditError):
     """A method cannot perform the requested edit (unsupported family or mode, bad layer...)."""
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from tabulate import tabulate
 
-from .edit import CompositeEdit, Edit
+from .edit import CompositeEdit, Edit, share_originals
 from .errors import MeditError, UnknownNameError
 from .handle import ModelHandle
 from .hparams import HParams
@@ -262,6 +262,7 @@ class Evaluator:
                 for req in sequence:
                     edit, s = self._apply([req])
                     edits.append(edit)
+                    share_originals(edits)  # one copy of each edited matrix, however long the run
                     times.append(s)
                     now.append(self._score([req], CompositeEdit(self.handle, edits))
                                if self.cfg.also_immediate and req.case_id in wanted else None)
@@ -278,8 +279,7 @@ class Evaluator:
                 if ok and self.cfg.keep_edit:
                     self.final_edit = CompositeEdit(self.handle, edits)
                 else:
-                    for e in reversed(edits):
-                        e.revert()
+                    CompositeEdit(self.handle, edits).revert()
 
     def _manifest(self, requests: Sequence[EditRequest], start: str, end: str | None) -> dict[str, Any]:
         from .. import __version__

@@ -93,23 +93,27 @@ class ModelHandle:
         """
         if param_names is None and self._base_fingerprint:
             return self._base_fingerprint
+        params = dict(self.model.named_parameters())
+        fp = self.fingerprint_of({n: params[n] for n in (param_names if param_names is not None else params)})
+        if param_names is None:
+            self._base_fingerprint = fp
+        return fp
+
+    def fingerprint_of(self, tensors: dict[str, torch.Tensor]) -> str:
+        """:meth:`fingerprint` of these values for these parameter names (e.g. an edit's originals)."""
         h = hashlib.sha256()
         # Names, shapes and values define the model; the config object is not hashed because
         # transformers mutates it at run time (attention implementation, cache flags).
         h.update(str(self.config.model_type).encode())
-        params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for n in sorted(param_names) if param_names is not None else sorted(params):
-                flat = params[n].detach().reshape(-1)
-                h.update(f"{n}{tuple(flat.shape)}{tuple(params[n].shape)}".encode())
+            for n in sorted(tensors):
+                flat = tensors[n].detach().reshape(-1)
+                h.update(f"{n}{tuple(flat.shape)}{tuple(tensors[n].shape)}".encode())
                 # A strided sample plus the exact sum is cheap and still tells weights apart.
                 step = max(1, flat.numel() // 4096)
                 h.update(flat[::step].float().cpu().numpy().tobytes())
                 h.update(repr(float(flat.double().sum())).encode())
-        fp = h.hexdigest()[:16]
-        if param_names is None:
-            self._base_fingerprint = fp
-        return fp
+        return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------- loading

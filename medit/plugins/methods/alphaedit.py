@@ -56,6 +56,7 @@ class AlphaEditEdit(WeightEdit):
 
     def revert(self) -> None:
         if self.active:
+            self._whole_only("revert")  # before touching the cache: a refused revert changes nothing
             cache = self.handle.memo.get(CACHE, {})
             for layer, K in getattr(self, "added", {}).items():
                 if layer in cache:

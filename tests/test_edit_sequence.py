@@ -1,0 +1,58 @@
+"""A sequence of weight edits keeps one copy of each edited matrix's original, reverts exactly as
+a whole, refuses to revert (or save) a sharing member alone, and saves as one patch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medit.core.edit import CompositeEdit, WeightEdit, load_patch, share_originals
+from medit.core.errors import EditError
+
+
+def _state(handle) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
+
+
+def _rank_one(handle, name: str, seed: int) -> WeightEdit:
+    p = dict(handle.model.named_parameters())[name]
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(p.shape[0], 1, generator=g) * 0.1, torch.randn(p.shape[1], 1, generator=g)
+    return WeightEdit.from_deltas(handle, "memit", [], {}, factors={name: (u, v)})
+
+
+def test_sequence_shares_originals_and_reverts_exactly(tiny_handle, tmp_path):
+    h = tiny_handle("llama")
+    a, b = h.param_name("mlp_out", 0), h.param_name("mlp_out", 1)
+    before = _state(h)
+    edits = [_rank_one(h, a, 0), _rank_one(h, a, 1), _rank_one(h, b, 2), _rank_one(h, a, 3)]
+    after = _state(h)
+    share_originals(edits)
+    share_originals(edits)  # idempotent
+    assert [sorted(e.originals) for e in edits] == [[a], [], [b], []]
+    assert [sorted(e.shared) for e in edits] == [[], [a], [], [a]]
+
+    with pytest.raises(EditError, match="revert the whole sequence"):
+        edits[1].revert()
+    with pytest.raises(EditError, match="save the whole sequence"):
+        edits[3].save(tmp_path / "alone")
+    assert all(torch.equal(v, after[k]) for k, v in h.model.state_dict().items()), "a refused revert changed weights"
+
+    whole = CompositeEdit(h, edits)
+    path = whole.save(tmp_path / "seq")
+    whole.revert()
+    assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items()), "revert not bit-exact"
+
+    fresh = tiny_handle("llama", fresh=True)
+    applied = load_patch(fresh, path)
+    for name in (a, b):
+        torch.testing.assert_close(dict(fresh.model.named_parameters())[name], after[name], rtol=1e-5, atol=1e-6)
+    applied.revert()
+
+
+def test_unshared_edits_still_revert_alone(tiny_handle):
+    h = tiny_handle("gpt2")
+    before = _state(h)
+    e = _rank_one(h, h.param_name("mlp_out", 0), 0)
+    CompositeEdit(h, [e])
+    e.revert()
+    assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
