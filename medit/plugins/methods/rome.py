@@ -4,9 +4,7 @@ The key k* (the projection's input at the subject's last token, averaged over co
 templates) is mapped to W k* + δ, where δ is the optimised target vector. With covariance
 adjustment the update direction is C⁻¹k* (C = E[k kᵀ] over a text corpus), so other keys move
 as little as possible. The same k* is used to compute and to insert the update (the r-ROME
-fix), which keeps long sequences of edits from collapsing the model. With ``key_invariance`` the
-direction is also made insensitive to the words before the subject (see
-:func:`medit.core.locate.invariant_direction`). Stored as rank-one factors.
+fix), which keeps long sequences of edits from collapsing the model. Stored as rank-one factors.
 """
 from __future__ import annotations
 
