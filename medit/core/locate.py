@@ -131,28 +131,6 @@ def covariance_solver(handle: "ModelHandle", C: torch.Tensor, scale: float = 1.0
     return hit[1]
 
 
-def invariant_direction(solve: Callable[[torch.Tensor], torch.Tensor], trace: float, k: torch.Tensor,
-                        ctx_keys: torch.Tensor, weight: float) -> torch.Tensor:
-    """The update direction ``u = (A + c·S)⁻¹ k`` [d_in], where ``solve(B) = A⁻¹B`` (A: the key
-    covariance, trace ``trace``), ``S`` is the scatter of ``ctx_keys`` [m, d_in] (the subject's key
-    under m context prefixes) around their mean, and ``c = weight·tr(A)/tr(S)``.
-
-    Plain ``A⁻¹k`` lets the inserted value depend on the words before the subject (a paraphrase's
-    key can get a fraction of the edit); the scatter term makes ``uᵀk`` nearly the same in every
-    context, like a discriminant direction. Solved by Woodbury with A's existing factor, so it
-    costs m + 1 triangular solves, not a new factorisation."""
-    D = (ctx_keys - ctx_keys.mean(0)).double()  # [m, d]
-    m = D.shape[0]
-    tr_s = float((D * D).sum()) / m
-    if weight <= 0 or tr_s <= 0:
-        return solve(k[:, None].double())[:, 0]
-    c = weight * trace / tr_s
-    Ainv = solve(torch.cat([k[:, None].double(), D.T], 1))  # [d, 1 + m]
-    Ak, AD = Ainv[:, :1], Ainv[:, 1:]
-    inner = torch.eye(m, dtype=D.dtype, device=D.device) * (m / c) + D @ AD
-    return (Ak - AD @ torch.linalg.solve(inner, D @ Ak))[:, 0]
-
-
 def storage_factors(handle: "ModelHandle", out_vecs: torch.Tensor, in_vecs: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (u, v) with ``u @ v.T`` equal to the update ``out_vecs @ in_vecs.T`` in the

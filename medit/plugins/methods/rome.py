@@ -21,11 +21,10 @@ from medit.core.errors import HParamsError
 from medit.core.handle import ModelHandle
 from medit.core.hparams import HParams
 from medit.core.layers import resolve_layers
-from medit.core.context import context_templates
-from medit.core.locate import LocateHParams, covariance_solver, invariant_direction, storage_factors
+from medit.core.locate import LocateHParams, covariance_solver, storage_factors
 from medit.core.method import Method
 from medit.core.requests import EditRequest
-from medit.core.rewrite import delta_row_keys, negative_rows, optimise_deltas, template_keys
+from medit.core.rewrite import delta_row_keys, negative_rows, optimise_deltas
 
 #: ``layer: auto`` picks the layer at this fraction of the depth (GPT-2 XL's 17/48 and LLaMA-7B's
 #: 5/32 in the ROME/EasyEdit defaults bracket it; early-middle MLPs recall subject attributes).
@@ -51,13 +50,6 @@ class ROMEHParams(LocateHParams, HParams):
     v_negative_subjects: list[str] = field(default_factory=list)
     #: weight of that KL term.
     v_negative_kl_factor: float = 1.0
-    #: make the update direction context-invariant: u = (C + c·S)⁻¹k*, S the scatter of the
-    #: subject's key over ``key_invariance_templates`` prefixes, c = this × tr(C)/tr(S) (0: off,
-    #: plain C⁻¹k*). Paraphrases then get (nearly) the whole edit instead of a fraction.
-    key_invariance: float = 0.0
-    #: the context prefixes ((new tokens, count) pairs, seed 1) that S is measured over; keys only,
-    #: so many are cheap (one forward pass up to the edit layer).
-    key_invariance_templates: list[list[int]] = field(default_factory=lambda: [[10, 20], [5, 10]])
 
     def __post_init__(self) -> None:
         self.check_locate()
@@ -65,12 +57,6 @@ class ROMEHParams(LocateHParams, HParams):
             raise HParamsError(f"hparam 'layer' must be an integer or 'auto', got {self.layer!r}")
         if self.mom2_ridge < 0:
             raise HParamsError(f"hparam 'mom2_ridge' must be >= 0, got {self.mom2_ridge}")
-        if self.key_invariance < 0:
-            raise HParamsError(f"hparam 'key_invariance' must be >= 0, got {self.key_invariance}")
-        if any(len(x) != 2 or x[0] < 1 or x[1] < 0 for x in self.key_invariance_templates) or \
-                sum(x[1] for x in self.key_invariance_templates) < 2:
-            raise HParamsError("hparam 'key_invariance_templates' must be [new_tokens, count] pairs with at least "
-                               f"2 prefixes in all, got {self.key_invariance_templates!r}")
         if self.v_negative_kl_factor < 0:
             raise HParamsError(f"hparam 'v_negative_kl_factor' must be >= 0, got {self.v_negative_kl_factor}")
         if not all(str(x).strip() for x in self.v_negative_subjects):
@@ -103,14 +89,7 @@ class ROME(Method):
         rows = delta_row_keys(handle, req, layer, templates, spec, hp.fact_token)
         k = rows[:len(templates)].mean(0)  # k*: the key averaged over the templates
         # float64 and a ridge: covariances of real corpora are near-singular
-        solve = covariance_solver(handle, C, ridge=hp.mom2_ridge) if C is not None else (lambda B: B.double())
-        if hp.key_invariance > 0:
-            prefixes = context_templates(handle, [tuple(x) for x in hp.key_invariance_templates], seed=1)
-            ctx = template_keys(handle, req, layer, prefixes, hp.fact_token)[0]
-            trace = float(C.double().trace()) if C is not None else float(k.numel())
-            u = invariant_direction(solve, trace, k, ctx, hp.key_invariance).float()
-        else:
-            u = solve(k[:, None])[:, 0].float()
+        u = covariance_solver(handle, C, ridge=hp.mom2_ridge)(k[:, None])[:, 0].float() if C is not None else k
         left = u / torch.dot(u, k)  # so that ΔW k* = δ exactly
         scale = (rows @ left)[None] if hp.v_insert_scale else None
         negatives = negative_rows(handle, req, layer, left, hp.v_negative_subjects)  # None when the list is empty
