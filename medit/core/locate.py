@@ -150,15 +150,20 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
     templates = hp.templates(handle)
     z_layer = layers[-1]
     deltas, infos = optimise_deltas(handle, reqs, z_layer, templates, hp.delta_spec(), "resid", hp.fact_token)
-    _, z0 = compute_keys(handle, reqs, [], templates, hp.fact_token, out_layer=z_layer)
-    targets = z0 + deltas.float()
+    # Keys at the first layer come from the same forward pass as the residual they are measured
+    # against: before the first pass, and after each pass (which also measures what it realised).
+    ahead = compute_keys(handle, reqs, [layers[0]], templates, hp.fact_token, out_layer=z_layer)
+    assert ahead[1] is not None
+    targets = ahead[1] + deltas.float()
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     params = dict(handle.model.named_parameters())
     first_keys: dict[int, torch.Tensor] = {}
     done = 0
     while True:
         for i, layer in enumerate(layers):
-            keys, cur = compute_keys(handle, reqs, [layer], templates, hp.fact_token, out_layer=z_layer)
+            keys, cur = ahead if i == 0 else \
+                compute_keys(handle, reqs, [layer], templates, hp.fact_token, out_layer=z_layer)
+            assert cur is not None
             K = keys[layer].T  # [d_in, n]
             first_keys.setdefault(layer, K)
             R = ((targets - cur) / (len(layers) - i)).T  # [d_out, n]
@@ -173,7 +178,9 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
                 u, v = torch.cat([factors[name][0], u], 1), torch.cat([factors[name][1], v], 1)
             factors[name] = (u, v)
         done += 1
-        _, final = compute_keys(handle, reqs, [], templates, hp.fact_token, out_layer=z_layer)
+        ahead = compute_keys(handle, reqs, [layers[0]], templates, hp.fact_token, out_layer=z_layer)
+        final = ahead[1]
+        assert final is not None
         # the share of the optimised residual change the update realises at the last edited layer
         realised = 1 - (targets - final).norm(dim=1) / deltas.float().norm(dim=1).clamp_min(1e-12)
         if done >= hp.spread_passes or float(realised.min()) >= hp.spread_min_realised:
