@@ -52,9 +52,9 @@ def main() -> None:
             (Path(fresh) / "models").symlink_to(models, target_is_directory=True)
 
     from medit.core.dataset import load_dataset
-    from medit.core.evaluate import peak_rss_mb
     from medit.core.handle import load_model
     from medit.core.hparams import parse_sets
+    from medit.core.memory import peak_rss_mb, trim_heap
     from medit.core.plugins import get_plugins
 
     t0 = time.perf_counter()
@@ -102,6 +102,7 @@ def main() -> None:
         sync()
         per_edit.append(time.perf_counter() - t)
         edit.revert()
+        trim_heap()  # as the evaluator does after each edit
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if handle.device.type == "cuda" else [])

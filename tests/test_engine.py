@@ -448,3 +448,31 @@ def test_sequential_resume_scores_the_rest_after_every_edit(tiny_model_dirs, tmp
     got, want = _records(cut), _records(whole)
     assert [r["case_id"] for r in got] == [r["case_id"] for r in want]
     assert [r["metrics"] for r in got] == [r["metrics"] for r in want]
+
+
+def test_sequential_run_keeps_one_copy_per_matrix_and_trims_the_heap(tiny_model_dirs, tmp_path, monkeypatch):
+    """Sequential mode: after the run every edit but the first shares the original weights (one
+    copy per edited matrix, not one per edit), every edit is reverted at the end, and the heap is
+    trimmed after each edit."""
+    import medit.core.evaluate as evaluate
+    from medit.core.edit import WeightEdit
+    calls = []
+    monkeypatch.setattr(evaluate, "trim_heap", lambda: calls.append(1))
+    seen: list = []
+    real = evaluate.Evaluator._apply
+
+    def spy(self, reqs):
+        edit, s = real(self, reqs)
+        seen.append(edit)
+        return edit, s
+    monkeypatch.setattr(evaluate.Evaluator, "_apply", spy)
+    data = _write_cases(tmp_path / "cases.jsonl", 3)
+    args = ["eval", "--method", "ft-l", "--model", str(tiny_model_dirs["gpt2"]), "--dataset", str(data),
+            "--mode", "sequential", "--protocol", "exact", *FT_CLI, "--no-score-cache", "--out", str(tmp_path / "r")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 3 and len(seen) == 3
+    assert all(isinstance(e, WeightEdit) for e in seen)
+    assert seen[0].originals and not seen[0].shared
+    assert all(not e.originals and e.shared == set(seen[0].originals) for e in seen[1:])
+    assert not any(e.active for e in seen)

@@ -3,8 +3,6 @@ writes results incrementally and never reloads the model (it reverts in place)."
 from __future__ import annotations
 
 import datetime as _dt
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from .errors import MeditError, UnknownNameError
 from .handle import ModelHandle
 from .hparams import HParams
 from .io import JsonlAppender, atomic_write_json, read_jsonl_tolerant
+from .memory import peak_rss_mb, trim_heap
 from .method import MODES, Method
 from .metric import PROTOCOLS, Metric, mean
 from .plugins import get_plugins
@@ -67,12 +66,6 @@ class EvalConfig:
         if self.score_batch_size < 1:
             raise MeditError(f"score batch size {self.score_batch_size!r} must be at least 1; pass e.g. "
                              "--score-batch-size 32")
-
-
-def peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(r / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -211,7 +204,9 @@ class Evaluator:
         edit = self.method.apply(self.handle, list(reqs), self.hparams)
         if self.handle.device.type == "cuda":
             torch.cuda.synchronize()
-        return edit, time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        trim_heap()  # keeps a long run's memory flat (see trim_heap); not part of the edit's time
+        return edit, seconds
 
     def _ctx(self, edit_s: float, edit: Edit) -> dict[str, Any]:
         ctx: dict[str, Any] = {"edit_s": round(edit_s, 4), "peak_rss_mb": peak_rss_mb(),

@@ -1,0 +1,40 @@
+"""Host memory housekeeping for long runs."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import resource
+import sys
+from functools import lru_cache
+from typing import Any
+
+
+@lru_cache(maxsize=1)
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc only (not musl)
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Each edit allocates and frees many large temporaries of varying sizes; glibc raises its mmap
+    threshold as they are freed, so later ones come from the heap and fragment it. Without this,
+    a sequential AlphaEdit run on SmolLM2 grew ~40 MB per edit (1.2 GB -> 2.2 GB over 30 edits,
+    5.7-8 GB over 100) while its live tensors stayed under 0.75 GB; with it, RSS stays flat.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
