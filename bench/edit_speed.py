@@ -3,6 +3,11 @@
     python bench/edit_speed.py --method rome --model smollm2-135m --n 5 \
         --stats-corpus ../shared/data/wikitext-2/valid.txt
     python bench/edit_speed.py --method memit --model llama-2-7b --random-init --device cuda
+    python bench/edit_speed.py --method alphaedit --model smollm2-135m --n 30 --sequential
+
+``--sequential`` keeps every edit applied (as ``--mode sequential`` does) and records the resident
+memory after each edit, so memory growth over a long run shows; ``--no-trim`` skips the heap trim
+after each edit that the evaluator does (to see what it saves).
 
 Writes a JSON result (``--out``, default ``bench/results/edit_speed-<method>-<model>.json``) and
 prints a table. Statistics are timed separately from the edits: the first call computes (or
@@ -39,6 +44,8 @@ def main() -> None:
     ap.add_argument("--stats-samples", type=int, default=1000)
     ap.add_argument("--set", action="append", default=[], help="extra hparam key=value")
     ap.add_argument("--fresh-stats", action="store_true", help="use an empty statistics cache")
+    ap.add_argument("--sequential", action="store_true", help="keep the edits applied, one after another")
+    ap.add_argument("--no-trim", action="store_true", help="do not trim the C heap after each edit")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="also profile one more edit (torch.profiler) and write its "
                     "table of operators to this file")
@@ -54,7 +61,8 @@ def main() -> None:
     from medit.core.dataset import load_dataset
     from medit.core.handle import load_model
     from medit.core.hparams import parse_sets
-    from medit.core.memory import peak_rss_mb, trim_heap
+    from medit.core.edit import CompositeEdit, share_originals
+    from medit.core.memory import current_rss_mb, peak_rss_mb, trim_heap
     from medit.core.plugins import get_plugins
 
     t0 = time.perf_counter()
@@ -94,15 +102,24 @@ def main() -> None:
     else:
         templates_s = 0.0
 
-    per_edit = []
+    per_edit: list[float] = []
+    rss_after: list[float | None] = []
+    kept = []
     for r in reqs:
         sync()
         t = time.perf_counter()
         edit = method.apply(handle, [r], hp)
         sync()
         per_edit.append(time.perf_counter() - t)
-        edit.revert()
-        trim_heap()  # as the evaluator does after each edit
+        if args.sequential:
+            kept.append(edit)
+            share_originals(kept)  # as the evaluator does
+        else:
+            edit.revert()
+        if not args.no_trim:
+            trim_heap()  # as the evaluator does after each edit
+        rss_after.append(current_rss_mb())
+    CompositeEdit(handle, kept).revert()
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if handle.device.type == "cuda" else [])
@@ -116,6 +133,7 @@ def main() -> None:
         "device": str(handle.device), "device_name": torch.cuda.get_device_name() if handle.device.type == "cuda"
         else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "dtype": args.dtype, "n": len(per_edit), "load_s": round(load_s, 2),
+        "mode": "sequential" if args.sequential else "single", "trim": not args.no_trim,
         "stats_layers": layers, "stats_samples": args.stats_samples if layers else None,
         "stats_s": round(stats_s, 3), "stats_wall_s": round(stats_wall, 3), "templates_s": round(templates_s, 3),
         "edit_s": [round(x, 3) for x in per_edit],
@@ -123,14 +141,15 @@ def main() -> None:
         "edit_s_median": round(sorted(per_edit)[len(per_edit) // 2], 3),
         "first_edit_plus_stats_s": round(stats_wall + templates_s + per_edit[0], 3),
         "peak_rss_mb": peak_rss_mb(),
+        "rss_mb_after_edit": rss_after, "rss_first_mb": rss_after[0], "rss_last_mb": rss_after[-1],
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if handle.device.type == "cuda" else None,
         "hparams": hp.to_dict(),
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"edit_speed-{args.method}-{args.model.replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    keys = ["method", "model", "device", "n", "stats_wall_s", "templates_s", "edit_s_mean", "edit_s_median",
-            "first_edit_plus_stats_s", "peak_rss_mb", "peak_gpu_mb"]
+    keys = ["method", "model", "device", "mode", "n", "stats_wall_s", "templates_s", "edit_s_mean", "edit_s_median",
+            "first_edit_plus_stats_s", "rss_first_mb", "rss_last_mb", "peak_rss_mb", "peak_gpu_mb"]
     print(tabulate([[result[k] for k in keys]], headers=keys, tablefmt="github"))
     print(f"written: {out}", file=sys.stderr)
 

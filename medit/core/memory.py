@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import resource
 import sys
 from functools import lru_cache
@@ -38,3 +39,12 @@ def peak_rss_mb() -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(r / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def current_rss_mb() -> float | None:
+    """This process's resident memory now, in MiB (None where /proc is not available)."""
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
