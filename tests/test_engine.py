@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 from medit.cli import app
 from medit.core import scorecache
 from medit.core.errors import MeditError
-from medit.core.evaluate import EvalConfig, Evaluator, evaluate, summary_table
+from medit.core.evaluate import EvalConfig, evaluate, summary_table
 from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest, PromptAnswer
-from medit.core.scoring import DistQuery, GenQuery, NextToken, Scorer, TFQuery, TFResult, kl_divergence
+from medit.core.scoring import DistQuery, GenQuery, NextToken, Scorer, TFQuery, kl_divergence
 
 # Strong enough for the tiny random GPT-2 to take an edit (about 0.1 s per edit).
 FT = {"lr": "0.05", "steps": "40", "norm_constraint": "0.5", "layers": "[1]"}
@@ -454,18 +454,18 @@ def test_sequential_run_keeps_one_copy_per_matrix_and_trims_the_heap(tiny_model_
     """Sequential mode: after the run every edit but the first shares the original weights (one
     copy per edited matrix, not one per edit), every edit is reverted at the end, and the heap is
     trimmed after each edit."""
-    import medit.core.evaluate as evaluate
+    import medit.core.evaluate as engine
     from medit.core.edit import WeightEdit
     calls = []
-    monkeypatch.setattr(evaluate, "trim_heap", lambda: calls.append(1))
+    monkeypatch.setattr(engine, "trim_heap", lambda: calls.append(1))
     seen: list = []
-    real = evaluate.Evaluator._apply
+    real = engine.Evaluator._apply
 
     def spy(self, reqs):
         edit, s = real(self, reqs)
         seen.append(edit)
         return edit, s
-    monkeypatch.setattr(evaluate.Evaluator, "_apply", spy)
+    monkeypatch.setattr(engine.Evaluator, "_apply", spy)
     data = _write_cases(tmp_path / "cases.jsonl", 3)
     args = ["eval", "--method", "ft-l", "--model", str(tiny_model_dirs["gpt2"]), "--dataset", str(data),
             "--mode", "sequential", "--protocol", "exact", *FT_CLI, "--no-score-cache", "--out", str(tmp_path / "r")]

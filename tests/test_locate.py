@@ -2,7 +2,6 @@
 on tiny random models of every causal family."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from medit.core.requests import EditRequest
 from medit.core.rewrite import DeltaSpec, compute_keys, delta_row_keys, negative_rows, optimise_deltas
 from medit.core.scoring import Scorer, TFQuery
 from medit.core.stats import second_moments, wait_for_writes
-from medit.core.tracing import capture, layers_above, run_until
+from medit.core.tracing import capture, layers_above
 
 CAUSAL = ("gpt2", "gptj", "gptneox", "llama")
 HERE = Path(__file__).resolve()

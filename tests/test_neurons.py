@@ -12,7 +12,7 @@ from medit.core.edit import CompositeEdit, load_patch
 from medit.core.errors import HParamsError
 from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest
-from medit.core.scoring import GenQuery, Scorer, TFQuery
+from medit.core.scoring import Scorer, TFQuery
 
 FAMILIES = ("gpt2", "llama", "t5")
 REQ = EditRequest(prompt="The capital of France is", subject="France", target_new="Paris",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from .adapter import ModelAdapter, ModelAlias
-from .errors import DeviceError, MethodError, ModelError, UnknownNameError
+from .errors import DeviceError, MethodError, ModelError
 from .plugins import get_plugins
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -165,8 +164,6 @@ def load_model(spec: str, *, dtype: str | None = None, device: str | None = None
 
     ``random_init`` builds the model from its (embedded or fetched) config with random weights.
     """
-    from transformers import AutoConfig
-
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device) if device_map is None else None
     alias = all_aliases().get(spec)

@@ -1,7 +1,7 @@
 """The edit request: one fact to change, plus the prompts used to evaluate the change."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import ValidationError

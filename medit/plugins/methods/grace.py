@@ -10,7 +10,7 @@ Removing an edit removes its entries and undoes its expansions/splits. The weigh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 

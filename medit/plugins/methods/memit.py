@@ -6,7 +6,7 @@ what remains through a least-squares update weighted by the key covariance:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
