@@ -59,9 +59,9 @@ def main() -> None:
             (Path(fresh) / "models").symlink_to(models, target_is_directory=True)
 
     from medit.core.dataset import load_dataset
+    from medit.core.edit import CompositeEdit, share_originals
     from medit.core.handle import load_model
     from medit.core.hparams import parse_sets
-    from medit.core.edit import CompositeEdit, share_originals
     from medit.core.memory import current_rss_mb, peak_rss_mb, trim_heap
     from medit.core.plugins import get_plugins
 
