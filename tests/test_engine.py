@@ -453,7 +453,7 @@ def test_sequential_resume_scores_the_rest_after_every_edit(tiny_model_dirs, tmp
 def test_sequential_run_keeps_one_copy_per_matrix_and_trims_the_heap(tiny_model_dirs, tmp_path, monkeypatch):
     """Sequential mode: after the run every edit but the first shares the original weights (one
     copy per edited matrix, not one per edit), every edit is reverted at the end, and the heap is
-    trimmed after each edit."""
+    trimmed after each edit; each case records the resident memory right after its edit."""
     import medit.core.evaluate as engine
     from medit.core.edit import WeightEdit
     calls = []
@@ -476,3 +476,5 @@ def test_sequential_run_keeps_one_copy_per_matrix_and_trims_the_heap(tiny_model_
     assert seen[0].originals and not seen[0].shared
     assert all(not e.originals and e.shared == set(seen[0].originals) for e in seen[1:])
     assert not any(e.active for e in seen)
+    rss = [r["efficiency"]["rss_mb"] for r in _records(tmp_path / "r")]
+    assert len(rss) == 3 and all(x > 0 for x in rss)  # resident memory after each case's edit

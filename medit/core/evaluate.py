@@ -16,7 +16,7 @@ from .errors import MeditError, UnknownNameError
 from .handle import ModelHandle
 from .hparams import HParams
 from .io import JsonlAppender, atomic_write_json, read_jsonl_tolerant
-from .memory import peak_rss_mb, trim_heap
+from .memory import current_rss_mb, peak_rss_mb, trim_heap
 from .method import MODES, Method
 from .metric import PROTOCOLS, Metric, mean
 from .plugins import get_plugins
@@ -208,8 +208,11 @@ class Evaluator:
         trim_heap()  # keeps a long run's memory flat (see trim_heap); not part of the edit's time
         return edit, seconds
 
-    def _ctx(self, edit_s: float, edit: Edit) -> dict[str, Any]:
+    def _ctx(self, edit_s: float, edit: Edit, rss_mb: float | None = None) -> dict[str, Any]:
+        """Efficiency context of a case; ``rss_mb`` is the resident memory right after its edit
+        (sequential mode records it then; otherwise it is read now)."""
         ctx: dict[str, Any] = {"edit_s": round(edit_s, 4), "peak_rss_mb": peak_rss_mb(),
+                               "rss_mb": rss_mb if rss_mb is not None else current_rss_mb(),
                                "stats_s": edit.info.get("stats_s")}
         if self.handle.device.type == "cuda":
             ctx["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -250,6 +253,7 @@ class Evaluator:
         else:  # sequential: every case is scored after the last edit (retention)
             edits: list[Edit] = []
             times: list[float] = []
+            rss: list[float | None] = []
             now: list[dict | None] = []
             ok = False
             wanted = {r.case_id for r in todo}
@@ -259,6 +263,7 @@ class Evaluator:
                     edits.append(edit)
                     share_originals(edits)  # one copy of each edited matrix, however long the run
                     times.append(s)
+                    rss.append(current_rss_mb())
                     now.append(self._score([req], CompositeEdit(self.handle, edits))
                                if self.cfg.also_immediate and req.case_id in wanted else None)
                     if req.case_id in wanted:
@@ -266,9 +271,9 @@ class Evaluator:
                 bar.close()
                 whole = CompositeEdit(self.handle, edits)
                 post = self._score(todo, whole, desc=f"{self.method.name} post-edit scoring")
-                for req, edit, s, imm in zip(sequence, edits, times, now):
+                for req, edit, s, mb, imm in zip(sequence, edits, times, rss, now):
                     if req.case_id in wanted:
-                        yield self._case_record(req, pre, post, self._ctx(s, edit), imm)
+                        yield self._case_record(req, pre, post, self._ctx(s, edit, mb), imm)
                 ok = True
             finally:
                 if ok and self.cfg.keep_edit:

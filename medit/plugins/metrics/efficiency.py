@@ -1,4 +1,5 @@
-"""Efficiency: wall time of each edit and the process's peak memory."""
+"""Efficiency: wall time of each edit, the process's peak memory so far, and its resident memory
+right after the case's edit (in sequential mode that shows whether memory grows along the run)."""
 from __future__ import annotations
 
 from typing import Any
@@ -17,6 +18,8 @@ class Efficiency(Metric):
                 protocols: tuple[str, ...], ctx: dict[str, Any]) -> Values:
         out: Values = {"edit_s": {"pre": None, "post": ctx.get("edit_s")},
                        "peak_rss_mb": {"pre": None, "post": ctx.get("peak_rss_mb")}}
+        if ctx.get("rss_mb") is not None:
+            out["rss_mb"] = {"pre": None, "post": ctx["rss_mb"]}
         if ctx.get("stats_s") is not None:
             out["stats_s"] = {"pre": None, "post": ctx["stats_s"]}
         if ctx.get("peak_gpu_mb") is not None:
