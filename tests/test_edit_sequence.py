@@ -8,9 +8,7 @@ import torch
 from medit.core.edit import CompositeEdit, WeightEdit, load_patch, share_originals
 from medit.core.errors import EditError
 
-
-def _state(handle) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
+from snapshots import model_state
 
 
 def _rank_one(handle, name: str, seed: int) -> WeightEdit:
@@ -23,9 +21,9 @@ def _rank_one(handle, name: str, seed: int) -> WeightEdit:
 def test_sequence_shares_originals_and_reverts_exactly(tiny_handle, tmp_path):
     h = tiny_handle("llama")
     a, b = h.param_name("mlp_out", 0), h.param_name("mlp_out", 1)
-    before = _state(h)
+    before = model_state(h)
     edits = [_rank_one(h, a, 0), _rank_one(h, a, 1), _rank_one(h, b, 2), _rank_one(h, a, 3)]
-    after = _state(h)
+    after = model_state(h)
     share_originals(edits)
     share_originals(edits)  # idempotent
     assert [sorted(e.originals) for e in edits] == [[a], [], [b], []]
@@ -51,7 +49,7 @@ def test_sequence_shares_originals_and_reverts_exactly(tiny_handle, tmp_path):
 
 def test_unshared_edits_still_revert_alone(tiny_handle):
     h = tiny_handle("gpt2")
-    before = _state(h)
+    before = model_state(h)
     e = _rank_one(h, h.param_name("mlp_out", 0), 0)
     CompositeEdit(h, [e])
     e.revert()

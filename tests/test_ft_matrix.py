@@ -10,15 +10,13 @@ from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest
 from medit.core.scoring import Scorer, TFQuery
 
+from snapshots import model_state
+
 FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5")
 REQ = EditRequest(prompt="The capital of France is", subject="France", target_new="Paris",
                   case_id="t1")
 UNRELATED = [TFQuery("The quick brown fox jumps over the", "lazy dog"),
              TFQuery("The river bank", "is near")]
-
-
-def _state(handle) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
 
 
 @pytest.mark.parametrize("method", ["ft-l", "ft-m"])
@@ -30,7 +28,7 @@ def test_edit_takes_reverts_and_patch_roundtrips(tiny_handle, tmp_path, family, 
     hp = m.resolve_hparams(handle, overrides={"lr": "0.05", "steps": "100", "layers": "[1]"}
                            | ({"norm_constraint": "0.2"} if method == "ft-l" else {}))
     scorer = Scorer(handle)
-    before = _state(handle)
+    before = model_state(handle)
     pre = scorer.teacher_forced([TFQuery(REQ.prompt, REQ.target_new)] + UNRELATED)
     assert pre[0].exact == 0.0
 
@@ -63,7 +61,7 @@ def test_failed_edit_restores_weights(tiny_handle, monkeypatch):
     handle = tiny_handle("llama")
     m = get_plugins().methods.get("ft-l")
     hp = m.resolve_hparams(handle)
-    before = _state(handle)
+    before = model_state(handle)
     calls = {"n": 0}
     real = Scorer.target_nll
 

@@ -16,6 +16,8 @@ from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest, PromptAnswer
 from medit.core.scoring import Scorer, TFQuery
 
+from snapshots import model_state
+
 FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5")
 REQS = [
     EditRequest(prompt="The capital of France is", subject="France", target_new="and", case_id="t1",
@@ -67,10 +69,6 @@ def _main_routed_exact(handle, method, edit, pre_unrel, pre_single) -> int:
     return n
 
 
-def _state(handle) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
-
-
 def _hook_count(handle) -> int:
     # transformers installs hooks of its own lazily, so a fresh handle and a used one differ in them
     from medit.core.scoring import foreign_hooks
@@ -88,7 +86,7 @@ def test_edit_takes_unrelated_exact_revert_and_patch(tiny_handle, tmp_path, fami
     handle = tiny_handle(family)
     m = get_plugins().methods.get(method)
     hp = m.resolve_hparams(handle, overrides=TINY[method])
-    before, hooks = _state(handle), _hook_count(handle)
+    before, hooks = model_state(handle), _hook_count(handle)
     q = TFQuery(REQS[0].prompt, REQS[0].target_new)
     pre_unrel, _ = _logits(handle, UNRELATED)
     pre_single = [_logits(handle, [u])[0] for u in UNRELATED]
@@ -126,7 +124,7 @@ def test_sequential_through_engine(tiny_handle, family, method):
     handle = tiny_handle(family)
     m = get_plugins().methods.get(method)
     hooks = _hook_count(handle)
-    before = _state(handle)
+    before = model_state(handle)
     summary = evaluate(handle, m, REQS, m.resolve_hparams(handle, overrides=TINY[method]), mode="sequential",
                        protocols=("token_acc",), progress=False)
     rel = summary["metrics"]["reliability"]["token_acc"]["post"]

@@ -17,6 +17,8 @@ from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest, PromptAnswer
 from medit.core.train import EDITOR, LAST, MANIFEST, batch_indices, load_editor, train
 
+from snapshots import model_state
+
 FAMILIES = ("gpt2", "llama", "t5")
 SUBJECTS = ["France", "the river", "the dog", "Paris", "the bank", "the fox", "Darrieux", "the quick"]
 WORDS = ["Paris", "French", "lazy", "river", "bank", "dog", "quick", "brown"]
@@ -52,10 +54,6 @@ def hparams(method, handle, **extra):
     return method.resolve_hparams(handle, overrides={**TINY[method.name], **{k: str(v) for k, v in extra.items()}})
 
 
-def _state(handle) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
-
-
 def test_batch_order_is_stateless_and_covers_an_epoch():
     seen = sorted(i for step in range(4) for i in batch_indices(16, 4, step, seed=3))
     assert seen == list(range(16))
@@ -74,7 +72,7 @@ def test_training_lowers_loss_and_edit_reverts(tiny_handle, tmp_path, family, me
     batch = data[:4]
     torch.manual_seed(hp.seed)
     fresh = mend.init_editor(handle, hp)
-    before = _state(handle)
+    before = model_state(handle)
     loss0 = float(mend.train_loss(handle, fresh, batch, hp)[0].detach())
     manifest = train(handle, mend, hp, data, tmp_path / "ck", progress=False)
     assert manifest["step"] == steps and manifest["stopped"] == "steps"
@@ -211,7 +209,7 @@ def test_serac_trains_and_routes_out_of_scope_queries_to_the_base_model(tiny_han
     inside, outside = TFQuery(req.prompt, req.target_new), TFQuery(UNRELATED, "lazy dog")
     pre_in, pre_out = scorer.teacher_forced([inside])[0], scorer.teacher_forced([outside])[0]
     pre_gen = scorer.generate([GenQuery(UNRELATED, 4)])
-    before = _state(handle)
+    before = model_state(handle)
     edit = serac.apply(handle, [req], hp.replace(checkpoint=str(tmp_path / "ck")))
     routed = edit.transform_prompts([req.prompt, UNRELATED])
     assert routed[0].startswith(MARKER) and routed[1] == UNRELATED
@@ -241,7 +239,7 @@ def test_mend_trains_and_edits_smollm2(smollm2, tmp_path):
     data = cases(6)
     manifest = train(smollm2, mend, hp, data, tmp_path / "ck", progress=False)
     assert manifest["step"] == 2 and manifest["model"]["fingerprint"] == smollm2.fingerprint()
-    before = _state(smollm2)
+    before = model_state(smollm2)
     edit = mend.apply(smollm2, [data[0]], hp.replace(checkpoint=str(tmp_path / "ck")))
     changed = {k for k, v in smollm2.model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {f"model.layers.{i}.mlp.down_proj.weight" for i in (27, 28, 29)}
@@ -271,11 +269,11 @@ def test_ke_edit_scale_scales_the_update(tiny_handle, tmp_path):
     ke = get_plugins().methods.get("ke")
     hp = hparams(ke, handle, steps=2, val_every=2)
     train(handle, ke, hp, cases(8), tmp_path / "ck", progress=False)
-    before = _state(handle)
+    before = model_state(handle)
     deltas = {}
     for scale in (1.0, 0.5):
         edit = ke.apply(handle, cases(1), hp.replace(checkpoint=str(tmp_path / "ck"), edit_scale=scale))
-        deltas[scale] = {k: v - before[k] for k, v in _state(handle).items() if not torch.equal(v, before[k])}
+        deltas[scale] = {k: v - before[k] for k, v in model_state(handle).items() if not torch.equal(v, before[k])}
         edit.revert()
     assert deltas[1.0] and deltas[1.0].keys() == deltas[0.5].keys()
     for k, d in deltas[1.0].items():

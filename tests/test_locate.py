@@ -16,6 +16,8 @@ from medit.core.scoring import Scorer, TFQuery
 from medit.core.stats import second_moments, wait_for_writes
 from medit.core.tracing import capture, layers_above
 
+from snapshots import model_state
+
 CAUSAL = ("gpt2", "gptj", "gptneox", "llama")
 HERE = Path(__file__).resolve()
 CORPUS = next((p for p in (HERE.parents[2] / "shared/data/wikitext-2/valid.txt",
@@ -40,10 +42,6 @@ def _request(handle) -> EditRequest:
 
 REQ = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=" the", case_id="r1")
 OTHER = [TFQuery("The river bank", " is"), TFQuery("The quick brown fox", " jumps")]
-
-
-def _state(handle):
-    return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
 
 
 @pytest.mark.parametrize("family", CAUSAL)
@@ -210,7 +208,7 @@ def test_locate_methods_take_revert_and_patch(tiny_handle, tmp_path, method, fam
     scorer = Scorer(h)
     req = _request(h)
     q = TFQuery(req.prompt, req.target_new)
-    before = _state(h)
+    before = model_state(h)
     pre = scorer.teacher_forced([q] + OTHER)
     assert pre[0].exact == 0.0
     edit = m.apply(h, [req], hp)
@@ -279,7 +277,7 @@ def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
         {"layers": "[0, 1]", "L2": "0.03", "nullspace_threshold": "0.5"}
     base = {**FAST, **extra, "stats_corpus": str(CORPUS)}
     req = _request(h)
-    before = _state(h)
+    before = model_state(h)
     realised = []
     for passes in (1, 2):
         m.start_run(h)

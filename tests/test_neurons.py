@@ -14,6 +14,8 @@ from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest
 from medit.core.scoring import Scorer, TFQuery
 
+from snapshots import model_state
+
 FAMILIES = ("gpt2", "llama", "t5")
 REQ = EditRequest(prompt="The capital of France is", subject="France", target_new="Paris",
                   target_true="French", rephrase=("The mother tongue of France is",), case_id="n1")
@@ -26,10 +28,6 @@ TINY = {"kn": {"edit_scale": "4.0"},
         "t-patcher": {"lr": "0.08", "memory_texts": "6", "memory_max_len": "10"},
         "calinet": {"lr": "0.2", "steps": "50", "context_templates": "[[3, 1]]", "memory_texts": "6",
                     "memory_max_len": "10"}}
-
-
-def _state(handle) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
 
 
 def _logits(handle, queries) -> torch.Tensor:
@@ -67,7 +65,7 @@ def test_integrated_gradients_completeness(tiny_handle, family):
 def _edit_checks(handle, method, req, tmp_path, tiny_handle, family):
     m = get_plugins().methods.get(method)
     hp = m.resolve_hparams(handle, overrides=TINY[method])
-    before = _state(handle)
+    before = model_state(handle)
     queries = [TFQuery(req.prompt, req.target_new), TFQuery(req.prompt, req.target_true)] + UNRELATED
     pre = _logits(handle, queries)
     pre_new, pre_old = Scorer(handle).teacher_forced(queries[:2])
@@ -114,7 +112,7 @@ def test_tpatcher_sequential_adds_neurons_and_keeps_silent(tiny_handle, family):
     handle = tiny_handle(family)
     m = get_plugins().methods.get("t-patcher")
     hp = m.resolve_hparams(handle, overrides=TINY["t-patcher"])
-    before = _state(handle)
+    before = model_state(handle)
     pre = _logits(handle, UNRELATED)
     first = m.apply(handle, [REQ], hp)
     second = m.apply(handle, [REQ2], hp)
