@@ -102,6 +102,30 @@ def test_row_keys_and_insert_scale(tiny_handle, family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_extra_prompts_add_rows_to_the_delta_objective(tiny_handle, family):
+    """Extra prompts add one row each (after the templates, before the KL row): their keys are
+    the subject keys of the filled prompt, and their target tokens join the NLL."""
+    h = tiny_handle(family)
+    req = EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
+                      target_new="English", case_id="x")
+    extra = "{} is associated with"
+    spec = DeltaSpec(steps=1, extra_prompts=(extra,))
+    rows = delta_row_keys(h, req, 1, ["{}"], spec)
+    assert rows.shape[0] == 3
+    alone = EditRequest(prompt=extra.replace("{}", req.subject), subject=req.subject, target_new="English")
+    torch.testing.assert_close(rows[1], compute_keys(h, [alone], [1], ["{}"])[0][1][0], atol=1e-5, rtol=1e-5)
+    _, info = optimise_deltas(h, [req], 0, ["{}"], spec)
+    scorer = Scorer(h)
+    res = scorer.teacher_forced([TFQuery(req.prompt, req.target_new), TFQuery(alone.prompt, req.target_new)])
+    lens = [scorer.target_length(req.prompt, req.target_new), scorer.target_length(alone.prompt, req.target_new)]
+    expected = -sum(r.mean_logprob * n for r, n in zip(res, lens)) / sum(lens)
+    assert info[0]["nll"] == pytest.approx(expected, abs=1e-4)
+    from medit.core.errors import HParamsError
+    with pytest.raises(HParamsError, match="v_extra_prompts"):
+        get_plugins().methods.get("rome").resolve_hparams(h, overrides={"v_extra_prompts": "[no subject here]"})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_negative_rows_reproduce_the_rank_one_update(tiny_handle, family):
     """Adding δ·(x_t·left) after the edit layer gives exactly the logits of the model with
     ΔW = δ leftᵀ in the rewrite module, so the v-step's negative KL is the finished edit's."""

@@ -45,6 +45,9 @@ class LocateHParams:
     v_clamp_norm_factor: float = 4.0
     v_early_stop_nll: float = 0.05
     v_chunk: int = 8
+    #: extra prompts (``{}`` marks the subject) that should also produce target_new while δ is
+    #: optimised, e.g. ``"{} is associated with"``; they ask for the new fact beyond one wording.
+    v_extra_prompts: list[str] = field(default_factory=list)
 
     def check_locate(self) -> None:
         for name in ("stats_samples", "stats_max_len", "v_steps", "v_chunk"):
@@ -57,6 +60,10 @@ class LocateHParams:
             raise HParamsError(f"hparam 'fact_token' must be 'last' or 'first', got {self.fact_token!r}")
         if self.stats_dtype not in ("float32", "float64"):
             raise HParamsError(f"hparam 'stats_dtype' must be float32 or float64, got {self.stats_dtype!r}")
+        bad = [p for p in self.v_extra_prompts if not isinstance(p, str) or p.count("{}") != 1]
+        if bad:
+            raise HParamsError(f"hparam 'v_extra_prompts' entries must contain '{{}}' once (for the subject), "
+                               f"got {bad[0]!r}")
         if any(len(x) != 2 or x[0] < 1 or x[1] < 0 for x in self.context_templates):
             raise HParamsError("hparam 'context_templates' must be a list of [new_tokens, count] pairs, "
                                f"got {self.context_templates!r}")
@@ -64,7 +71,8 @@ class LocateHParams:
     def delta_spec(self) -> DeltaSpec:
         return DeltaSpec(steps=self.v_steps, lr=self.v_lr, kl_factor=self.v_kl_factor,
                          weight_decay=self.v_weight_decay, clamp_norm_factor=self.v_clamp_norm_factor,
-                         early_stop_nll=self.v_early_stop_nll, chunk=self.v_chunk)
+                         early_stop_nll=self.v_early_stop_nll, chunk=self.v_chunk,
+                         extra_prompts=tuple(self.v_extra_prompts))
 
     def templates(self, handle: "ModelHandle") -> list[str]:
         return context_templates(handle, [tuple(x) for x in self.context_templates])  # type: ignore[misc]

@@ -103,12 +103,20 @@ def template_keys(handle: "ModelHandle", req: "EditRequest", layer: int, templat
 def delta_row_keys(handle: "ModelHandle", req: "EditRequest", layer: int, templates: Sequence[str],
                    spec: "DeltaSpec", which: str = "last") -> torch.Tensor:
     """The rewrite module's input at the subject token of every row the target-vector
-    optimisation uses for ``req`` (each template, then the KL prompt): [len(templates) + 1, d_in]."""
+    optimisation uses for ``req`` (each template, each extra prompt, then the KL prompt):
+    [len(templates) + len(spec.extra_prompts) + 1, d_in]."""
     seqs, lookup, _ = _subject_rows(handle, [req], templates, which)
+    for text in _extra_texts(req, spec):
+        seqs.append(handle.tokenizer(text).input_ids)
+        lookup.append(subject_token_index(handle, text, text.index(req.subject), req.subject, which))
     ids, pos = _kl_row(handle, req, spec, which)
     seqs.append(ids)
     lookup.append(pos)
     return _row_keys(handle, seqs, lookup, [layer])[0][layer]
+
+
+def _extra_texts(req: "EditRequest", spec: "DeltaSpec") -> list[str]:
+    return [p.replace("{}", req.subject) for p in spec.extra_prompts]
 
 
 def _kl_row(handle: "ModelHandle", req: "EditRequest", spec: "DeltaSpec", which: str) -> tuple[list[int], int]:
@@ -151,6 +159,9 @@ class DeltaSpec:
     chunk: int = 8
     #: weight of the KL term on subject-swapped prompts (see :class:`Negatives`).
     negative_kl_factor: float = 1.0
+    #: further prompts (``{}``: the subject) whose continuation should also be target_new; they
+    #: follow the templates' rows (without templates), before the KL row.
+    extra_prompts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -194,8 +205,8 @@ def optimise_deltas(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     model produce each request's target_new. ``ref`` names what the norm clamp and weight decay
     are relative to: the residual stream (``resid``, MEMIT) or the MLP output (``mlp``, ROME).
 
-    ``row_scale`` [n_requests, len(templates) + 1] optionally scales δ per row (each template,
-    then the KL prompt): a rank-one update inserts δ·(kᵀu) for a key k, not δ, so optimising with
+    ``row_scale`` [n_requests, len(templates) + len(spec.extra_prompts) + 1] optionally scales δ
+    per row (each template, each extra prompt, then the KL prompt): a rank-one update inserts δ·(kᵀu) for a key k, not δ, so optimising with
     those factors optimises what will actually be inserted.
 
     ``negatives`` (one request only) adds ``spec.negative_kl_factor`` × the mean KL of those
@@ -223,6 +234,14 @@ def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates:
             ctx, tgt = scorer.encode_pair(text, req.target_new)
             seqs.append(ctx + tgt[:-1])
             r.lookup.append(subject_token_index(handle, text, off + req.prompt.index(req.subject), req.subject, which))
+            r.owner.append(i)
+            r.targets.append(tgt)
+            r.starts.append(len(ctx) - 1)
+            r.kl.append(False)
+        for text in _extra_texts(req, spec):
+            ctx, tgt = scorer.encode_pair(text, req.target_new)
+            seqs.append(ctx + tgt[:-1])
+            r.lookup.append(subject_token_index(handle, text, text.index(req.subject), req.subject, which))
             r.owner.append(i)
             r.targets.append(tgt)
             r.starts.append(len(ctx) - 1)
@@ -272,7 +291,7 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     kl_rows = torch.tensor([i for i, k in enumerate(rows.kl) if k], device=dev)
     kl_own = owner[kl_rows]
     n_tok = torch.bincount(t_own_t, minlength=n).float()
-    # rows are ordered per request: its templates, then its KL prompt (see _build_rows)
+    # rows are ordered per request: its templates, its extra prompts, then its KL prompt (see _build_rows)
     scale = (torch.ones(len(rows.owner), device=dev) if row_scale is None
              else row_scale.to(dev, torch.float32).reshape(-1))
     n_t = len(t_ids)
