@@ -267,8 +267,8 @@ def test_engine_reuses_pre_scores_across_methods(tiny_handle, cache_root, tmp_pa
 def test_also_immediate_scores_each_case_right_after_its_edit(tiny_handle, cache_root, tmp_path):
     h = tiny_handle("gpt2")
     hp = get_plugins().methods.get("ft-l").resolve_hparams(h, overrides=FT)
-    s = evaluate(h, "ft-l", REQS, hp, mode="sequential", also_immediate=True, out_dir=tmp_path / "run",
-                 protocols=("generate", "token_acc", "exact", "prob"))
+    evaluate(h, "ft-l", REQS, hp, mode="sequential", also_immediate=True, out_dir=tmp_path / "run",
+             protocols=("generate", "token_acc", "exact", "prob"))
     cases = [json.loads(ln) for ln in (tmp_path / "run" / "cases.jsonl").read_text().splitlines()]
     assert [c["case_id"] for c in cases] == ["a", "b", "c"]
     for c in cases:
