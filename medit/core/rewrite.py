@@ -105,18 +105,23 @@ def delta_row_keys(handle: "ModelHandle", req: "EditRequest", layer: int, templa
     """The rewrite module's input at the subject token of every row the target-vector
     optimisation uses for ``req`` (each template, each extra prompt, then the KL prompt):
     [len(templates) + len(spec.extra_prompts) + 1, d_in]."""
-    seqs, lookup, _ = _subject_rows(handle, [req], templates, which)
-    for text in _extra_texts(req, spec):
-        seqs.append(handle.tokenizer(text).input_ids)
-        lookup.append(subject_token_index(handle, text, text.index(req.subject), req.subject, which))
+    texts = _rewrite_texts(req, templates, spec)
+    seqs = [handle.tokenizer(text).input_ids for text, _ in texts]
+    lookup = [subject_token_index(handle, text, at, req.subject, which) for text, at in texts]
     ids, pos = _kl_row(handle, req, spec, which)
     seqs.append(ids)
     lookup.append(pos)
     return _row_keys(handle, seqs, lookup, [layer])[0][layer]
 
 
-def _extra_texts(req: "EditRequest", spec: "DeltaSpec") -> list[str]:
-    return [p.replace("{}", req.subject) for p in spec.extra_prompts]
+def _rewrite_texts(req: "EditRequest", templates: Sequence[str], spec: "DeltaSpec") -> list[tuple[str, int]]:
+    """The texts whose continuation must become target_new (the prompt in each template, then each
+    extra prompt), each with the character offset of the subject in it."""
+    out = []
+    for t in templates:
+        text, off = fill(t, req.prompt)
+        out.append((text, off + req.prompt.index(req.subject)))
+    return out + [fill(p, req.subject) for p in spec.extra_prompts]
 
 
 def _kl_row(handle: "ModelHandle", req: "EditRequest", spec: "DeltaSpec", which: str) -> tuple[list[int], int]:
@@ -206,8 +211,8 @@ def optimise_deltas(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     are relative to: the residual stream (``resid``, MEMIT) or the MLP output (``mlp``, ROME).
 
     ``row_scale`` [n_requests, len(templates) + len(spec.extra_prompts) + 1] optionally scales δ
-    per row (each template, each extra prompt, then the KL prompt): a rank-one update inserts δ·(kᵀu) for a key k, not δ, so optimising with
-    those factors optimises what will actually be inserted.
+    per row (each template, each extra prompt, then the KL prompt): a rank-one update inserts
+    δ·(kᵀu) for a key k, not δ, so optimising with those factors optimises what will be inserted.
 
     ``negatives`` (one request only) adds ``spec.negative_kl_factor`` × the mean KL of those
     prompts' next-token distributions under the insertion."""
@@ -229,19 +234,10 @@ def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates:
     seqs: list[list[int]] = []
     r = _Rows([], [])
     for i, req in enumerate(reqs):
-        for t in templates:
-            text, off = fill(t, req.prompt)
+        for text, at in _rewrite_texts(req, templates, spec):
             ctx, tgt = scorer.encode_pair(text, req.target_new)
             seqs.append(ctx + tgt[:-1])
-            r.lookup.append(subject_token_index(handle, text, off + req.prompt.index(req.subject), req.subject, which))
-            r.owner.append(i)
-            r.targets.append(tgt)
-            r.starts.append(len(ctx) - 1)
-            r.kl.append(False)
-        for text in _extra_texts(req, spec):
-            ctx, tgt = scorer.encode_pair(text, req.target_new)
-            seqs.append(ctx + tgt[:-1])
-            r.lookup.append(subject_token_index(handle, text, text.index(req.subject), req.subject, which))
+            r.lookup.append(subject_token_index(handle, text, at, req.subject, which))
             r.owner.append(i)
             r.targets.append(tgt)
             r.starts.append(len(ctx) - 1)
