@@ -374,3 +374,27 @@ def test_covariance_factor_is_memoised_and_memit_solve_matches_direct(tiny_handl
     torch.testing.assert_close(least_squares_keys(h, C2, 15.0, K2), direct2, rtol=1e-5, atol=1e-5)
     # statistics computed with TF32 are cached apart only where TF32 applies
     assert effective_dtype(h, "float32", True) == "float32"
+
+
+def test_clamp_escalation_only_for_requests_that_miss_their_target(tiny_handle):
+    """With v_clamp_norm_factor_max, a request that misses its target within the steps gets as
+    many more at the raised clamp; the first phase is exactly the unescalated run."""
+    h = tiny_handle("gpt2")
+    tight = DeltaSpec(steps=3, lr=0.5, clamp_norm_factor=1e-3, early_stop_nll=1e-6)
+    plain, info = optimise_deltas(h, [REQ], 0, ["{}"], tight)
+    raised, info2 = optimise_deltas(h, [REQ], 0, ["{}"], DeltaSpec(**{**tight.__dict__, "clamp_norm_factor_max": 100.0}))
+    assert info[0]["steps"] == 3 and info2[0]["steps"] == 6
+    assert raised.norm() > 10 * plain.norm()
+    assert info2[0]["nll"] < info[0]["nll"]
+    # a request that reaches its target in the first phase is unaffected by the escalation
+    free = DeltaSpec(steps=3, lr=0.5, clamp_norm_factor=1e6, early_stop_nll=1e-6)
+    _, reached = optimise_deltas(h, [REQ], 0, ["{}"], free)
+    easy = DeltaSpec(**{**free.__dict__, "early_stop_nll": reached[0]["nll"] + 1e-4})
+    a, ia = optimise_deltas(h, [REQ], 0, ["{}"], easy)
+    b, ib = optimise_deltas(h, [REQ], 0, ["{}"], DeltaSpec(**{**easy.__dict__, "clamp_norm_factor_max": 1e7}))
+    assert ia[0]["steps"] == ib[0]["steps"] == 2 and a.norm() > 0
+    assert torch.equal(a, b)
+    from medit.core.errors import HParamsError
+    with pytest.raises(HParamsError, match="v_clamp_norm_factor_max"):
+        get_plugins().methods.get("rome").resolve_hparams(h, overrides={"v_clamp_norm_factor": "4",
+                                                                          "v_clamp_norm_factor_max": "2"})

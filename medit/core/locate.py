@@ -43,6 +43,9 @@ class LocateHParams:
     v_kl_factor: float = 0.0625
     v_weight_decay: float = 1e-3
     v_clamp_norm_factor: float = 4.0
+    #: an edit whose target is not reached within ``v_steps`` at that clamp gets ``v_steps`` more
+    #: with the clamp raised to this factor; edits that converge keep the tighter clamp (None: off).
+    v_clamp_norm_factor_max: float | None = None
     v_early_stop_nll: float = 0.05
     v_chunk: int = 8
     #: extra prompts (``{}`` marks the subject) that should also produce target_new while δ is
@@ -56,6 +59,9 @@ class LocateHParams:
         for name in ("v_lr", "v_clamp_norm_factor"):
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparam {name!r} must be > 0, got {getattr(self, name)}")
+        if self.v_clamp_norm_factor_max is not None and self.v_clamp_norm_factor_max < self.v_clamp_norm_factor:
+            raise HParamsError(f"hparam 'v_clamp_norm_factor_max' must be >= v_clamp_norm_factor "
+                               f"({self.v_clamp_norm_factor}), got {self.v_clamp_norm_factor_max}")
         if self.fact_token not in ("last", "first"):
             raise HParamsError(f"hparam 'fact_token' must be 'last' or 'first', got {self.fact_token!r}")
         if self.stats_dtype not in ("float32", "float64"):
@@ -71,6 +77,7 @@ class LocateHParams:
     def delta_spec(self) -> DeltaSpec:
         return DeltaSpec(steps=self.v_steps, lr=self.v_lr, kl_factor=self.v_kl_factor,
                          weight_decay=self.v_weight_decay, clamp_norm_factor=self.v_clamp_norm_factor,
+                         clamp_norm_factor_max=self.v_clamp_norm_factor_max,
                          early_stop_nll=self.v_early_stop_nll, chunk=self.v_chunk,
                          extra_prompts=tuple(self.v_extra_prompts))
 

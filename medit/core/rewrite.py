@@ -158,6 +158,9 @@ class DeltaSpec:
     kl_factor: float = 0.0625
     weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
+    #: a request still above ``early_stop_nll`` after ``steps`` gets ``steps`` more with the norm
+    #: clamp raised to this factor (None: no second phase).
+    clamp_norm_factor_max: float | None = None
     early_stop_nll: float = 0.05
     kl_prompt: str = "{} is a"
     #: requests optimised together (the optimisation of each stays independent).
@@ -297,10 +300,11 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     frozen = torch.zeros_like(delta)
     kl_ref = neg_ref = None
-    infos = [{"steps": spec.steps, "nll": None} for _ in range(n)]
+    total = spec.steps * (1 if spec.clamp_norm_factor_max is None else 2)
+    infos = [{"steps": total, "nll": None} for _ in range(n)]
     with layers_above(handle, layer) as above:
         cache = above.prefix(hidden[:, :split], mask[:, :split], pos[:, :split]) if split > 0 else None
-        for step in range(spec.steps):
+        for step in range(total):
             at = hidden[:, split:split + 1] + (delta[owner] * scale[:, None])[:, None].to(hidden.dtype)
             final = above.suffix(torch.cat([at, hidden[:, split + 1:]], 1), mask, pos[:, split:], cache)
             # one head call for the target and the KL positions: its cost hardly grows with rows
@@ -333,7 +337,8 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
             loss.backward()
             opt.step()
             with torch.no_grad():
-                max_norm = spec.clamp_norm_factor * ref_norm
+                factor = spec.clamp_norm_factor if step < spec.steps else spec.clamp_norm_factor_max
+                max_norm = factor * ref_norm
                 shrink = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(shrink[:, None])
                 delta[done] = frozen[done]  # a request that reached its target keeps that delta
