@@ -380,10 +380,10 @@ def test_clamp_escalation_only_for_requests_that_miss_their_target(tiny_handle):
     """With v_clamp_norm_factor_max, a request that misses its target within the steps gets as
     many more at the raised clamp; the first phase is exactly the unescalated run."""
     h = tiny_handle("gpt2")
-    tight = DeltaSpec(steps=3, lr=0.5, clamp_norm_factor=1e-3, early_stop_nll=1e-6)
+    tight = DeltaSpec(steps=3, lr=0.5, clamp_norm_factor=1e-3, early_stop_nll=1e-6, max_clamp_steps=4)
     plain, info = optimise_deltas(h, [REQ], 0, ["{}"], tight)
     raised, info2 = optimise_deltas(h, [REQ], 0, ["{}"], DeltaSpec(**{**tight.__dict__, "clamp_norm_factor_max": 100.0}))
-    assert info[0]["steps"] == 3 and info2[0]["steps"] == 6
+    assert info[0]["steps"] == 3 and info2[0]["steps"] == 7
     assert raised.norm() > 10 * plain.norm()
     assert info2[0]["nll"] < info[0]["nll"]
     # a request that reaches its target in the first phase is unaffected by the escalation

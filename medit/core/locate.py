@@ -43,9 +43,11 @@ class LocateHParams:
     v_kl_factor: float = 0.0625
     v_weight_decay: float = 1e-3
     v_clamp_norm_factor: float = 4.0
-    #: an edit whose target is not reached within ``v_steps`` at that clamp gets ``v_steps`` more
-    #: with the clamp raised to this factor; edits that converge keep the tighter clamp (None: off).
+    #: an edit whose target is not reached within ``v_steps`` at that clamp gets up to
+    #: ``v_max_clamp_steps`` more with the clamp raised to this factor; edits that converge keep the
+    #: tighter clamp (None: off).
     v_clamp_norm_factor_max: float | None = None
+    v_max_clamp_steps: int = 25
     v_early_stop_nll: float = 0.05
     v_chunk: int = 8
     #: extra prompts (``{}`` marks the subject) that should also produce target_new while δ is
@@ -53,7 +55,7 @@ class LocateHParams:
     v_extra_prompts: list[str] = field(default_factory=list)
 
     def check_locate(self) -> None:
-        for name in ("stats_samples", "stats_max_len", "v_steps", "v_chunk"):
+        for name in ("stats_samples", "stats_max_len", "v_steps", "v_chunk", "v_max_clamp_steps"):
             if getattr(self, name) < 1:
                 raise HParamsError(f"hparam {name!r} must be >= 1, got {getattr(self, name)}")
         for name in ("v_lr", "v_clamp_norm_factor"):
@@ -77,7 +79,7 @@ class LocateHParams:
     def delta_spec(self) -> DeltaSpec:
         return DeltaSpec(steps=self.v_steps, lr=self.v_lr, kl_factor=self.v_kl_factor,
                          weight_decay=self.v_weight_decay, clamp_norm_factor=self.v_clamp_norm_factor,
-                         clamp_norm_factor_max=self.v_clamp_norm_factor_max,
+                         clamp_norm_factor_max=self.v_clamp_norm_factor_max, max_clamp_steps=self.v_max_clamp_steps,
                          early_stop_nll=self.v_early_stop_nll, chunk=self.v_chunk,
                          extra_prompts=tuple(self.v_extra_prompts))
 

@@ -158,9 +158,10 @@ class DeltaSpec:
     kl_factor: float = 0.0625
     weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
-    #: a request still above ``early_stop_nll`` after ``steps`` gets ``steps`` more with the norm
-    #: clamp raised to this factor (None: no second phase).
+    #: a request still above ``early_stop_nll`` after ``steps`` gets up to ``max_clamp_steps`` more
+    #: with the norm clamp raised to this factor (None: no second phase).
     clamp_norm_factor_max: float | None = None
+    max_clamp_steps: int = 25
     early_stop_nll: float = 0.05
     kl_prompt: str = "{} is a"
     #: requests optimised together (the optimisation of each stays independent).
@@ -300,7 +301,7 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     frozen = torch.zeros_like(delta)
     kl_ref = neg_ref = None
-    total = spec.steps * (1 if spec.clamp_norm_factor_max is None else 2)
+    total = spec.steps + (0 if spec.clamp_norm_factor_max is None else spec.max_clamp_steps)
     infos = [{"steps": total, "nll": None} for _ in range(n)]
     with layers_above(handle, layer) as above:
         cache = above.prefix(hidden[:, :split], mask[:, :split], pos[:, :split]) if split > 0 else None
