@@ -398,3 +398,23 @@ def test_clamp_escalation_only_for_requests_that_miss_their_target(tiny_handle):
     with pytest.raises(HParamsError, match="v_clamp_norm_factor_max"):
         get_plugins().methods.get("rome").resolve_hparams(h, overrides={"v_clamp_norm_factor": "4",
                                                                           "v_clamp_norm_factor_max": "2"})
+
+
+def test_clamp_escalation_looks_at_the_edit_prompt_not_the_extra_prompts(tiny_handle):
+    """The raised clamp runs only for an edit whose own prompt misses its target, even when the
+    extra prompts keep the combined NLL above the early stop."""
+    h = tiny_handle("gpt2")
+    forms = ["The capital of {}", "{} is associated with"]
+    scorer = Scorer(h)
+    nll = [-scorer.teacher_forced([TFQuery(f.replace("{}", SUBJECT), " the")])[0].mean_logprob for f in forms]
+    assert all(scorer.target_length(f.replace("{}", SUBJECT), " the") == 1 for f in forms)
+    lo, hi = sorted(range(2), key=lambda j: nll[j])
+    assert nll[hi] - nll[lo] > 1e-3
+    req = EditRequest(prompt=forms[lo].replace("{}", SUBJECT), subject=SUBJECT, target_new=" the", case_id="e")
+    # a tiny clamp keeps the NLLs where they start: the edit prompt is below the early stop, the
+    # mean over it and the extra prompt above
+    spec = DeltaSpec(steps=3, lr=0.5, clamp_norm_factor=1e-6, clamp_norm_factor_max=2e-6, max_clamp_steps=4,
+                     early_stop_nll=(3 * nll[lo] + nll[hi]) / 4, extra_prompts=(forms[hi],))
+    _, info = optimise_deltas(h, [req], 0, ["{}"], spec)
+    assert info[0]["steps"] == 3  # stopped when the first phase ended, without the raised clamp
+    assert info[0]["nll"] > spec.early_stop_nll  # the combined NLL never reached the early stop

@@ -43,7 +43,7 @@ class LocateHParams:
     v_kl_factor: float = 0.0625
     v_weight_decay: float = 1e-3
     v_clamp_norm_factor: float = 4.0
-    #: an edit whose target is not reached within ``v_steps`` at that clamp gets up to
+    #: an edit whose own prompt misses its target within ``v_steps`` at that clamp gets up to
     #: ``v_max_clamp_steps`` more with the clamp raised to this factor; edits that converge keep the
     #: tighter clamp (None: off).
     v_clamp_norm_factor_max: float | None = None

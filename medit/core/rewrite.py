@@ -32,6 +32,7 @@ class _Rows:
     targets: list[list[int]] = field(default_factory=list)  # target ids per row ([] for KL rows)
     starts: list[int] = field(default_factory=list)  # position predicting the first target token
     kl: list[bool] = field(default_factory=list)
+    extra: list[bool] = field(default_factory=list)  # rows of spec.extra_prompts
     seqs: list[list[int]] = field(default_factory=list)
 
 
@@ -158,8 +159,9 @@ class DeltaSpec:
     kl_factor: float = 0.0625
     weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
-    #: a request still above ``early_stop_nll`` after ``steps`` gets up to ``max_clamp_steps`` more
-    #: with the norm clamp raised to this factor (None: no second phase).
+    #: a request whose own prompt (the template rows, not the extra prompts) is still above
+    #: ``early_stop_nll`` after ``steps`` gets up to ``max_clamp_steps`` more with the norm clamp
+    #: raised to this factor (None: no second phase).
     clamp_norm_factor_max: float | None = None
     max_clamp_steps: int = 25
     early_stop_nll: float = 0.05
@@ -238,7 +240,8 @@ def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates:
     seqs: list[list[int]] = []
     r = _Rows([], [])
     for i, req in enumerate(reqs):
-        for text, at in _rewrite_texts(req, templates, spec):
+        for j, (text, at) in enumerate(_rewrite_texts(req, templates, spec)):
+            r.extra.append(j >= len(templates))
             ctx, tgt = scorer.encode_pair(text, req.target_new)
             seqs.append(ctx + tgt[:-1])
             r.lookup.append(subject_token_index(handle, text, at, req.subject, which))
@@ -253,6 +256,7 @@ def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates:
         r.targets.append([])
         r.starts.append(0)
         r.kl.append(True)
+        r.extra.append(False)
     r.seqs = seqs
     return r
 
@@ -279,18 +283,21 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     ref_norm = ref_vec.norm(dim=1)
 
     # Target positions (rewrite rows) and KL positions (KL rows), as columns of the suffix.
-    t_rows, t_cols, t_ids, t_own = [], [], [], []
+    t_rows, t_cols, t_ids, t_own, t_main = [], [], [], [], []
     for i, (tg, st) in enumerate(zip(rows.targets, rows.starts)):
         for j, t in enumerate(tg):
             t_rows.append(i)
             t_cols.append(left[i] + st + j - split)
             t_ids.append(t)
             t_own.append(rows.owner[i])
+            t_main.append(not rows.extra[i])
     t_rows_t, t_cols_t = torch.tensor(t_rows, device=dev), torch.tensor(t_cols, device=dev)
     t_ids_t, t_own_t = torch.tensor(t_ids, device=dev), torch.tensor(t_own, device=dev)
     kl_rows = torch.tensor([i for i, k in enumerate(rows.kl) if k], device=dev)
     kl_own = owner[kl_rows]
     n_tok = torch.bincount(t_own_t, minlength=n).float()
+    main_t = torch.tensor(t_main, device=dev, dtype=torch.float32)
+    n_main = torch.zeros(n, device=dev).index_add(0, t_own_t, main_t)
     # rows are ordered per request: its templates, its extra prompts, then its KL prompt (see _build_rows)
     scale = (torch.ones(len(rows.owner), device=dev) if row_scale is None
              else row_scale.to(dev, torch.float32).reshape(-1))
@@ -327,6 +334,9 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
                     neg_ref = neg_logp.detach()
                 neg_kl = kl_per_row(neg_ref, neg_logp).mean()
             newly = (nll.detach() < spec.early_stop_nll) & ~done
+            if step == spec.steps:  # the raised clamp is only for edits whose own prompt misses its target
+                nll_main = -torch.zeros(n, device=dev).index_add(0, t_own_t, tok_lp.detach() * main_t) / n_main
+                newly |= (nll_main < spec.early_stop_nll) & ~done
             for i in torch.nonzero(newly).flatten().tolist():
                 infos[i].update(steps=step, nll=float(nll[i].detach()))
                 frozen[i] = delta.detach()[i]
