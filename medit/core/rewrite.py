@@ -62,10 +62,9 @@ def _subject_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], template
                   which: str) -> tuple[list[list[int]], list[int], list[int]]:
     seqs, lookup, owner = [], [], []
     for i, r in enumerate(reqs):
-        for t in templates:
-            text, off = fill(t, r.prompt)
+        for text, at in _template_texts(r, templates):
             seqs.append(handle.tokenizer(text).input_ids)
-            lookup.append(subject_token_index(handle, text, off + r.prompt.index(r.subject), r.subject, which))
+            lookup.append(subject_token_index(handle, text, at, r.subject, which))
             owner.append(i)
     return seqs, lookup, owner
 
@@ -115,14 +114,16 @@ def delta_row_keys(handle: "ModelHandle", req: "EditRequest", layer: int, templa
     return _row_keys(handle, seqs, lookup, [layer])[0][layer]
 
 
+def _template_texts(req: "EditRequest", templates: Sequence[str]) -> list[tuple[str, int]]:
+    """The prompt in each template, with the character offset of the subject in it."""
+    at = req.prompt.index(req.subject)
+    return [(text, off + at) for text, off in (fill(t, req.prompt) for t in templates)]
+
+
 def _rewrite_texts(req: "EditRequest", templates: Sequence[str], spec: "DeltaSpec") -> list[tuple[str, int]]:
     """The texts whose continuation must become target_new (the prompt in each template, then each
     extra prompt), each with the character offset of the subject in it."""
-    out = []
-    for t in templates:
-        text, off = fill(t, req.prompt)
-        out.append((text, off + req.prompt.index(req.subject)))
-    return out + [fill(p, req.subject) for p in spec.extra_prompts]
+    return _template_texts(req, templates) + [fill(p, req.subject) for p in spec.extra_prompts]
 
 
 def _kl_row(handle: "ModelHandle", req: "EditRequest", spec: "DeltaSpec", which: str) -> tuple[list[int], int]:
