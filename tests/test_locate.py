@@ -326,6 +326,52 @@ def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
         m.resolve_hparams(h, overrides={"spread_min_realised": "0"})
 
 
+def test_null_space_projector_reports_what_it_protects():
+    """P projects onto the directions below threshold × the largest eigenvalue; ``protected``
+    counts the others, and ``top_share`` flags a covariance that one direction dominates."""
+    from medit.plugins.methods.alphaedit import null_space_projector
+
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    evals = torch.tensor([1.0, 0.5, 0.2, 0.05, 0.004, 0.003, 0.002, 0.001], dtype=torch.float64)
+    ns = null_space_projector((Q * evals) @ Q.T, 0.01)
+    assert ns.protected == 4 and ns.top_share < 0.6
+    torch.testing.assert_close(ns.P.double(), Q[:, 4:] @ Q[:, 4:].T, rtol=0, atol=1e-6)
+    dominated = evals.clone()
+    dominated[0] = 1e4  # a massive-activation direction: everything else falls under the threshold
+    ns = null_space_projector((Q * dominated) @ Q.T, 0.01)
+    assert ns.protected == 1 and ns.top_share > 0.99
+
+
+def test_alphaedit_warns_when_one_direction_dominates_the_covariance(tiny_handle, monkeypatch, capsys):
+    """A layer whose key covariance one direction dominates gets a one-line warning (once per
+    layer), and every edit reports how many directions each layer's projector protects."""
+    from medit.plugins.methods.alphaedit import AlphaEditHParams
+
+    h = tiny_handle("llama")
+    m = get_plugins().methods.get("alphaedit")
+    d_in = h.weight_out_in("mlp_out", 0).shape[1]
+    spike = torch.eye(d_in) * 1e-3
+    spike[0, 0] = 10.0
+    monkeypatch.setattr(AlphaEditHParams, "stats", lambda self, handle, layers: ({0: spike}, 0.0))
+    hp = m.resolve_hparams(h, overrides={**FAST, "layers": "[0]", "nullspace_threshold": "0.01"})
+    m.start_run(h)
+    edit = m.apply(h, [_request(h)], hp)
+    err = capsys.readouterr().err
+    assert "alphaedit layer 0" in err and f"protects only 1 of {d_in} directions" in err
+    assert edit.info["nullspace_protected"] == {0: 1}
+    edit.revert()
+    again = m.apply(h, [_request(h)], hp)
+    assert "warning" not in capsys.readouterr().err
+    again.revert()
+    # other statistics on the same handle (e.g. another stats_max_len) get their own projector
+    flat = torch.eye(d_in) * torch.linspace(1.0, 1e-3, d_in)
+    monkeypatch.setattr(AlphaEditHParams, "stats", lambda self, handle, layers: ({0: flat}, 0.0))
+    other = m.apply(h, [_request(h)], hp)
+    assert other.info["nullspace_protected"][0] > 1 and "warning" not in capsys.readouterr().err
+    other.revert()
+
+
 def test_t5_is_refused(tiny_handle):
     h = tiny_handle("t5")
     for name in ("rome", "memit", "alphaedit"):

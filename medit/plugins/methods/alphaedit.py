@@ -3,11 +3,13 @@ keys' covariance, so what the model knew is (to first order) untouched, plus a r
 the keys edited earlier in the same sequential run.
 
 ΔW = R Xᵀ with X = (P (K Kᵀ + K_p K_pᵀ) + λ I)⁻¹ P K, where P projects onto the eigenvectors of
-C = E[k kᵀ] whose eigenvalues are below ``nullspace_threshold``. The cache K_p K_pᵀ lives in the
-model handle's memo, is reset at the start of every run, and an edit removes its keys on revert.
+C = E[k kᵀ] whose eigenvalues are below ``nullspace_threshold`` × its largest. The cache K_p K_pᵀ
+lives in the model handle's memo, is reset at the start of every run, and an edit removes its
+keys on revert.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -64,10 +66,47 @@ class AlphaEditEdit(WeightEdit):
         super().revert()
 
 
-def null_space_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
+#: a top eigenvalue above this share of tr(C) is a massive-activation direction (see NullSpace).
+DOMINANT_SHARE = 0.5
+
+
+@dataclass
+class NullSpace:
+    """The projector onto C's small-eigenvalue directions, and what it leaves protected.
+
+    ``top_share`` is the largest eigenvalue's share of tr(C). Near 1, one massive-activation
+    direction sets the threshold, and almost no direction stays protected. SmolLM2's layer 11 has
+    top_share 0.999 and 1 of 1536 directions protected; layers 3-7 have about 0.05 and 310-490."""
+
+    P: torch.Tensor
+    protected: int
+    top_share: float
+
+
+def null_space_projector(C: torch.Tensor, threshold: float) -> NullSpace:
+    """The :class:`NullSpace` of C below ``threshold`` × its largest eigenvalue."""
     evals, evecs = torch.linalg.eigh(C.double())
-    keep = evecs[:, evals < threshold * evals.max()]
-    return (keep @ keep.T).float()
+    small = evals < threshold * evals.max()
+    keep = evecs[:, small]
+    share = float(evals.max() / evals.sum().clamp_min(1e-30))
+    return NullSpace((keep @ keep.T).float(), int((~small).sum()), share)
+
+
+def null_space(handle: ModelHandle, layer: int, C: torch.Tensor, threshold: float) -> NullSpace:
+    """:func:`null_space_projector` of these statistics, memoised on the handle, with a one-line
+    warning (once per layer and statistics) when one direction dominates C."""
+    # keyed on the statistics tensor itself (memoised per corpus, samples, length and dtype); the
+    # stored reference guards against a later tensor reusing the id
+    key: Any = ("alphaedit.P", layer, threshold, id(C))
+    hit = handle.memo.get(key)
+    if hit is None or hit[0] is not C:
+        hit = handle.memo[key] = (C, null_space_projector(C, threshold))
+        ns = hit[1]
+        if ns.top_share > DOMINANT_SHARE:
+            print(f"medit: warning: alphaedit layer {layer}: one direction holds {ns.top_share:.1%} of the key "
+                  f"covariance (a massive activation), so nullspace_threshold={threshold} protects only "
+                  f"{ns.protected} of {ns.P.shape[0]} directions; edit other layers.", file=sys.stderr)
+    return hit[1]
 
 
 class AlphaEdit(Method):
@@ -84,12 +123,8 @@ class AlphaEdit(Method):
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: AlphaEditHParams) -> WeightEdit:  # type: ignore[override]
         layers = pick_layers(handle, hparams.layers)
         stats, stats_s = hparams.stats(handle, layers)
-        proj: dict[int, torch.Tensor] = {}
-        for layer in layers:
-            key: Any = ("alphaedit.P", layer, hparams.nullspace_threshold, hparams.stats_corpus, hparams.stats_samples)
-            if key not in handle.memo:
-                handle.memo[key] = null_space_projector(stats[layer], hparams.nullspace_threshold)
-            proj[layer] = handle.memo[key]
+        spaces = {layer: null_space(handle, layer, stats[layer], hparams.nullspace_threshold) for layer in layers}
+        proj = {layer: ns.P for layer, ns in spaces.items()}
         cache: dict[int, torch.Tensor] = handle.memo.setdefault(CACHE, {})
         added: dict[int, torch.Tensor] = {}
 
@@ -108,6 +143,7 @@ class AlphaEdit(Method):
 
         edit = apply_spread(handle, requests, hparams, self.name, layers, stats_s, solve, AlphaEditEdit, remember)
         edit.added = added  # type: ignore[attr-defined]
+        edit.info["nullspace_protected"] = {layer: ns.protected for layer, ns in spaces.items()}
         return edit
 
 
