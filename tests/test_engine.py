@@ -262,6 +262,36 @@ def test_engine_reuses_pre_scores_across_methods(tiny_handle, cache_root, tmp_pa
     assert c["metrics"]["reliability"]["exact"]["pre"] == b["metrics"]["reliability"]["exact"]["pre"]
 
 
+def test_case_rows_carry_the_methods_edit_diagnostics(tiny_handle, cache_root, tmp_path, monkeypatch):
+    """Each case row says which edit made it (its position among the edit's requests) and carries
+    the JSON-able part of the method's ``edit.info``, once per edit: a batch stores it on its
+    first case only, a sequential run on every case."""
+    from medit.plugins.methods.ft import FineTune
+
+    h = tiny_handle("gpt2")
+    hp = get_plugins().methods.get("ft-l").resolve_hparams(h, overrides=FT)
+    real_apply = FineTune.apply
+
+    def apply(self, handle, requests, hparams):
+        edit = real_apply(self, handle, requests, hparams)
+        edit.info["not_json"] = torch.zeros(2)  # dropped from the row, not an error
+        return edit
+
+    monkeypatch.setattr(FineTune, "apply", apply)
+    for mode in ("batch", "sequential"):
+        evaluate(h, "ft-l", REQS, hp, mode=mode, protocols=("exact",), out_dir=tmp_path / mode)
+        rows = [json.loads(ln) for ln in (tmp_path / mode / "cases.jsonl").read_text().splitlines()]
+        if mode == "batch":
+            assert [r["edit"]["index"] for r in rows] == [0, 1, 2] and {r["edit"]["size"] for r in rows} == {3}
+            assert "info" in rows[0]["edit"] and all("info" not in r["edit"] for r in rows[1:])
+            infos = [rows[0]["edit"]["info"]]
+        else:
+            assert all(r["edit"]["index"] == 0 and r["edit"]["size"] == 1 for r in rows)
+            infos = [r["edit"]["info"] for r in rows]
+        for info in infos:
+            assert info["steps"] >= 1 and isinstance(info["final_loss"], float) and "not_json" not in info
+
+
 # ------------------------------------------------------------------------------ --also-immediate
 
 def test_also_immediate_scores_each_case_right_after_its_edit(tiny_handle, cache_root, tmp_path):

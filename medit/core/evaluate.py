@@ -3,6 +3,7 @@ writes results incrementally and never reloads the model (it reverts in place)."
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,7 @@ class Evaluator:
         return res
 
     def _case_record(self, req: EditRequest, pre: dict, post: dict, ctx: dict[str, Any],
-                     immediate: dict | None = None) -> dict[str, Any]:
+                     immediate: dict | None = None, edit: dict[str, Any] | None = None) -> dict[str, Any]:
         ctx = {**ctx, "gen_tokens": self.cfg.gen_tokens}
         rec: dict[str, Any] = {"case_id": req.case_id, "metrics": {}, "efficiency": {}}
         for m in self.metrics:
@@ -150,6 +151,8 @@ class Evaluator:
             if immediate is not None:
                 rec["generated"]["immediate"] = immediate.get(q)
         rec["request"] = req.to_dict()
+        if edit is not None:
+            rec["edit"] = edit
         return rec
 
     # ------------------------------------------------------------------ modes
@@ -229,7 +232,7 @@ class Evaluator:
                     post = self._score([req], edit)
                 finally:
                     edit.revert()
-                yield self._case_record(req, pre, post, self._ctx(s, edit))
+                yield self._case_record(req, pre, post, self._ctx(s, edit), edit=edit_record(edit, 0, 1))
                 bar.update(1)
         elif mode == "batch":
             size = self.cfg.batch_size or len(todo)
@@ -248,7 +251,7 @@ class Evaluator:
                     ctx = self._ctx(s / len(chunk), edit)
                     if j:  # one edit for the chunk: its statistics time counts once
                         ctx["stats_s"] = None
-                    yield self._case_record(req, pre, post, ctx)
+                    yield self._case_record(req, pre, post, ctx, edit=edit_record(edit, j, len(chunk)))
                 bar.update(len(chunk))
         else:  # sequential: every case is scored after the last edit (retention)
             edits: list[Edit] = []
@@ -273,7 +276,8 @@ class Evaluator:
                 post = self._score(todo, whole, desc=f"{self.method.name} post-edit scoring")
                 for req, edit, s, mb, imm in zip(sequence, edits, times, rss, now):
                     if req.case_id in wanted:
-                        yield self._case_record(req, pre, post, self._ctx(s, edit, mb), imm)
+                        yield self._case_record(req, pre, post, self._ctx(s, edit, mb), imm,
+                                                edit=edit_record(edit, 0, 1))
                 ok = True
             finally:
                 if ok and self.cfg.keep_edit:
@@ -294,6 +298,24 @@ class Evaluator:
                 "dataset": self.cfg.dataset, "n": len(requests),
                 "offset": self.cfg.dataset.get("offset", 0), "seed": self.cfg.seed,
                 "start_time": start, "end_time": end}
+
+
+def edit_record(edit: Edit, index: int, size: int) -> dict[str, Any]:
+    """What a case row says about the edit that made it: the case's position among the edit's
+    ``size`` requests, and (on the first of them only, so a batch stores it once) the method's
+    diagnostics from ``edit.info`` that JSON can hold, e.g. ROME/MEMIT's ``delta_steps``,
+    ``delta_nll`` and ``realised``, whose lists are indexed by that position."""
+    rec: dict[str, Any] = {"index": index, "size": size}
+    if index == 0:
+        info = {}
+        for key, value in edit.info.items():
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                continue
+            info[key] = value
+        rec["info"] = info
+    return rec
 
 
 def _rewrite_cases(path: Path, records: list[dict[str, Any]]) -> None:
