@@ -326,56 +326,6 @@ def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
         m.resolve_hparams(h, overrides={"spread_min_realised": "0"})
 
 
-@needs_corpus
-@pytest.mark.parametrize("method", ["memit", "alphaedit"])
-def test_spread_gate_missed_pushes_only_the_requests_that_miss(tiny_handle, method, monkeypatch):
-    """With ``spread_gate: missed`` a further pass runs only while some request's prompt misses its
-    target, and asks a change of those requests only (the others' residual columns are zero, so
-    their factor columns in that pass are zero); a request that takes after one pass stops there."""
-    import medit.core.locate as locate
-    from medit.core.errors import HParamsError
-
-    h = tiny_handle("llama")
-    m = get_plugins().methods.get(method)
-    extra = {"layers": "[0, 1]", "mom2_update_weight": "1000"} if method == "memit" else \
-        {"layers": "[0, 1]", "L2": "0.03", "nullspace_threshold": "0.5"}
-    base = {**FAST, **extra, "stats_corpus": str(CORPUS), "spread_passes": "3", "spread_gate": "missed"}
-    reqs = [_request(h), EditRequest(prompt="The river bank", subject="river", target_new=" is", case_id="r2")]
-    before = model_state(h)
-    calls = []
-
-    def missed(handle, rq):  # the first request misses after pass 1, then both take
-        calls.append(len(rq))
-        return torch.tensor([len(calls) == 1, False])
-
-    monkeypatch.setattr(locate, "missed_targets", missed)
-    m.start_run(h)
-    edit = m.apply(h, reqs, m.resolve_hparams(h, overrides=base))
-    assert edit.info["spread_passes"] == 2 and edit.info["missed"] == [False, False] and calls == [2, 2]
-    for u, v in edit.factors.values():
-        assert u.shape[1] == 4  # two requests, two passes
-        change = (u[:, 2:] if not h.adapter.transposed else v[:, 2:]).norm(dim=0)
-        assert change[0] > 0 and change[1] == 0, change
-    edit.revert()
-    assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items()), "revert not bit-exact"
-    # the real check: a request that takes after one pass gets no second one
-    monkeypatch.undo()
-    m.start_run(h)
-    one = m.apply(h, reqs[:1], m.resolve_hparams(h, overrides={**base, "spread_passes": "1"}))
-    took = not one.info["missed"][0]
-    one.revert()
-    m.start_run(h)
-    gated = m.apply(h, reqs[:1], m.resolve_hparams(h, overrides=base))
-    assert (gated.info["spread_passes"] == 1) == took
-    gated.revert()
-    m.start_run(h)  # the realised gate (min 1.0) would push the same request again
-    ungated = m.apply(h, reqs[:1], m.resolve_hparams(h, overrides={**base, "spread_gate": "realised"}))
-    assert ungated.info["spread_passes"] > 1 and "missed" not in ungated.info
-    ungated.revert()
-    with pytest.raises(HParamsError, match="spread_gate"):
-        m.resolve_hparams(h, overrides={"spread_gate": "always"})
-
-
 def test_null_space_projector_reports_what_it_protects():
     """P projects onto the directions below threshold × the largest eigenvalue; ``protected``
     counts the others, and ``top_share`` flags a covariance that one direction dominates."""

@@ -11,7 +11,6 @@ import torch
 from .context import context_templates
 from .errors import HParamsError
 from .rewrite import DeltaSpec, compute_keys, optimise_deltas
-from .scoring import Scorer, TFQuery
 from .stats import second_moments
 
 if TYPE_CHECKING:
@@ -92,9 +91,6 @@ class LocateHParams:
                               self.stats_dtype, tf32=self.stats_tf32)
 
 
-SPREAD_GATES = ("realised", "missed")
-
-
 @dataclass
 class SpreadHParams(LocateHParams):
     """Shared hyperparameters of the MEMIT-style methods that spread an edit over several layers."""
@@ -106,10 +102,6 @@ class SpreadHParams(LocateHParams):
     #: a further pass runs only while some edit realises less than this share of its optimised
     #: change (measured after the last edited layer), so edits that already took stay as they are.
     spread_min_realised: float = 1.0
-    #: what decides a further pass: ``realised`` (above) or ``missed``: while some request's own
-    #: prompt does not yet produce its target_new (every token the greedy choice, teacher-forced);
-    #: that pass pushes only those requests, and holds the others where they are.
-    spread_gate: str = "realised"
 
     def check_locate(self) -> None:
         super().check_locate()
@@ -117,9 +109,6 @@ class SpreadHParams(LocateHParams):
             raise HParamsError(f"hparam 'spread_passes' must be >= 1, got {self.spread_passes}")
         if not 0 < self.spread_min_realised <= 1:
             raise HParamsError(f"hparam 'spread_min_realised' must be in (0, 1], got {self.spread_min_realised}")
-        if self.spread_gate not in SPREAD_GATES:
-            raise HParamsError(f"hparam 'spread_gate' must be one of {', '.join(SPREAD_GATES)}, "
-                               f"got {self.spread_gate!r}")
 
 
 class CovarianceSolver:
@@ -187,7 +176,6 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
     params = dict(handle.model.named_parameters())
     first_keys: dict[int, torch.Tensor] = {}
     done = 0
-    active = torch.ones(len(reqs), dtype=torch.bool)  # requests a pass pushes towards their targets
     while True:
         for i, layer in enumerate(layers):
             keys, cur = ahead if i == 0 else \
@@ -196,7 +184,6 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
             K = keys[layer].T  # [d_in, n]
             first_keys.setdefault(layer, K)
             R = ((targets - cur) / (len(layers) - i)).T  # [d_out, n]
-            R[:, ~active.to(R.device)] = 0  # held in place: their keys stay in the solve with no change asked
             X = solver(layer, K)
             u, v = storage_factors(handle, R, X)
             name = handle.param_name("mlp_out", layer)
@@ -213,28 +200,14 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
         assert final is not None
         # the share of the optimised residual change the update realises at the last edited layer
         realised = 1 - (targets - final).norm(dim=1) / deltas.float().norm(dim=1).clamp_min(1e-12)
-        if hp.spread_gate == "missed":
-            active = missed_targets(handle, reqs)
-            if done >= hp.spread_passes or not bool(active.any()):
-                break
-        elif done >= hp.spread_passes or float(realised.min()) >= hp.spread_min_realised:
+        if done >= hp.spread_passes or float(realised.min()) >= hp.spread_min_realised:
             break
     # after all passes, so that a later pass's solve does not count this edit's keys twice
     if on_keys is not None:
         for layer, K in first_keys.items():
             on_keys(layer, K)
-    info = {"delta_steps": [x["steps"] for x in infos], "delta_nll": [x["nll"] for x in infos],
-            "realised": [round(float(x), 4) for x in realised], "spread_passes": done}
-    if hp.spread_gate == "missed":
-        info["missed"] = [bool(x) for x in active]
-    return factors, info
-
-
-def missed_targets(handle: "ModelHandle", reqs: Sequence["EditRequest"]) -> torch.Tensor:
-    """[n] bool: the requests whose prompt does not (yet) produce target_new, teacher-forced:
-    some target token is not the model's greedy choice."""
-    results = Scorer(handle).teacher_forced([TFQuery(r.prompt, r.target_new) for r in reqs])
-    return torch.tensor([res.exact < 1 for res in results], dtype=torch.bool)
+    return factors, {"delta_steps": [x["steps"] for x in infos], "delta_nll": [x["nll"] for x in infos],
+                     "realised": [round(float(x), 4) for x in realised], "spread_passes": done}
 
 
 def apply_spread(handle: "ModelHandle", requests: Sequence["EditRequest"], hp: SpreadHParams, method: str,
