@@ -6,7 +6,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 from torch import nn
@@ -14,6 +14,8 @@ from torch import nn
 from .adapter import ModelAdapter, ModelAlias
 from .errors import DeviceError, MethodError, ModelError
 from .plugins import get_plugins
+
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -42,6 +44,16 @@ class ModelHandle:
     #: per-model memo for derived data (context templates, statistics, projections); never a
     #: module-level global, so two loaded models never share it.
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def derived(self, source: Any, key: tuple, build: Callable[[], T]) -> T:
+        """``build()``, computed once per ``source`` object and ``key`` and kept in :attr:`memo`.
+        Keyed on ``id(source)`` with the object itself kept beside the result, so a later object
+        that reuses the id never gets a stale hit."""
+        full = (*key, id(source))
+        hit = self.memo.get(full)
+        if hit is None or hit[0] is not source:
+            hit = self.memo[full] = (source, build())
+        return hit[1]
 
     @property
     def config(self) -> Any:

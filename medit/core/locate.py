@@ -141,11 +141,7 @@ def covariance_solver(handle: "ModelHandle", C: torch.Tensor, scale: float = 1.0
     against the same statistics costs a triangular solve (O(d²) per column) instead of a fresh
     O(d³) factorisation. The factor costs d²·8 bytes per layer for the handle's life (about 1 GB
     per layer of LLaMA-2-7B)."""
-    key = ("cov_factor", id(C), float(scale), float(ridge))
-    hit = handle.memo.get(key)
-    if hit is None or hit[0] is not C:  # id() alone could be reused by a later tensor
-        hit = handle.memo[key] = (C, CovarianceSolver(C, scale, ridge))
-    return hit[1]
+    return handle.derived(C, ("cov_factor", float(scale), float(ridge)), lambda: CovarianceSolver(C, scale, ridge))
 
 
 def storage_factors(handle: "ModelHandle", out_vecs: torch.Tensor, in_vecs: torch.Tensor

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -93,20 +93,18 @@ def null_space_projector(C: torch.Tensor, threshold: float) -> NullSpace:
 
 
 def null_space(handle: ModelHandle, layer: int, C: torch.Tensor, threshold: float) -> NullSpace:
-    """:func:`null_space_projector` of these statistics, memoised on the handle, with a one-line
+    """:func:`null_space_projector` of these statistics, kept on the handle, with a one-line
     warning (once per layer and statistics) when one direction dominates C."""
-    # keyed on the statistics tensor itself (memoised per corpus, samples, length and dtype); the
-    # stored reference guards against a later tensor reusing the id
-    key: Any = ("alphaedit.P", layer, threshold, id(C))
-    hit = handle.memo.get(key)
-    if hit is None or hit[0] is not C:
-        hit = handle.memo[key] = (C, null_space_projector(C, threshold))
-        ns = hit[1]
+    def build() -> NullSpace:
+        ns = null_space_projector(C, threshold)
         if ns.top_share > DOMINANT_SHARE:
             print(f"medit: warning: alphaedit layer {layer}: one direction holds {ns.top_share:.1%} of the key "
                   f"covariance (a massive activation), so nullspace_threshold={threshold} protects only "
                   f"{ns.protected} of {ns.P.shape[0]} directions; edit other layers.", file=sys.stderr)
-    return hit[1]
+        return ns
+
+    # keyed on the statistics tensor itself, which is memoised per corpus, samples, length and dtype
+    return handle.derived(C, ("alphaedit.P", layer, threshold), build)
 
 
 class AlphaEdit(Method):
@@ -124,12 +122,11 @@ class AlphaEdit(Method):
         layers = pick_layers(handle, hparams.layers)
         stats, stats_s = hparams.stats(handle, layers)
         spaces = {layer: null_space(handle, layer, stats[layer], hparams.nullspace_threshold) for layer in layers}
-        proj = {layer: ns.P for layer, ns in spaces.items()}
         cache: dict[int, torch.Tensor] = handle.memo.setdefault(CACHE, {})
         added: dict[int, torch.Tensor] = {}
 
         def solve(layer: int, K: torch.Tensor) -> torch.Tensor:
-            P = proj[layer].double()
+            P = spaces[layer].P.double()
             Kd = K.double()
             prev = cache.get(layer)
             A = P @ (Kd @ Kd.T + (prev.double() if prev is not None else 0))
