@@ -352,12 +352,21 @@ def list_(kind: str = typer.Argument(..., help="methods, models, metrics or data
 @app.command()
 def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...", help="run folders written by `medit eval/edit --out`"),
            out: Optional[str] = typer.Option(None, "--out", help="write report.md, report.json and report.png here"),
-           fmt: str = typer.Option("table", "--format", help="what to print: table, markdown or json")) -> None:
+           fmt: str = typer.Option("table", "--format", help="what to print: table, markdown or json"),
+           misses: bool = typer.Option(False, "--misses", help="list each run's cases that score below 1 on a "
+                                       "check, with what the method reported about their edit"),
+           miss_on: Optional[list[str]] = typer.Option(None, "--miss-on", metavar="METRIC.PROTOCOL",
+                                                       help="a check for --misses (repeatable; default "
+                                                       "reliability.token_acc and locality.agreement)")) -> None:
     """Compare finished runs side by side: metrics × protocols per run (post-edit means, with pre)."""
     from .core.report import FORMATS, build_report, load_runs, render, write_report
 
     if fmt not in FORMATS:
         raise UnknownNameError("report format", fmt, FORMATS, hint="pass --format table, markdown or json")
+    if misses or miss_on:
+        from .core.misses import DEFAULT_CHECKS, parse_checks, render_misses
+        typer.echo(render_misses(load_runs(run_dirs), parse_checks(miss_on or DEFAULT_CHECKS), fmt))
+        return
     rep = build_report(load_runs(run_dirs))
     typer.echo(render(rep, fmt))
     if out:

@@ -191,3 +191,55 @@ def test_cli_report_bad_input(two_runs, tmp_path, args, needle):
     assert "Traceback" not in result.output + err
     errors = [ln for ln in stream.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1 and needle in errors[0], stream
+
+
+# ------------------------------------------------------------------------------ --misses
+
+def _case(cid: str, rel: float, loc: float, edit: dict[str, Any]) -> str:
+    return json.dumps({"case_id": cid, "request": {"prompt": f"prompt {cid}"}, "edit": edit,
+                       "metrics": {"reliability": {"token_acc": {"pre": 0.0, "post": rel}},
+                                   "locality": {"agreement": {"pre": None, "post": loc},
+                                                "kl": {"pre": None, "post": 0.1}}}})
+
+
+def test_misses_list_failed_cases_with_their_share_of_the_edit_info(tmp_path):
+    from medit.core.misses import case_misses, parse_checks, render_misses
+    run_dir = make_run(tmp_path, "b", "memit", ROME, mode="batch")
+    info = {"layers": [3, 4, 5], "realised": [0.9, 0.2, 0.7], "spread_passes": 2, "stats_s": 1.5}
+    rows = [_case("a", 1.0, 1.0, {"index": 0, "size": 3, "info": info}),
+            _case("b", 0.5, 1.0, {"index": 1, "size": 3}),   # a batch's later case: info comes from the first
+            _case("c", 1.0, 0.0, {"index": 2, "size": 3})]
+    (run_dir / "cases.jsonl").write_text("\n".join(rows) + "\n")
+    run = load_runs([run_dir])[0]
+    misses = case_misses(run, parse_checks(["reliability.token_acc", "locality.agreement"]))
+    assert [m["case_id"] for m in misses] == ["b", "c"]
+    assert misses[0]["scores"] == {"reliability.token_acc": 0.5, "locality.agreement": 1.0}
+    assert misses[0]["edit"] == {"index": 1, "size": 3}
+    # the per-request list gives this case's entry; "layers" (same length by chance) stays whole
+    assert misses[0]["info"] == {"layers": [3, 4, 5], "realised": 0.2, "spread_passes": 2, "stats_s": 1.5}
+    assert misses[1]["info"]["realised"] == 0.7
+    # only reliability checked: case c no longer misses
+    assert [m["case_id"] for m in case_misses(run, parse_checks(["reliability.token_acc"]))] == ["b"]
+    text = render_misses([run], parse_checks(["reliability.token_acc", "locality.agreement"]))
+    assert "2 of 3 cases miss" in text
+    # what both rows share is said once, above the table; what differs is in each row
+    assert "every one of them: layers=[3, 4, 5] spread_passes=2 stats_s=1.500" in text
+    assert "realised=0.200" in text and "realised=0.700" in text
+    assert json.loads(render_misses([run], parse_checks(["locality.agreement"]), "json"))["memit"][0]["case_id"] == "c"
+
+
+def test_misses_cli_and_its_errors(tmp_path):
+    run_dir = make_run(tmp_path, "s", "rome", ROME, mode="sequential")
+    (run_dir / "cases.jsonl").write_text(_case("x", 0.0, 1.0, {"index": 0, "size": 1, "info": {"realised": [0.3]}})
+                                         + "\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", str(run_dir), "--misses"])
+    assert res.exit_code == 0, res.output
+    assert "1 of 1 cases miss" in res.output and "realised=0.300" in res.output and "prompt x" in res.output
+    for check, says in (("locality.kl", "not a hit score"), ("reliability", "not METRIC.PROTOCOL"),
+                        ("portability.token_acc", "scored no case on portability.token_acc")):
+        res = runner.invoke(app, ["report", str(run_dir), "--miss-on", check])
+        assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output, res.output
+    (run_dir / "cases.jsonl").unlink()
+    res = runner.invoke(app, ["report", str(run_dir), "--misses"])
+    assert res.exit_code == 2 and "has no cases.jsonl" in res.output

@@ -39,6 +39,9 @@ class AlphaEditHParams(SpreadHParams, HParams):
     nullspace_threshold: float = 2e-2
     #: λ: ridge of the projected normal equations.
     L2: float = 10.0
+    #: weight of the keys edited earlier in the run (K_p K_pᵀ) against λ: how firmly a later edit
+    #: must leave an earlier one's output alone.
+    cache_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.check_locate()
@@ -46,6 +49,8 @@ class AlphaEditHParams(SpreadHParams, HParams):
             raise HParamsError(f"hparam 'nullspace_threshold' must be in (0, 1), got {self.nullspace_threshold}")
         if self.L2 < 0:
             raise HParamsError(f"hparam 'L2' must be >= 0, got {self.L2}")
+        if self.cache_weight < 0:
+            raise HParamsError(f"hparam 'cache_weight' must be >= 0, got {self.cache_weight}")
 
 
 class AlphaEditEdit(WeightEdit):
@@ -129,7 +134,7 @@ class AlphaEdit(Method):
             P = spaces[layer].P.double()
             Kd = K.double()
             prev = cache.get(layer)
-            A = P @ (Kd @ Kd.T + (prev.double() if prev is not None else 0))
+            A = P @ (Kd @ Kd.T + (hparams.cache_weight * prev.double() if prev is not None else 0))
             A = A + hparams.L2 * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
             return torch.linalg.solve(A, P @ Kd).float()
 
