@@ -286,6 +286,43 @@ def test_alphaedit_key_cache_keeps_keys_and_reverts(tiny_handle):
 
 
 @needs_corpus
+def test_alphaedit_cache_weight_sets_how_firmly_earlier_edits_are_kept(tiny_handle):
+    """A later edit moves an earlier edit's key output less the heavier the cache weighs; weight 0
+    is the update without the cache."""
+    from medit.core.errors import HParamsError
+    from medit.plugins.methods.alphaedit import CACHE
+
+    h = tiny_handle("llama")
+    m = get_plugins().methods.get("alphaedit")
+    later = EditRequest(prompt="The river bank", subject="river", target_new=" is", case_id="r2")
+    moved, factors = {}, {}
+    for weight in ("0", "1", "100"):
+        hp = m.resolve_hparams(h, overrides={**FAST, "layers": "[0]", "L2": "0.01", "nullspace_threshold": "0.5",
+                                             "stats_corpus": str(CORPUS), "cache_weight": weight})
+        m.start_run(h)
+        first = m.apply(h, [_request(h)], hp)
+        K1 = first.added[0]
+        W = h.weight_out_in("mlp_out", 0).detach().clone()
+        if weight == "1":  # the same edit with the cache emptied must equal weight 0
+            saved = h.memo[CACHE]
+            h.memo[CACHE] = {}
+            blind = m.apply(h, [later], hp)
+            factors["emptied"] = blind.factors
+            blind.revert()
+            h.memo[CACHE] = saved
+        second = m.apply(h, [later], hp)
+        factors[weight] = second.factors
+        moved[weight] = float(((h.weight_out_in("mlp_out", 0) - W) @ K1).norm())
+        second.revert()
+        first.revert()
+    for name, (u, v) in factors["0"].items():
+        torch.testing.assert_close(u @ v.T, factors["emptied"][name][0] @ factors["emptied"][name][1].T)
+    assert moved["100"] < moved["1"] < moved["0"], moved
+    with pytest.raises(HParamsError, match="cache_weight"):
+        m.resolve_hparams(h, overrides={"cache_weight": "-1"})
+
+
+@needs_corpus
 @pytest.mark.parametrize("method", ["memit", "alphaedit"])
 def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
     """A second pass solves for the gap the first left: the edit realises more of the optimised
