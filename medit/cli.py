@@ -11,7 +11,7 @@ from tabulate import tabulate
 from typer.core import TyperGroup
 
 from . import __version__
-from .core.errors import MeditError, UnknownNameError
+from .core.errors import MeditError, UnknownNameError, ValidationError
 from .core.plugins import KINDS, get_plugins
 
 
@@ -364,6 +364,9 @@ def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...", help=
     if fmt not in FORMATS:
         raise UnknownNameError("report format", fmt, FORMATS, hint="pass --format table, markdown or json")
     if misses or miss_on:
+        if out:
+            raise ValidationError("--out writes the comparison report, not --misses; drop --out and redirect "
+                                  "the listing instead (e.g. --misses --format json > misses.json)")
         from .core.misses import DEFAULT_CHECKS, parse_checks, render_misses
         typer.echo(render_misses(load_runs(run_dirs), parse_checks(miss_on or DEFAULT_CHECKS), fmt))
         return

@@ -240,6 +240,8 @@ def test_misses_cli_and_its_errors(tmp_path):
                         ("portability.token_acc", "scored no case on portability.token_acc")):
         res = runner.invoke(app, ["report", str(run_dir), "--miss-on", check])
         assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output, res.output
+    res = runner.invoke(app, ["report", str(run_dir), "--misses", "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 2 and "--out writes the comparison report" in res.output
     (run_dir / "cases.jsonl").unlink()
     res = runner.invoke(app, ["report", str(run_dir), "--misses"])
     assert res.exit_code == 2 and "has no cases.jsonl" in res.output
