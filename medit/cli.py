@@ -289,6 +289,24 @@ def stats(model: str = ModelOpt,
 
 
 @app.command()
+def corpus(facts: str = typer.Option(..., "--facts", help="dataset whose true facts to add (FORMAT:PATH), "
+                                     "e.g. counterfact:train.json"),
+           out: str = typer.Option(..., "--out", help="the corpus file to write (one sample per line)"),
+           exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="dataset you will evaluate on: "
+                                                       "cases sharing a subject with it are left out (repeatable)"),
+           text: Optional[str] = typer.Option(None, "--text", help="text corpus whose paragraphs come first"),
+           text_n: int = typer.Option(1000, "--text-n", help="paragraphs of --text to take"),
+           facts_n: Optional[int] = typer.Option(None, "--facts-n", help="most fact lines to take (default all)")) -> None:
+    """Write a statistics corpus: text paragraphs, then true facts from a dataset's training split."""
+    from .core.factcorpus import build_corpus, write_corpus
+
+    lines, counts = build_corpus(facts, exclude or [], text, text_n, facts_n)
+    path = write_corpus(lines, out)
+    typer.echo(tabulate([[k, v] for k, v in counts.items()], headers=["", "count"], tablefmt="simple"))
+    typer.echo(f"wrote {path}: {len(lines)} samples; use it with --stats-corpus {path} --set stats_samples={len(lines)}")
+
+
+@app.command()
 def locate(data: str = typer.Argument(..., help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
            method: str = MethodOpt, model: str = ModelOpt,
            n: Optional[int] = typer.Option(None, "--n", help="number of cases"),
