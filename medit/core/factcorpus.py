@@ -3,8 +3,9 @@
 AlphaEdit protects the directions that its statistics corpus's keys occupy. WikiText paragraphs
 cover short "subject relation object" prompts poorly: on SmolLM2 (layers 3 and 5) the keys of
 CounterFact's locality prompts keep 43-63 % of their energy outside the protected directions,
-WikiText's own keys 26-35 %; with 5,000 CounterFact-train facts added, 16-28 %. Adding true facts from a dataset's *training* split (each case's prompt with its
-true answer, and its locality prompts with theirs) makes the protected directions cover them.
+WikiText's own keys 26-35 %; with 5,000 CounterFact-train facts added, 16-28 %. Adding true
+facts from a dataset's *training* split (each case's prompt with its true answer, and its locality
+prompts with theirs) makes the protected directions cover them.
 
 Cases that mention a subject of the cases you will evaluate (``exclude``) are left out, in both
 directions (a kept fact's subject never occurs in an excluded case's text, and no excluded subject

@@ -58,6 +58,11 @@ def case_misses(run: Run, checks: Sequence[tuple[str, str]]) -> list[dict[str, A
     Each: ``{"case_id", "prompt", "scores": {"metric.protocol": post or None}, "edit": {"index",
     "size"} or None, "info": {...}}``. A batch edit writes its info on its first case only; the
     later cases of that edit get it from there."""
+    return _scan(run, checks)[0]
+
+
+def _scan(run: Run, checks: Sequence[tuple[str, str]]) -> tuple[list[dict[str, Any]], int]:
+    """:func:`case_misses` and the number of cases the run holds, from one read of ``cases.jsonl``."""
     path = run.path / "cases.jsonl"
     if not path.is_file():
         raise InputFileError(f"run folder '{run.path}' has no cases.jsonl, so its cases cannot be listed; "
@@ -65,6 +70,7 @@ def case_misses(run: Run, checks: Sequence[tuple[str, str]]) -> list[dict[str, A
     seen = {(m, p): False for m, p in checks}
     out: list[dict[str, Any]] = []
     info: dict[str, Any] = {}
+    n = 0
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -73,6 +79,7 @@ def case_misses(run: Run, checks: Sequence[tuple[str, str]]) -> list[dict[str, A
         except json.JSONDecodeError as exc:
             raise InputFileError(f"'{path}' line {lineno} is not valid JSON ({exc.msg}); finish the run with "
                                  f"`medit eval ... --out {run.path} --resume`") from None
+        n += 1
         edit = row.get("edit") or None
         if edit is not None and (edit.get("index") == 0 or "info" in edit):
             info = edit.get("info") or {}
@@ -90,8 +97,8 @@ def case_misses(run: Run, checks: Sequence[tuple[str, str]]) -> list[dict[str, A
     missing = [f"{m}.{p}" for (m, p), ok in seen.items() if not ok]
     if missing:
         raise ValidationError(f"run '{run.path}' scored no case on {', '.join(missing)}; pass checks its cases.jsonl "
-                         f"holds (the summary lists them: `medit report {run.path}`)")
-    return out
+                              f"holds (the summary lists them: `medit report {run.path}`)")
+    return out, n
 
 
 def _cell(v: Any) -> str:
@@ -102,19 +109,17 @@ def _cell(v: Any) -> str:
 
 def render_misses(runs: Sequence[Run], checks: Sequence[tuple[str, str]], fmt: str = "table") -> str:
     """Each run's missed cases as a table (``table``/``markdown``) or ``json``."""
-    per_run = [(r, case_misses(r, checks)) for r in runs]
+    per_run = [(r, *_scan(r, checks)) for r in runs]
     if fmt == "json":
-        return json.dumps({r.label: rows for r, rows in per_run}, indent=2)
+        return json.dumps({r.label: rows for r, rows, _ in per_run}, indent=2)
     if fmt not in FORMATS:
         raise UnknownNameError("report format", fmt, FORMATS, hint="pass --format table, markdown or json")
     names = [f"{m}.{p}" for m, p in checks]
     parts = []
-    for run, rows in per_run:
-        n = sum(1 for line in (run.path / "cases.jsonl").read_text(encoding="utf-8").splitlines() if line.strip())
+    for run, rows, n in per_run:
         # info the missed cases share (layers, statistics time, ...) is said once, above the table
-        keys = list(dict.fromkeys(k for row in rows for k in row["info"]))
-        same = {k: rows[0]["info"].get(k) for k in keys
-                if all(k in row["info"] and row["info"][k] == rows[0]["info"][k] for row in rows)} if len(rows) > 1 else {}
+        same = {k: v for k, v in rows[0]["info"].items()
+                if all(k in row["info"] and row["info"][k] == v for row in rows[1:])} if len(rows) > 1 else {}
         table = [[row["case_id"]] + [_cell(row["scores"][c]) if row["scores"][c] is not None else "-" for c in names]
                  + [f"{row['edit']['index'] + 1}/{row['edit']['size']}" if row["edit"] else "-",
                     " ".join(f"{k}={_cell(v)}" for k, v in row["info"].items() if k not in same), row["prompt"][:50]]

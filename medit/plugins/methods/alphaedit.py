@@ -4,9 +4,8 @@ the keys edited earlier in the same sequential run.
 
 ΔW = R Xᵀ with X = (P (K Kᵀ + w K_p K_pᵀ) + λ I)⁻¹ P K, where P projects onto the eigenvectors of
 C = E[k kᵀ] whose eigenvalues are below ``nullspace_threshold`` × its largest and w is
-``cache_weight`` (1 in the paper). The cache K_p K_pᵀ
-lives in the model handle's memo, is reset at the start of every run, and an edit removes its
-keys on revert.
+``cache_weight`` (1 in the paper). The cache K_p K_pᵀ lives in the model handle's memo, is reset
+at the start of every run, and an edit removes its keys on revert.
 """
 from __future__ import annotations
 
