@@ -152,7 +152,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
           offset: int = typer.Option(0, "--offset", help="skip this many cases first"),
           seed: Optional[int] = typer.Option(None, "--seed", help="shuffle cases with this seed before selecting"),
           mode: str = typer.Option("single", "--mode", help="single, batch or sequential"),
-          batch_size: int = typer.Option(0, "--batch-size", help="edits per batch in batch mode (0: all)"),
+          batch_size: int = typer.Option(0, "--batch-size", help="edits per batch: batch mode (0: all at once) or sequential mode (batches applied one after another; 0: one edit at a time)"),
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
           protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt, stats_corpus: Optional[str] = CorpusOpt,
           checkpoint: Optional[str] = CheckpointOpt, chat_template: bool = ChatOpt,
@@ -184,9 +184,10 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
         for name in (m.strip() for m in metrics.split(",")):
             get_plugins().metrics.get(name)
         cfg["metrics"] = tuple(m.strip() for m in metrics.split(","))
-    from .core.evaluate import EvalConfig
+    from .core.evaluate import EvalConfig, check_batched
     EvalConfig(**cfg)  # bad settings fail here, before the model is loaded
     meth.check_mode(mode)
+    check_batched(meth, mode, batch_size)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
     run_dir = Path(out) if out else api.default_run_dir("eval", method)
     summary, _ = api.run(handle, meth, requests, dataset_info=info, seed=seed, hparams_file=hparams,

@@ -292,6 +292,56 @@ def test_case_rows_carry_the_methods_edit_diagnostics(tiny_handle, cache_root, t
             assert info["steps"] >= 1 and isinstance(info["final_loss"], float) and "not_json" not in info
 
 
+def test_sequential_batches_apply_chunks_in_order(tiny_handle, cache_root, tmp_path, monkeypatch):
+    """``--batch-size K`` in sequential mode applies the cases K at a time, one after another:
+    one chunk of all cases equals batch mode, each row names its chunk, and a chunk's immediate
+    scores are taken after that chunk."""
+    from medit.plugins.methods.ft import FineTune
+
+    h = tiny_handle("gpt2")
+    hp = get_plugins().methods.get("ft-l").resolve_hparams(h, overrides=FT)
+    sizes: list[int] = []
+    real_apply = FineTune.apply
+
+    def apply(self, handle, requests, hparams):
+        sizes.append(len(requests))
+        return real_apply(self, handle, requests, hparams)
+
+    monkeypatch.setattr(FineTune, "apply", apply)
+    protos = ("exact", "prob")
+    whole = evaluate(h, "ft-l", REQS, hp, mode="batch", protocols=protos, score_cache=False)
+    one = evaluate(h, "ft-l", REQS, hp, mode="sequential", batch_size=3, protocols=protos, score_cache=False)
+    assert sizes == [3, 3]
+    assert [c["metrics"] for c in one["cases"]] == [c["metrics"] for c in whole["cases"]]
+    sizes.clear()
+    evaluate(h, "ft-l", REQS, hp, mode="sequential", batch_size=2, also_immediate=True, protocols=protos,
+                   out_dir=tmp_path / "two", score_cache=False)
+    assert sizes == [2, 1]
+    rows = [json.loads(ln) for ln in (tmp_path / "two" / "cases.jsonl").read_text().splitlines()]
+    assert [(r["edit"]["index"], r["edit"]["size"]) for r in rows] == [(0, 2), (1, 2), (0, 1)]
+    assert "info" in rows[0]["edit"] and "info" not in rows[1]["edit"] and "info" in rows[2]["edit"]
+    assert rows[0]["efficiency"]["edit_s"] == rows[1]["efficiency"]["edit_s"]  # the chunk's time, shared
+    # the last chunk's immediate scores are taken in the final state
+    last = rows[2]["metrics"]["reliability"]["prob"]
+    assert last["immediate"] == pytest.approx(last["post"], abs=1e-9)
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["batch_size"] == 2
+
+
+def test_batch_size_outside_batches_is_refused(tiny_handle):
+    from medit.core.errors import MethodError
+    from medit.core.evaluate import check_batched
+
+    with pytest.raises(MeditError, match="--batch-size 2.*single mode"):
+        EvalConfig(mode="single", batch_size=2)
+    with pytest.raises(MeditError, match="-1"):
+        EvalConfig(mode="batch", batch_size=-1)
+    EvalConfig(mode="single", batch_size=1)
+    rome = get_plugins().methods.get("rome")
+    with pytest.raises(MethodError, match="'rome' cannot apply 4 edits at once"):
+        check_batched(rome, "sequential", 4)
+    check_batched(rome, "sequential", 1)
+
+
 # ------------------------------------------------------------------------------ --also-immediate
 
 def test_also_immediate_scores_each_case_right_after_its_edit(tiny_handle, cache_root, tmp_path):
@@ -456,6 +506,9 @@ def test_eval_bad_inputs(tiny_model_dirs, one_case, tmp_path):
         _one_line_error(runner.invoke(app, base + ["--method", "ft-l", "--mode", mode, "--also-immediate"]),
                         "--also-immediate", "--mode sequential", repr(mode))
     _one_line_error(runner.invoke(app, base + ["--method", "ft-l", "--score-batch-size", "0"]), "0", "--score-batch-size")
+    _one_line_error(runner.invoke(app, base + ["--method", "ft-l", "--batch-size", "2"]), "--batch-size 2", "single mode")
+    _one_line_error(runner.invoke(app, base + ["--method", "rome", "--mode", "sequential", "--batch-size", "2"]),
+                    "'rome'", "2 edits at once", "drop --batch-size")
     assert not (tmp_path / "r").exists()
 
 

@@ -13,7 +13,7 @@ import torch
 from tabulate import tabulate
 
 from .edit import CompositeEdit, Edit, share_originals
-from .errors import MeditError, UnknownNameError
+from .errors import MeditError, MethodError, UnknownNameError
 from .handle import ModelHandle
 from .hparams import HParams
 from .io import JsonlAppender, atomic_write_json, read_jsonl_tolerant
@@ -30,8 +30,10 @@ DEFAULT_METRICS = ("reliability", "generalization", "locality", "portability", "
 
 @dataclass
 class EvalConfig:
-    """How to run an evaluation. ``batch_size`` is edits per batch (batch mode);
-    ``score_batch_size`` is sequences per forward pass when scoring."""
+    """How to run an evaluation. ``batch_size`` is edits per batch: in batch mode each batch is
+    applied to the unedited model (0: all at once); in sequential mode the batches are applied one
+    after another (0 or 1: one edit at a time). ``score_batch_size`` is sequences per forward pass
+    when scoring."""
 
     mode: str = "single"
     protocols: tuple[str, ...] = PROTOCOLS
@@ -64,6 +66,12 @@ class EvalConfig:
             raise MeditError(f"--also-immediate scores each case right after its own edit, which only differs "
                              f"from the final scores in sequential mode, not {self.mode!r}; add --mode "
                              "sequential or drop --also-immediate")
+        if self.batch_size < 0:
+            raise MeditError(f"batch size {self.batch_size!r} must be at least 0; pass e.g. --batch-size 10 "
+                             "(0: all at once in batch mode, one at a time in sequential mode)")
+        if self.batch_size > 1 and self.mode == "single":
+            raise MeditError(f"--batch-size {self.batch_size} groups edits, but single mode applies each "
+                             "edit alone; add --mode batch or --mode sequential, or drop --batch-size")
         if self.score_batch_size < 1:
             raise MeditError(f"score batch size {self.score_batch_size!r} must be at least 1; pass e.g. "
                              "--score-batch-size 32")
@@ -92,6 +100,7 @@ class Evaluator:
         self.metrics: list[Metric] = [registry.get(m) for m in cfg.metrics]
         self.scorer = Scorer(handle, cfg.score_batch_size, use_cache=method.cached_scoring)
         method.check_supported(handle, cfg.mode)
+        check_batched(method, cfg.mode, cfg.batch_size)
         self.final_edit: Edit | None = None
 
     # ------------------------------------------------------------------ scoring helpers
@@ -254,30 +263,35 @@ class Evaluator:
                     yield self._case_record(req, pre, post, ctx, edit=edit_record(edit, j, len(chunk)))
                 bar.update(len(chunk))
         else:  # sequential: every case is scored after the last edit (retention)
+            size = max(1, self.cfg.batch_size)
             edits: list[Edit] = []
-            times: list[float] = []
-            rss: list[float | None] = []
-            now: list[dict | None] = []
+            steps: list[tuple[list[EditRequest], Edit, float, float | None, dict | None]] = []
             ok = False
             wanted = {r.case_id for r in todo}
             try:
-                for req in sequence:
-                    edit, s = self._apply([req])
+                for i in range(0, len(sequence), size):
+                    chunk = list(sequence[i:i + size])
+                    edit, s = self._apply(chunk)
                     edits.append(edit)
                     share_originals(edits)  # one copy of each edited matrix, however long the run
-                    times.append(s)
-                    rss.append(current_rss_mb())
-                    now.append(self._score([req], CompositeEdit(self.handle, edits))
-                               if self.cfg.also_immediate and req.case_id in wanted else None)
-                    if req.case_id in wanted:
-                        bar.update(1)
+                    mb = current_rss_mb()
+                    mine = [r for r in chunk if r.case_id in wanted]
+                    now = (self._score(mine, CompositeEdit(self.handle, edits))
+                           if self.cfg.also_immediate and mine else None)
+                    steps.append((chunk, edit, s, mb, now))
+                    bar.update(len(mine))
                 bar.close()
                 whole = CompositeEdit(self.handle, edits)
                 post = self._score(todo, whole, desc=f"{self.method.name} post-edit scoring")
-                for req, edit, s, mb, imm in zip(sequence, edits, times, rss, now):
-                    if req.case_id in wanted:
-                        yield self._case_record(req, pre, post, self._ctx(s, edit, mb), imm,
-                                                edit=edit_record(edit, 0, 1))
+                for chunk, edit, s, mb, now in steps:
+                    for j, req in enumerate(chunk):
+                        if req.case_id not in wanted:
+                            continue
+                        ctx = self._ctx(s / len(chunk), edit, mb)
+                        if j:  # one edit for the chunk: its statistics time counts once
+                            ctx["stats_s"] = None
+                        yield self._case_record(req, pre, post, ctx, now,
+                                                edit=edit_record(edit, j, len(chunk)))
                 ok = True
             finally:
                 if ok and self.cfg.keep_edit:
@@ -298,6 +312,13 @@ class Evaluator:
                 "dataset": self.cfg.dataset, "n": len(requests),
                 "offset": self.cfg.dataset.get("offset", 0), "seed": self.cfg.seed,
                 "start_time": start, "end_time": end}
+
+
+def check_batched(method: Method, mode: str, batch_size: int) -> None:
+    """Refuse sequential batches of more than one edit for a method that cannot edit in batches."""
+    if mode == "sequential" and batch_size > 1 and "batch" not in method.modes:
+        raise MethodError(f"method {method.name!r} cannot apply {batch_size} edits at once, so it cannot run "
+                          "sequential batches; drop --batch-size to apply one edit at a time")
 
 
 def edit_record(edit: Edit, index: int, size: int) -> dict[str, Any]:

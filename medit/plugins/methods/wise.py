@@ -47,6 +47,7 @@ from medit.core.handle import ModelHandle
 from medit.core.hooks import Adaptor, LayerwiseLM, attach, release
 from medit.core.hparams import HParams
 from medit.core.layers import resolve_layers
+from medit.core.merge import ties_merge
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.core.rewrite import template_keys
@@ -243,21 +244,6 @@ class SideMemory(Adaptor):
         w = self.handle.weight_out_in("mlp_out", self.layer)
         mask = torch.rand(w.shape, generator=self.gen) < self.hp.mask_ratio
         return Memory(torch.zeros(w.shape, dtype=torch.float32, device=w.device), mask.to(w.device))
-
-
-def ties_merge(deltas: Sequence[torch.Tensor], density: float) -> torch.Tensor:
-    """TIES merging of task vectors: keep each one's ``density`` largest-magnitude entries, elect
-    the sign with the larger total mass per entry, average the entries agreeing with it."""
-    trimmed = []
-    for d in deltas:
-        k = max(1, int(density * d.numel()))
-        thresh = d.abs().flatten().kthvalue(d.numel() - k + 1).values
-        trimmed.append(torch.where(d.abs() >= thresh, d, torch.zeros_like(d)))
-    stack = torch.stack(trimmed)
-    sign = torch.sign(stack.sum(0))
-    agree = (torch.sign(stack) == sign[None]) & (stack != 0)
-    total = (stack * agree).sum(0)
-    return total / agree.sum(0).clamp_min(1)
 
 
 class WiseEdit(Edit):
