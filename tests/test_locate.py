@@ -363,6 +363,33 @@ def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
         m.resolve_hparams(h, overrides={"spread_min_realised": "0"})
 
 
+@needs_corpus
+def test_further_passes_push_only_the_edits_still_short(tiny_handle):
+    """In a batch, a further pass solves only for the edits below ``spread_min_realised``; the
+    others get a zero residual, so their outputs are held where the first pass left them."""
+    h = tiny_handle("llama")
+    m = get_plugins().methods.get("memit")
+    base = {**FAST, "layers": "[0, 1]", "mom2_update_weight": "1000", "stats_corpus": str(CORPUS)}
+    first = _request(h)
+    reqs = [first, EditRequest(prompt="The capital of Spain", subject="Spain", target_new=first.target_new, case_id="r2")]
+
+    def realised(**over: str) -> tuple[list[float], int]:
+        edit = m.apply(h, reqs, m.resolve_hparams(h, overrides={**base, **over}))
+        out = edit.info["realised"], edit.info["spread_passes"]
+        edit.revert()
+        return out
+
+    one, _ = realised()
+    lo, hi = sorted(range(2), key=lambda i: one[i])
+    assert one[hi] > one[lo], one
+    both, n_both = realised(spread_passes="2")
+    gated, n_gated = realised(spread_passes="2", spread_min_realised=str((one[lo] + one[hi]) / 2))
+    assert n_both == n_gated == 2
+    assert gated[lo] > one[lo] + 0.02 and both[hi] > one[hi] + 0.02, (one, both, gated)
+    # the edit that already took moves far less when it is held than when it is pushed again
+    assert abs(gated[hi] - one[hi]) < 0.5 * (both[hi] - one[hi]), (one, both, gated)
+
+
 def test_null_space_projector_reports_what_it_protects():
     """P projects onto the directions below threshold × the largest eigenvalue; ``protected``
     counts the others, and ``top_share`` flags a covariance that one direction dominates."""

@@ -100,7 +100,8 @@ class SpreadHParams(LocateHParams):
     #: optimised target; each further pass solves again for the remaining gap (same targets).
     spread_passes: int = 1
     #: a further pass runs only while some edit realises less than this share of its optimised
-    #: change (measured after the last edited layer), so edits that already took stay as they are.
+    #: change (measured after the last edited layer), and solves only for those edits: in a batch,
+    #: the edits that already took get a zero residual, so the pass holds their outputs.
     spread_min_realised: float = 1.0
 
     def check_locate(self) -> None:
@@ -172,6 +173,8 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
     params = dict(handle.model.named_parameters())
     first_keys: dict[int, torch.Tensor] = {}
     done = 0
+    # edits a further pass still pushes; the others keep their outputs (zero residual) there
+    active = torch.ones(len(reqs), dtype=torch.bool, device=targets.device)
     while True:
         for i, layer in enumerate(layers):
             keys, cur = ahead if i == 0 else \
@@ -179,7 +182,7 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
             assert cur is not None
             K = keys[layer].T  # [d_in, n]
             first_keys.setdefault(layer, K)
-            R = ((targets - cur) / (len(layers) - i)).T  # [d_out, n]
+            R = ((targets - cur) * active[:, None] / (len(layers) - i)).T  # [d_out, n]
             X = solver(layer, K)
             u, v = storage_factors(handle, R, X)
             name = handle.param_name("mlp_out", layer)
@@ -196,7 +199,8 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
         assert final is not None
         # the share of the optimised residual change the update realises at the last edited layer
         realised = 1 - (targets - final).norm(dim=1) / deltas.float().norm(dim=1).clamp_min(1e-12)
-        if done >= hp.spread_passes or float(realised.min()) >= hp.spread_min_realised:
+        active = realised < hp.spread_min_realised
+        if done >= hp.spread_passes or not bool(active.any()):
             break
     # after all passes, so that a later pass's solve does not count this edit's keys twice
     if on_keys is not None:
