@@ -347,6 +347,14 @@ def test_eval_counterfact_and_resume(runner, gpt2_dir, tmp_path):
     assert sorted(c["case_id"] for c in resumed) == sorted(c["case_id"] for c in cases)
     assert json.loads((out / "summary.json").read_text())["n"] == 2
 
+    # Resuming with other settings would mix two configurations: refused, naming the difference.
+    (out / "cases.jsonl").write_text(json.dumps(cases[0]) + "\n")
+    assert_one_line_error(invoke(runner, args + ["--resume", "--mode", "sequential"]), str(out), "mode",
+                          "'single'", "'sequential'")
+    assert_one_line_error(invoke(runner, args + ["--resume", "--set", "steps=2"]), "hparams.steps", "2")
+    assert (out / "cases.jsonl").read_text() == json.dumps(cases[0]) + "\n"
+    assert json.loads((out / "manifest.json").read_text())["mode"] == "single"
+
 
 @needs_counterfact
 def test_eval_metric_and_protocol_selection(runner, gpt2_dir, tmp_path):

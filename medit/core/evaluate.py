@@ -184,6 +184,8 @@ class Evaluator:
         start = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest = self._manifest(requests, start, None)
         if out is not None:
+            if done:
+                check_resumable(out, manifest)
             atomic_write_json(out / "manifest.json", manifest)
         todo = [r for r in requests if r.case_id not in done]
         t0 = time.perf_counter()
@@ -312,6 +314,38 @@ class Evaluator:
                 "dataset": self.cfg.dataset, "n": len(requests),
                 "offset": self.cfg.dataset.get("offset", 0), "seed": self.cfg.seed,
                 "start_time": start, "end_time": end}
+
+
+#: manifest entries a resumed run must share with the run it continues (model: id, weights, dtype)
+RESUME_KEYS = ("method", "hparams", "mode", "batch_size", "also_immediate", "protocols", "metrics",
+               "gen_tokens", "dataset", "n", "offset", "seed")
+
+
+def _resume_view(manifest: dict[str, Any]) -> dict[str, Any]:
+    model = manifest.get("model") or {}
+    return {**{k: manifest.get(k) for k in RESUME_KEYS},
+            "model": {k: model.get(k) for k in ("id", "fingerprint", "dtype")}}
+
+
+def _differences(old: Any, new: Any, name: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{name}.{k}")]
+    return [] if old == new else [(name, old, new)]
+
+
+def check_resumable(out: Path, manifest: dict[str, Any]) -> None:
+    """Refuse to resume the run in ``out`` with settings other than those it started with: its
+    finished cases would be mixed with cases from another configuration."""
+    try:
+        old = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return  # no readable manifest: the cases themselves are all there is to go on
+    diffs = _differences(_resume_view(old), _resume_view(json.loads(json.dumps(manifest))), "")
+    if diffs:
+        name, was, now = diffs[0]
+        raise MeditError(f"run folder {str(out)!r} was started with {name.lstrip('.')} = {was!r}, not {now!r}; "
+                         "resume it with the settings it started with, or choose another --out")
 
 
 def check_batched(method: Method, mode: str, batch_size: int) -> None:
