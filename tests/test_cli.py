@@ -354,6 +354,12 @@ def test_eval_counterfact_and_resume(runner, gpt2_dir, tmp_path):
     assert_one_line_error(invoke(runner, args + ["--resume", "--set", "steps=2"]), "hparams.steps", "2")
     assert (out / "cases.jsonl").read_text() == json.dumps(cases[0]) + "\n"
     assert json.loads((out / "manifest.json").read_text())["mode"] == "single"
+    # a manifest from an older medit, without a newer setting, still resumes
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["also_immediate"], manifest["hparams"]["steps"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    ok(invoke(runner, args + ["--resume"]))
+    assert len((out / "cases.jsonl").read_text().splitlines()) == 2
 
 
 @needs_counterfact

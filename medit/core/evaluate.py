@@ -323,14 +323,15 @@ RESUME_KEYS = ("method", "hparams", "mode", "batch_size", "also_immediate", "pro
 
 def _resume_view(manifest: dict[str, Any]) -> dict[str, Any]:
     model = manifest.get("model") or {}
-    return {**{k: manifest.get(k) for k in RESUME_KEYS},
-            "model": {k: model.get(k) for k in ("id", "fingerprint", "dtype")}}
+    return {**{k: manifest[k] for k in RESUME_KEYS if k in manifest},
+            "model": {k: model[k] for k in ("id", "fingerprint", "dtype") if k in model}}
 
 
 def _differences(old: Any, new: Any, name: str) -> list[tuple[str, Any, Any]]:
+    # only keys both sides have: a manifest written by an older medit lacks newer settings
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in _differences(old.get(k), new.get(k), f"{name}.{k}")]
+        return [d for k in sorted(set(old) & set(new), key=str)
+                for d in _differences(old[k], new[k], f"{name}.{k}")]
     return [] if old == new else [(name, old, new)]
 
 
