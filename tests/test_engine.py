@@ -294,8 +294,8 @@ def test_case_rows_carry_the_methods_edit_diagnostics(tiny_handle, cache_root, t
 
 def test_sequential_batches_apply_chunks_in_order(tiny_handle, cache_root, tmp_path, monkeypatch):
     """``--batch-size K`` in sequential mode applies the cases K at a time, one after another:
-    one chunk of all cases equals batch mode, each row names its chunk, and a chunk's immediate
-    scores are taken after that chunk."""
+    one chunk of all cases equals batch mode, each row names its chunk, and the last chunk's
+    immediate scores equal the final ones."""
     from medit.plugins.methods.ft import FineTune
 
     h = tiny_handle("gpt2")
@@ -315,7 +315,7 @@ def test_sequential_batches_apply_chunks_in_order(tiny_handle, cache_root, tmp_p
     assert [c["metrics"] for c in one["cases"]] == [c["metrics"] for c in whole["cases"]]
     sizes.clear()
     evaluate(h, "ft-l", REQS, hp, mode="sequential", batch_size=2, also_immediate=True, protocols=protos,
-                   out_dir=tmp_path / "two", score_cache=False)
+             out_dir=tmp_path / "two", score_cache=False)
     assert sizes == [2, 1]
     rows = [json.loads(ln) for ln in (tmp_path / "two" / "cases.jsonl").read_text().splitlines()]
     assert [(r["edit"]["index"], r["edit"]["size"]) for r in rows] == [(0, 2), (1, 2), (0, 1)]
