@@ -232,6 +232,19 @@ class Evaluator:
             ctx["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return ctx
 
+    def _chunk_records(self, chunk: Sequence[EditRequest], edit: Edit, seconds: float, pre: dict, post: dict,
+                       rss_mb: float | None = None, immediate: dict | None = None,
+                       wanted: set[str] | None = None) -> Any:
+        """Records of the cases of one edit applied to ``chunk`` (those in ``wanted``, if given):
+        each gets an equal share of the edit's time, and its statistics time counts once."""
+        for j, req in enumerate(chunk):
+            if wanted is not None and req.case_id not in wanted:
+                continue
+            ctx = self._ctx(seconds / len(chunk), edit, rss_mb)
+            if j:
+                ctx["stats_s"] = None
+            yield self._case_record(req, pre, post, ctx, immediate, edit=edit_record(edit, j, len(chunk)))
+
     def _run_mode(self, todo: list[EditRequest], pre: dict, bar: Any, sequence: Sequence[EditRequest]) -> Any:
         """Records for the ``todo`` cases. In sequential mode every case of ``sequence`` is edited,
         in order, so a resumed run scores its remaining cases after the same edits as the first try."""
@@ -258,11 +271,7 @@ class Evaluator:
                         self.final_edit = edit
                     else:
                         edit.revert()
-                for j, req in enumerate(chunk):
-                    ctx = self._ctx(s / len(chunk), edit)
-                    if j:  # one edit for the chunk: its statistics time counts once
-                        ctx["stats_s"] = None
-                    yield self._case_record(req, pre, post, ctx, edit=edit_record(edit, j, len(chunk)))
+                yield from self._chunk_records(chunk, edit, s, pre, post)
                 bar.update(len(chunk))
         else:  # sequential: every case is scored after the last edit (retention)
             size = max(1, self.cfg.batch_size)
@@ -286,14 +295,7 @@ class Evaluator:
                 whole = CompositeEdit(self.handle, edits)
                 post = self._score(todo, whole, desc=f"{self.method.name} post-edit scoring")
                 for chunk, edit, s, mb, now in steps:
-                    for j, req in enumerate(chunk):
-                        if req.case_id not in wanted:
-                            continue
-                        ctx = self._ctx(s / len(chunk), edit, mb)
-                        if j:  # one edit for the chunk: its statistics time counts once
-                            ctx["stats_s"] = None
-                        yield self._case_record(req, pre, post, ctx, now,
-                                                edit=edit_record(edit, j, len(chunk)))
+                    yield from self._chunk_records(chunk, edit, s, pre, post, mb, now, wanted)
                 ok = True
             finally:
                 if ok and self.cfg.keep_edit:
