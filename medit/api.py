@@ -19,6 +19,7 @@ from .core.hparams import HParams
 from .core.method import Method
 from .core.plugins import get_plugins
 from .core.requests import EditRequest
+from .core.rundir import check_patch_path
 
 load = load_model
 EDIT_MODES = ("batch", "sequential")
@@ -69,20 +70,23 @@ def run(handle: ModelHandle, method: str | Method, requests: Sequence[EditReques
 
 
 def edit(handle: ModelHandle, method: str | Method, requests: Sequence[EditRequest] | str, *,
-         mode: str | None = None, save_patch: str | Path | None = None, keep: bool = False,
-         **kw: Any) -> tuple[dict[str, Any], Edit | None]:
+         mode: str | None = None, save_patch: str | Path | None = None, force: bool = False,
+         keep: bool = False, **kw: Any) -> tuple[dict[str, Any], Edit | None]:
     """Apply all requests together (batch if the method can, else one after another), score them,
-    optionally save the combined edit as a patch. With ``keep`` the edit stays applied and is
-    returned (call ``.revert()`` to undo it); otherwise the model is restored."""
+    optionally save the combined edit as a patch (an existing patch is replaced only with
+    ``force``). With ``keep`` the edit stays applied and is returned (call ``.revert()`` to undo
+    it); otherwise the model is restored."""
     check_edit_mode(mode)
     m = get_method(method) if isinstance(method, str) else method
     mode = mode or ("batch" if "batch" in m.modes else "sequential")
+    if save_patch:  # refuse a bad destination before any work is done
+        check_patch_path(save_patch, kw.get("out_dir"), force)
     summary, edit_obj = run(handle, m, requests, mode=mode, keep_edit=True, **kw)
     if save_patch:
         if edit_obj is None:
             raise MeditError(f"no combined edit was kept in {mode!r} mode, so no patch can be saved to "
                              f"{str(save_patch)!r}; use mode 'batch' with one batch or 'sequential'")
-        summary["patch"] = str(edit_obj.save(save_patch))
+        summary["patch"] = str(edit_obj.save(save_patch, force=force))
     if edit_obj is not None and not keep:
         edit_obj.revert()
         edit_obj = None

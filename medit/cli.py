@@ -10,13 +10,38 @@ import typer
 from tabulate import tabulate
 from typer.core import TyperGroup
 
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as _click_errors  # type: ignore[no-redef]
+
 from . import __version__
 from .core.errors import MeditError, UnknownNameError, ValidationError
 from .core.plugins import KINDS, get_plugins
+from .core.rundir import check_out_dir, check_patch_path
 
 
 class _Group(TyperGroup):
-    """Turns typed medit errors into one-line messages with exit code 2 (no traceback)."""
+    """Turns typed medit errors and usage errors into one-line ``Error:`` messages with exit code 2
+    (no traceback, no boxed panel), and prints the help for a bare ``medit`` (exit 0)."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click_errors.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "medit"
+            typer.echo(f"Error: {exc.format_message()} (see `{where} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except _click_errors.ClickException as exc:
+            typer.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -29,24 +54,30 @@ class _Group(TyperGroup):
             raise typer.Exit(130) from None
 
 
-app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=_Group, add_completion=False, invoke_without_command=True,
                   help="medit: edit facts in language models, measure the edit, save and undo it.")
 
+
+@app.callback()
+def _root(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:  # a bare `medit` shows the help and succeeds
+        typer.echo(ctx.get_help())
+
 # ---------------------------------------------------------------- shared options
-ModelOpt = typer.Option(..., "--model", "-m", help="alias (see `medit list models`), hub id, local folder or .gguf file")
-MethodOpt = typer.Option(..., "--method", help="editing method (see `medit list methods`)")
-HparamsOpt = typer.Option(None, "--hparams", help="YAML file of hyperparameters (default: the method's file for this model)")
-SetOpt = typer.Option(None, "--set", help="override one hyperparameter: key=value (repeatable)")
-DtypeOpt = typer.Option(None, "--dtype", help="float32 (default), float16 or bfloat16")
-DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)")
-DeviceMapOpt = typer.Option(None, "--device-map", help="'auto' to shard a big model over devices")
+ModelOpt = typer.Option(..., "--model", "-m", metavar="MODEL", help="alias (see `medit list models`), hub id, local folder or .gguf file")
+MethodOpt = typer.Option(..., "--method", metavar="NAME", help="editing method (see `medit list methods`)")
+HparamsOpt = typer.Option(None, "--hparams", metavar="FILE", help="YAML file of hyperparameters (default: the method's file for this model)")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="override one hyperparameter: key=value (repeatable)")
+DtypeOpt = typer.Option(None, "--dtype", metavar="DTYPE", help="float32 (default), float16 or bfloat16")
+DeviceOpt = typer.Option(None, "--device", metavar="DEVICE", help="cpu, cuda, cuda:N (default: cuda if available)")
+DeviceMapOpt = typer.Option(None, "--device-map", metavar="MAP", help="'auto' to shard a big model over devices")
 RandomOpt = typer.Option(False, "--random-init", help="random weights from the model's config (tests, speed benchmarks)")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="allow model code from the hub (off by default)")
-ProtoOpt = typer.Option(None, "--protocol", help="comma list of generate,token_acc,exact,prob (default: all)")
-OutOpt = typer.Option(None, "--out", help="run folder (default: a new folder under runs/)")
-GenOpt = typer.Option(8, "--gen-tokens", help="max new tokens for the generate protocol")
-CorpusOpt = typer.Option(None, "--stats-corpus", help="text/JSONL corpus (or HF dataset name) for covariance statistics")
-CheckpointOpt = typer.Option(None, "--checkpoint", help="trained editor folder from `medit train` (mend, ke, serac)")
+ProtoOpt = typer.Option(None, "--protocol", metavar="LIST", help="comma list of generate,token_acc,exact,prob (default: all)")
+OutOpt = typer.Option(None, "--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
+GenOpt = typer.Option(8, "--gen-tokens", metavar="N", help="max new tokens for the generate protocol")
+CorpusOpt = typer.Option(None, "--stats-corpus", metavar="CORPUS", help="text/JSONL corpus (or HF dataset name) for covariance statistics")
+CheckpointOpt = typer.Option(None, "--checkpoint", metavar="DIR", help="trained editor folder from `medit train` (mend, ke, serac)")
 ChatOpt = typer.Option(False, "--chat-template", help="wrap in-context edits in the tokenizer's chat template (ike)")
 
 
@@ -67,6 +98,19 @@ def _method_flags(method: Any, overrides: dict[str, Any], corpus: Optional[str],
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise MeditError(f"checkpoint folder {checkpoint!r} does not exist; pass the --out folder of `medit train`")
     return _route(method, overrides, "chat_template", chat or None, "--chat-template", "builds no in-context prompt")
+
+
+def _at_least(value: Optional[float], minimum: float, flag: str, example: Any) -> None:
+    """Refuse a numeric option below its range, naming it and a valid value."""
+    if value is not None and value < minimum:
+        raise MeditError(f"{flag} {value} must be at least {minimum}; pass e.g. {flag} {example}")
+
+
+def _check_new_folder(path: str, flag: str) -> None:
+    """Refuse a destination folder that holds anything: medit writes only into new or empty ones."""
+    p = Path(path)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise MeditError(f"{flag} {path!r} already exists and is not an empty folder; choose a new folder")
 
 
 def _load(model: str, dtype: Optional[str], device: Optional[str], device_map: Optional[str],
@@ -114,11 +158,12 @@ def _report(summary: dict[str, Any], out: Path) -> None:
 
 # ---------------------------------------------------------------- commands
 @app.command()
-def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
+def edit(file: str = typer.Argument(..., metavar="FILE", help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
          method: str = MethodOpt, model: str = ModelOpt, hparams: Optional[str] = HparamsOpt,
          set_: Optional[list[str]] = SetOpt,
-         mode: Optional[str] = typer.Option(None, "--mode", help="batch or sequential (default: batch when the method can)"),
-         save_patch: Optional[str] = typer.Option(None, "--save-patch", help="write the edit as a patch folder"),
+         mode: Optional[str] = typer.Option(None, "--mode", metavar="MODE", help="batch or sequential (default: batch when the method can)"),
+         save_patch: Optional[str] = typer.Option(None, "--save-patch", metavar="DIR", help="write the edit as a patch folder"),
+         force: bool = typer.Option(False, "--force", help="let --save-patch replace an existing medit patch"),
          out: Optional[str] = OutOpt, protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt,
          stats_corpus: Optional[str] = CorpusOpt, checkpoint: Optional[str] = CheckpointOpt,
          chat_template: bool = ChatOpt,
@@ -131,14 +176,23 @@ def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registe
 
     overrides = parse_sets(set_)
     api.check_edit_mode(mode)
+    _at_least(gen_tokens, 1, "--gen-tokens", 8)
     protos = _protocols(protocol)
+    run_dir = Path(out) if out else api.default_run_dir("edit", method)
+    check_out_dir(run_dir, resume=False)
+    if save_patch:
+        check_patch_path(save_patch, run_dir, force)
+    elif force:
+        raise MeditError("--force lets --save-patch replace an existing patch; add --save-patch DIR or drop --force")
     requests, info = load_dataset(file)
     meth = api.get_method(method)
+    if mode:
+        meth.check_mode(mode)
     overrides = _method_flags(meth, overrides, stats_corpus, checkpoint, chat_template)
+    meth.precheck_hparams(hparams, overrides)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
-    run_dir = Path(out) if out else api.default_run_dir("edit", method)
-    summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, hparams_file=hparams,
-                          overrides=overrides, out_dir=run_dir, gen_tokens=gen_tokens, **protos)
+    summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, force=force,
+                          hparams_file=hparams, overrides=overrides, out_dir=run_dir, gen_tokens=gen_tokens, **protos)
     _print_completions(summary)
     _report(summary, run_dir)
     if save_patch:
@@ -147,19 +201,19 @@ def edit(file: str = typer.Argument(..., help="edits: medit JSONL or any registe
 
 @app.command("eval")
 def eval_(method: str = MethodOpt, model: str = ModelOpt,
-          dataset: str = typer.Option(..., "--dataset", help="PATH or FORMAT:PATH (e.g. counterfact:dev.json)"),
-          n: Optional[int] = typer.Option(None, "--n", help="number of cases"),
-          offset: int = typer.Option(0, "--offset", help="skip this many cases first"),
-          seed: Optional[int] = typer.Option(None, "--seed", help="shuffle cases with this seed before selecting"),
-          mode: str = typer.Option("single", "--mode", help="single, batch or sequential"),
-          batch_size: int = typer.Option(0, "--batch-size", help="edits per batch: batch mode (0: all at once) or sequential mode (batches applied one after another; 0: one edit at a time)"),
+          dataset: str = typer.Option(..., "--dataset", metavar="DATASET", help="PATH or FORMAT:PATH (e.g. counterfact:dev.json)"),
+          n: Optional[int] = typer.Option(None, "--n", metavar="N", help="number of cases"),
+          offset: int = typer.Option(0, "--offset", metavar="N", help="skip this many cases first"),
+          seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="shuffle cases with this seed before selecting"),
+          mode: str = typer.Option("single", "--mode", metavar="MODE", help="single, batch or sequential"),
+          batch_size: int = typer.Option(0, "--batch-size", metavar="N", help="edits per batch: batch mode (0: all at once) or sequential mode (batches applied one after another; 0: one edit at a time)"),
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
           protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt, stats_corpus: Optional[str] = CorpusOpt,
           checkpoint: Optional[str] = CheckpointOpt, chat_template: bool = ChatOpt,
-          metrics: Optional[str] = typer.Option(None, "--metrics", help="comma list of metrics (default: all built-in)"),
+          metrics: Optional[str] = typer.Option(None, "--metrics", metavar="LIST", help="comma list of metrics (default: all built-in)"),
           out: Optional[str] = OutOpt, resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
           also_immediate: bool = typer.Option(False, "--also-immediate", help="sequential mode: also score each case right after its own edit"),
-          score_batch_size: int = typer.Option(64, "--score-batch-size", help="most sequences per forward pass when scoring"),
+          score_batch_size: int = typer.Option(64, "--score-batch-size", metavar="N", help="most sequences per forward pass when scoring"),
           no_score_cache: bool = typer.Option(False, "--no-score-cache", help="recompute pre-edit scores instead of reusing MEDIT_CACHE/scores"),
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
@@ -174,6 +228,11 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     from .core.method import MODES
     if mode not in MODES:
         raise UnknownNameError("mode", mode, MODES)
+    _at_least(gen_tokens, 1, "--gen-tokens", 8)
+    _at_least(n, 1, "--n", 20)
+    _at_least(offset, 0, "--offset", 0)
+    run_dir = Path(out) if out else api.default_run_dir("eval", method)
+    check_out_dir(run_dir, resume)
     requests, info = load_dataset(dataset, n=n, offset=offset, seed=seed)  # fail fast, before loading the model
     meth = api.get_method(method)
     overrides = _method_flags(meth, overrides, stats_corpus, checkpoint, chat_template)
@@ -188,32 +247,36 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     EvalConfig(**cfg)  # bad settings fail here, before the model is loaded
     meth.check_mode(mode)
     check_batched(meth, mode, batch_size)
+    meth.precheck_hparams(hparams, overrides)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
-    run_dir = Path(out) if out else api.default_run_dir("eval", method)
     summary, _ = api.run(handle, meth, requests, dataset_info=info, seed=seed, hparams_file=hparams,
                          overrides=overrides, out_dir=run_dir, resume=resume, **cfg)
     _report(summary, run_dir)
 
 
 @app.command()
-def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", help="patch folder from --save-patch"),
-          prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="prompt to complete before/after (repeatable; default: the patch's edit prompts)"),
-          save: Optional[str] = typer.Option(None, "--save", help="write the edited model to this folder"),
+def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metavar="DIR", help="patch folder from --save-patch"),
+          prompt: Optional[list[str]] = typer.Option(None, "--prompt", metavar="TEXT", help="prompt to complete before/after (repeatable; default: the patch's edit prompts)"),
+          save: Optional[str] = typer.Option(None, "--save", metavar="DIR", help="write the edited model to this folder"),
           gen_tokens: int = GenOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
           device_map: Optional[str] = DeviceMapOpt, random_init: bool = RandomOpt,
           trust_remote_code: bool = TrustOpt) -> None:
     """Apply a saved patch to a fresh model and show its effect."""
-    from .core.edit import load_patch
+    from .core.edit import apply_patch
+    from .core.patchfile import read_patch
     from .core.scoring import GenQuery, Scorer
 
+    _at_least(gen_tokens, 1, "--gen-tokens", 8)
+    if save:
+        _check_new_folder(save, "--save")
+    manifest, tensors = read_patch(patch)  # verified before the model loads
+    get_plugins().methods.get(manifest["method"])
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
     scorer = Scorer(handle)
-    before_edit: dict[str, str] = {}
-    manifest = json.loads((Path(patch) / "manifest.json").read_text()) if (Path(patch) / "manifest.json").is_file() else {}
-    prompts = list(prompt or [r["prompt"] for r in manifest.get("requests", [])])
+    prompts = list(prompt or [r.get("prompt", "") for r in manifest.get("requests", []) if isinstance(r, dict)])
     qs = [GenQuery(p, gen_tokens) for p in prompts]
     before_edit = dict(zip(prompts, scorer.generate(qs)))
-    ed = load_patch(handle, patch)
+    ed = apply_patch(handle, manifest, tensors, where=patch)
     after = scorer.generate(qs, ed.transform_prompts)
     typer.echo(f"applied {ed.method} patch with {len(ed.requests)} edit(s) to {handle.model_id}")
     if prompts:
@@ -227,15 +290,15 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", help=
 
 @app.command()
 def train(method: str = MethodOpt, model: str = ModelOpt,
-          data: str = typer.Option(..., "--data", help="training edits: PATH or FORMAT:PATH (e.g. counterfact:train.json)"),
-          val: Optional[str] = typer.Option(None, "--val", help="validation edits (default: the last val_n cases of --data)"),
-          out: str = typer.Option(..., "--out", help="checkpoint folder to write"),
+          data: str = typer.Option(..., "--data", metavar="DATASET", help="training edits: PATH or FORMAT:PATH (e.g. counterfact:train.json)"),
+          val: Optional[str] = typer.Option(None, "--val", metavar="DATASET", help="validation edits (default: the last val_n cases of --data)"),
+          out: str = typer.Option(..., "--out", metavar="DIR", help="checkpoint folder to write"),
           resume: bool = typer.Option(False, "--resume", help="continue the training checkpointed in --out"),
-          max_steps: Optional[int] = typer.Option(None, "--max-steps", help="cap the total number of steps (smoke runs)"),
-          max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
+          max_steps: Optional[int] = typer.Option(None, "--max-steps", metavar="N", help="cap the total number of steps (smoke runs)"),
+          max_minutes: Optional[float] = typer.Option(None, "--max-minutes", metavar="MINUTES",
                                                       help="stop (validated and checkpointed) after this much wall time"),
-          n: Optional[int] = typer.Option(None, "--n", help="use only the first N training cases"),
-          val_n: Optional[int] = typer.Option(None, "--val-n", help="use only the first N --val cases"),
+          n: Optional[int] = typer.Option(None, "--n", metavar="N", help="use only the first N training cases"),
+          val_n: Optional[int] = typer.Option(None, "--val-n", metavar="N", help="use only the first N --val cases"),
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
@@ -266,11 +329,11 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
 
 @app.command()
 def stats(model: str = ModelOpt,
-          layers: str = typer.Option(..., "--layers", help="comma list of layer indices, e.g. 4,5,6"),
-          corpus: str = typer.Option(..., "--corpus", help="text/JSONL file (one paragraph per line) or HF dataset name"),
-          samples: int = typer.Option(1000, "--samples", help="corpus paragraphs to use"),
-          max_len: int = typer.Option(128, "--max-len", help="tokens per paragraph (truncation)"),
-          stats_dtype: str = typer.Option("float32", "--stats-dtype", help="accumulation dtype: float32 or float64"),
+          layers: str = typer.Option(..., "--layers", metavar="LIST", help="comma list of layer indices, e.g. 4,5,6"),
+          corpus: str = typer.Option(..., "--corpus", metavar="CORPUS", help="text/JSONL file (one paragraph per line) or HF dataset name"),
+          samples: int = typer.Option(1000, "--samples", metavar="N", help="corpus paragraphs to use"),
+          max_len: int = typer.Option(128, "--max-len", metavar="N", help="tokens per paragraph (truncation)"),
+          stats_dtype: str = typer.Option("float32", "--stats-dtype", metavar="DTYPE", help="accumulation dtype: float32 or float64"),
           tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="on CUDA, TF32 matrix products for the corpus pass"),
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
@@ -290,14 +353,14 @@ def stats(model: str = ModelOpt,
 
 
 @app.command()
-def corpus(facts: str = typer.Option(..., "--facts", help="dataset whose true facts to add (FORMAT:PATH), "
+def corpus(facts: str = typer.Option(..., "--facts", metavar="DATASET", help="dataset whose true facts to add (FORMAT:PATH), "
                                      "e.g. counterfact:train.json"),
-           out: str = typer.Option(..., "--out", help="the corpus file to write (one sample per line)"),
-           exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="dataset you will evaluate on: "
+           out: str = typer.Option(..., "--out", metavar="FILE", help="the corpus file to write (one sample per line)"),
+           exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="DATASET", help="dataset you will evaluate on: "
                                                        "cases sharing a subject with it are left out (repeatable)"),
-           text: Optional[str] = typer.Option(None, "--text", help="text corpus whose paragraphs come first"),
-           text_n: int = typer.Option(1000, "--text-n", help="paragraphs of --text to take"),
-           facts_n: Optional[int] = typer.Option(None, "--facts-n", help="most fact lines to take (default all)")) -> None:
+           text: Optional[str] = typer.Option(None, "--text", metavar="FILE", help="text corpus whose paragraphs come first"),
+           text_n: int = typer.Option(1000, "--text-n", metavar="N", help="paragraphs of --text to take"),
+           facts_n: Optional[int] = typer.Option(None, "--facts-n", metavar="N", help="most fact lines to take (default all)")) -> None:
     """Write a statistics corpus: text paragraphs, then true facts from a dataset's training split."""
     from .core.factcorpus import build_corpus, write_corpus
 
@@ -308,10 +371,10 @@ def corpus(facts: str = typer.Option(..., "--facts", help="dataset whose true fa
 
 
 @app.command()
-def locate(data: str = typer.Argument(..., help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
+def locate(data: str = typer.Argument(..., metavar="DATASET", help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
            method: str = MethodOpt, model: str = ModelOpt,
-           n: Optional[int] = typer.Option(None, "--n", help="number of cases"),
-           offset: int = typer.Option(0, "--offset", help="skip this many cases first"),
+           n: Optional[int] = typer.Option(None, "--n", metavar="N", help="number of cases"),
+           offset: int = typer.Option(0, "--offset", metavar="N", help="skip this many cases first"),
            hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
            dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
            random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
@@ -347,7 +410,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="print JSON")) ->
 
 
 @app.command("list")
-def list_(kind: str = typer.Argument(..., help="methods, models, metrics or datasets"),
+def list_(kind: str = typer.Argument(..., metavar="KIND", help="methods, models, metrics or datasets"),
           as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """List registered methods, model families (with aliases), metrics or dataset formats."""
     if kind not in KINDS:
@@ -370,8 +433,8 @@ def list_(kind: str = typer.Argument(..., help="methods, models, metrics or data
 
 @app.command()
 def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...", help="run folders written by `medit eval/edit --out`"),
-           out: Optional[str] = typer.Option(None, "--out", help="write report.md, report.json and report.png here"),
-           fmt: str = typer.Option("table", "--format", help="what to print: table, markdown or json"),
+           out: Optional[str] = typer.Option(None, "--out", metavar="DIR", help="write report.md, report.json and report.png here"),
+           fmt: str = typer.Option("table", "--format", metavar="FORMAT", help="what to print: table, markdown or json"),
            misses: bool = typer.Option(False, "--misses", help="list each run's cases that score below 1 on a "
                                        "check, with what the method reported about their edit"),
            miss_on: Optional[list[str]] = typer.Option(None, "--miss-on", metavar="METRIC.PROTOCOL",

@@ -282,7 +282,10 @@ def test_apply_patch_to_other_family_fails(runner, saved_patch, tiny_model_dirs)
 
 def test_apply_missing_patch(runner, gpt2_dir, tmp_path):
     result = invoke(runner, ["apply", "--model", gpt2_dir, "--patch", tmp_path / "no-such-patch"])
-    assert_one_line_error(result, "no-such-patch", "not a medit patch")
+    assert_one_line_error(result, "no-such-patch", "does not exist")
+    (tmp_path / "empty").mkdir()
+    result = invoke(runner, ["apply", "--model", gpt2_dir, "--patch", tmp_path / "empty"])
+    assert_one_line_error(result, "empty", "not a medit patch")
 
 
 def test_edit_sequential_mode(runner, two_cases, gpt2_dir, tmp_path):
@@ -299,7 +302,7 @@ def test_edit_refuses_an_existing_run_folder(runner, one_case, gpt2_dir, tmp_pat
     out = tmp_path / "run"
     ok(invoke(runner, ["edit", one_case, "--method", "ft-l", "--model", gpt2_dir, "--out", out, *FAST_FT]))
     result = invoke(runner, ["edit", one_case, "--method", "ft-l", "--model", gpt2_dir, "--out", out, *FAST_FT])
-    assert_one_line_error(result, str(out), "--resume")
+    assert_one_line_error(result, str(out), "already holds results", "choose another --out")
 
 
 # ------------------------------------------------------------------------------ eval
@@ -331,17 +334,17 @@ def test_eval_counterfact_and_resume(runner, gpt2_dir, tmp_path):
             assert all(v is None or 0.0 <= v <= 1.0 for v in stages.values()), (metric, stages)
 
     # Same --out without --resume: refused cleanly, results untouched.
-    assert_one_line_error(invoke(runner, args), str(out), "--resume")
-    assert len((out / "cases.jsonl").read_text().splitlines()) == 2
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_one_line_error(invoke(runner, args), str(out), "already holds results")
+    # --resume on a finished run says so and changes nothing (its efficiency record included).
+    assert_one_line_error(invoke(runner, args + ["--resume"]), str(out), "finished", "nothing to resume")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
-    # --resume on a completed run scores nothing again and duplicates nothing.
-    ok(invoke(runner, args + ["--resume"]))
-    again = [json.loads(ln) for ln in (out / "cases.jsonl").read_text().splitlines()]
-    assert [c["case_id"] for c in again] == [c["case_id"] for c in cases]
-    assert json.loads((out / "summary.json").read_text())["n"] == 2
-
-    # An interrupted run (one case written, plus a torn line) resumes to exactly the missing case.
+    # An interrupted run (one case written, plus a torn line, no summary) resumes to exactly the
+    # missing case; without --resume it is refused.
     (out / "cases.jsonl").write_text(json.dumps(cases[0]) + "\n" + '{"case_id": "tor')
+    (out / "summary.json").unlink()
+    assert_one_line_error(invoke(runner, args), str(out), "already holds results", "--resume")
     ok(invoke(runner, args + ["--resume"]))
     resumed = [json.loads(ln) for ln in (out / "cases.jsonl").read_text().splitlines()]
     assert sorted(c["case_id"] for c in resumed) == sorted(c["case_id"] for c in cases)
@@ -349,6 +352,7 @@ def test_eval_counterfact_and_resume(runner, gpt2_dir, tmp_path):
 
     # Resuming with other settings would mix two configurations: refused, naming the difference.
     (out / "cases.jsonl").write_text(json.dumps(cases[0]) + "\n")
+    (out / "summary.json").unlink()
     assert_one_line_error(invoke(runner, args + ["--resume", "--mode", "sequential"]), str(out), "mode",
                           "'single'", "'sequential'")
     assert_one_line_error(invoke(runner, args + ["--resume", "--set", "steps=2"]), "hparams.steps", "2")
@@ -624,8 +628,10 @@ def test_bad_layer_out_of_range(runner, one_case, gpt2_dir, tmp_path):
 def test_bad_device_cuda_without_gpu(runner, one_case, gpt2_dir, tmp_path):
     assert_one_line_error(invoke(runner, _edit(one_case, gpt2_dir, tmp_path, "--device", "cuda")),
                           "'cuda'", "--device cpu")
-    assert_one_line_error(invoke(runner, ["apply", "--model", gpt2_dir, "--patch", tmp_path, "--device", "cuda:0"]),
-                          "'cuda:0'")
+
+def test_bad_device_cuda_without_gpu_apply(runner, saved_patch, gpt2_dir):
+    assert_one_line_error(invoke(runner, ["apply", "--model", gpt2_dir, "--patch", saved_patch["patch"],
+                                          "--device", "cuda:0"]), "'cuda:0'")
 
 
 def test_bad_device_name(runner, one_case, gpt2_dir, tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 from .errors import ValidationError
 from .io import atomic_write_json
+from .timing import setup_phase
 
 if TYPE_CHECKING:
     from .handle import ModelHandle
@@ -45,7 +46,8 @@ def context_templates(handle: "ModelHandle", spec: Sequence[Sequence[int]] = ((5
         except (OSError, json.JSONDecodeError):
             templates = None
     if templates is None:
-        templates = ["{}"] + [t for length, count in spec for t in _generate(handle, length, count, seed)]
+        with setup_phase("templates"):
+            templates = ["{}"] + [t for length, count in spec for t in _generate(handle, length, count, seed)]
         atomic_write_json(path, templates)
     handle.memo[key] = templates
     return templates

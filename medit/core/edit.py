@@ -3,24 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
 from .errors import EditError, PatchError
-from .io import atomic_write_text
+from .patchfile import MANIFEST, PATCH_FORMAT, PATCH_VERSION, TENSORS, read_patch, write_patch
 
 if TYPE_CHECKING:
     from .handle import ModelHandle
     from .requests import EditRequest
 
-PATCH_FORMAT = "medit-patch"
-PATCH_VERSION = 1
-MANIFEST = "manifest.json"
-TENSORS = "tensors.safetensors"
+__all__ = ["Edit", "WeightEdit", "CompositeEdit", "share_originals", "load_patch", "apply_patch",
+           "MANIFEST", "PATCH_FORMAT", "PATCH_VERSION", "TENSORS"]
 
 
 class Edit:
@@ -53,31 +49,21 @@ class Edit:
         """(extra manifest fields, tensors) describing this edit; subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} cannot be saved")
 
-    def save(self, path: str | Path) -> Path:
-        """Write a patch folder: ``manifest.json`` and ``tensors.safetensors``. Atomic."""
-        from safetensors.torch import save_file
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write a patch folder (``manifest.json`` and ``tensors.safetensors``), atomically. An
+        existing ``path`` is replaced only if it is empty, or a medit patch and ``force`` is set."""
         from .. import __version__
 
         extra, tensors = self.payload()
-        out = Path(path)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
         manifest = {
-            "format": PATCH_FORMAT, "version": PATCH_VERSION, "medit_version": __version__,
-            "kind": self.kind, "method": self.method,
+            "medit_version": __version__, "kind": self.kind, "method": self.method,
             "model": {"id": self.handle.model_id, "model_type": self.handle.config.model_type,
                       "family": self.handle.adapter.name},
             "hparams": self.hparams, "requests": [r.to_dict() for r in self.requests],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **extra,
         }
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
-        if out.exists():
-            import shutil
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return out
+        return write_patch(path, manifest, tensors, force=force)
 
 
 class WeightEdit(Edit):
@@ -268,20 +254,21 @@ def _merge_weight_edits(handle: "ModelHandle", edits: Sequence[WeightEdit]) -> W
 
 
 def load_patch(handle: "ModelHandle", path: str | Path) -> Edit:
-    """Apply a saved patch to ``handle`` and return the (revertable) Edit."""
-    from safetensors.torch import load_file
+    """Apply a saved patch to ``handle`` and return the (revertable) Edit. The patch is verified
+    (manifest fields, tensors checksum, finite values) before the model is touched."""
+    manifest, tensors = read_patch(path)
+    return apply_patch(handle, manifest, tensors, where=str(path))
+
+
+def apply_patch(handle: "ModelHandle", manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+                where: str = "patch") -> Edit:
+    """Apply a patch already read with :func:`~medit.core.patchfile.read_patch`."""
     from .plugins import get_plugins
 
-    p = Path(path)
-    if not (p / MANIFEST).is_file():
-        raise PatchError(f"{str(p)!r} is not a medit patch (no {MANIFEST} inside); pass the folder "
-                         "written by `medit edit --save-patch`")
-    try:
-        manifest = json.loads((p / MANIFEST).read_text())
-    except (json.JSONDecodeError, OSError) as exc:
-        raise PatchError(f"patch manifest {str(p / MANIFEST)!r} is unreadable ({exc}); re-create the patch") from None
-    if manifest.get("format") != PATCH_FORMAT:
-        raise PatchError(f"{str(p)!r} is not a medit patch (format {manifest.get('format')!r})")
-    tensors = load_file(str(p / TENSORS)) if (p / TENSORS).is_file() else {}
     method = get_plugins().methods.get(manifest["method"])
-    return method.load_patch(handle, manifest, tensors)
+    try:
+        return method.load_patch(handle, manifest, tensors)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        # the manifest is input from a file: a field of the wrong shape is the file's fault
+        raise PatchError(f"patch {where!r} is malformed ({type(exc).__name__}: {exc}); re-create the patch "
+                         "with `medit edit --save-patch`") from None

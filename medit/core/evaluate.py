@@ -16,14 +16,16 @@ from .edit import CompositeEdit, Edit, share_originals
 from .errors import MeditError, MethodError, UnknownNameError
 from .handle import ModelHandle
 from .hparams import HParams
-from .io import JsonlAppender, atomic_write_json, read_jsonl_tolerant
+from .io import JsonlAppender, atomic_write_json, read_jsonl_records
 from .memory import current_rss_mb, peak_rss_mb, trim_heap
 from .method import MODES, Method
 from .metric import PROTOCOLS, Metric, mean
 from .plugins import get_plugins
 from .progress import progress_bar
 from .requests import EditRequest
+from .rundir import check_out_dir
 from .scoring import Scorer
+from .timing import SETUP_FIELDS, setup_since, setup_totals
 
 DEFAULT_METRICS = ("reliability", "generalization", "locality", "portability", "efficiency")
 
@@ -170,13 +172,12 @@ class Evaluator:
         out = Path(cfg.out_dir) if cfg.out_dir else None
         done: dict[str, dict[str, Any]] = {}
         if out is not None:
+            check_out_dir(out, cfg.resume)
             if cfg.resume:
-                done = {str(r["case_id"]): r for r in read_jsonl_tolerant(out / "cases.jsonl")}
-                if done:
+                found, torn = read_jsonl_records(out / "cases.jsonl")
+                done = {str(r.get("case_id")): r for r in found}
+                if torn or len(done) < len(found):  # drop a crash's fragment (and repeats) before appending
                     _rewrite_cases(out / "cases.jsonl", list(done.values()))
-            elif read_jsonl_tolerant(out / "cases.jsonl"):  # a run that failed before its first case is reusable
-                raise MeditError(f"run folder {str(out)!r} already holds results; pass --resume to continue "
-                                 "it or choose another --out")
         from .scorecache import model_fingerprint
         self.base_fingerprint = model_fingerprint(self.handle)  # of the weights as they are now
         self.pre_from_cache = False
@@ -214,20 +215,27 @@ class Evaluator:
         return summary
 
     def _apply(self, reqs: Sequence[EditRequest]) -> tuple[Edit, float]:
+        """Apply one edit; returns it with the seconds the edit itself took. One-time setup done
+        on the way (statistics, context templates) is not edit time: it goes to
+        ``edit.info["setup_s"]``, reported as ``stats_s`` / ``template_s``."""
+        before = setup_totals()
         t = time.perf_counter()
         edit = self.method.apply(self.handle, list(reqs), self.hparams)
         if self.handle.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t
+        setup = setup_since(before)
+        edit.info["setup_s"] = {SETUP_FIELDS[k]: round(v, 4) for k, v in setup.items() if v > 0}
         trim_heap()  # keeps a long run's memory flat (see trim_heap); not part of the edit's time
-        return edit, seconds
+        return edit, max(0.0, seconds - sum(setup.values()))
 
     def _ctx(self, edit_s: float, edit: Edit, rss_mb: float | None = None) -> dict[str, Any]:
         """Efficiency context of a case; ``rss_mb`` is the resident memory right after its edit
         (sequential mode records it then; otherwise it is read now)."""
+        setup = edit.info.get("setup_s") or {}
         ctx: dict[str, Any] = {"edit_s": round(edit_s, 4), "peak_rss_mb": peak_rss_mb(),
                                "rss_mb": rss_mb if rss_mb is not None else current_rss_mb(),
-                               "stats_s": edit.info.get("stats_s")}
+                               **{f: setup.get(f) for f in SETUP_FIELDS.values()}}
         if self.handle.device.type == "cuda":
             ctx["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return ctx
@@ -241,8 +249,8 @@ class Evaluator:
             if wanted is not None and req.case_id not in wanted:
                 continue
             ctx = self._ctx(seconds / len(chunk), edit, rss_mb)
-            if j:
-                ctx["stats_s"] = None
+            if j:  # the setup happened once, for the whole chunk
+                ctx.update({f: None for f in SETUP_FIELDS.values()})
             yield self._case_record(req, pre, post, ctx, immediate, edit=edit_record(edit, j, len(chunk)))
 
     def _run_mode(self, todo: list[EditRequest], pre: dict, bar: Any, sequence: Sequence[EditRequest]) -> Any:
@@ -396,9 +404,9 @@ def summarise(records: list[dict[str, Any]], method: str, model: str, mode: str,
                        **({"immediate": mean(st["immediate"])} if "immediate" in st else {})}
                    for p, st in protos.items()} for m, protos in acc.items()}
     edit_s = [r["efficiency"]["edit_s"] for r in records if r.get("efficiency", {}).get("edit_s") is not None]
-    stats = [r["efficiency"].get("stats_s") for r in records if r.get("efficiency", {}).get("stats_s")]
     eff = {"edit_s_mean": mean(edit_s), "edit_s_total": round(sum(edit_s), 4), "eval_s_total": round(eval_s, 3),
-           "stats_s": round(sum(stats), 3) if stats else 0.0, "peak_rss_mb": peak_rss_mb()}
+           **{f: round(sum(r.get("efficiency", {}).get(f) or 0.0 for r in records), 3) for f in SETUP_FIELDS.values()},
+           "peak_rss_mb": peak_rss_mb()}
     if torch.cuda.is_available():
         eff["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return {"method": method, "model": model, "mode": mode, "n": len(records), "metrics": metrics, "efficiency": eff}

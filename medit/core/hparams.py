@@ -24,15 +24,21 @@ class HParams:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls: type[H], values: dict[str, Any], source: str = "hparams") -> H:
-        """Build from a plain mapping, converting each value to its field's type."""
+    def convert_values(cls, values: dict[str, Any], source: str = "hparams") -> dict[str, Any]:
+        """``values`` converted to the fields' types; unknown names and unconvertible values are
+        refused. Needs no model: the CLI checks ``--set`` with it before loading one."""
         valid = cls.field_names()
         unknown = sorted(set(values) - set(valid))
         if unknown:
             raise HParamsError(f"unknown hparam(s) {', '.join(map(repr, unknown))} in {source}; "
                                f"valid for {cls.__name__}: {', '.join(valid)}")
         hints = typing.get_type_hints(cls)
-        converted = {k: convert(v, hints[k], k) for k, v in values.items()}
+        return {k: convert(v, hints[k], k) for k, v in values.items()}
+
+    @classmethod
+    def from_dict(cls: type[H], values: dict[str, Any], source: str = "hparams") -> H:
+        """Build from a plain mapping, converting each value to its field's type."""
+        converted = cls.convert_values(values, source)
         try:
             return cls(**converted)
         except TypeError as exc:  # a required field missing
@@ -120,8 +126,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise InputFileError(f"hparams file {str(p)!r} does not exist; pass an existing YAML file to --hparams")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise InputFileError(f"hparams file {str(p)!r} is not UTF-8 text; save it as UTF-8 YAML") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
         raise InputFileError(f"hparams file {str(p)!r} is not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
     if not isinstance(data, dict):
         raise InputFileError(f"hparams file {str(p)!r} must hold a mapping of key: value")

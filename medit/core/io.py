@@ -1,29 +1,66 @@
-"""Small I/O helpers: atomic writes and incrementally written JSONL."""
+"""Small I/O helpers: atomic writes that honour the user's umask, and incrementally written JSONL."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+_UMASK_LOCK = threading.Lock()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + fsync + rename)."""
+def umask() -> int:
+    """The process umask (read without changing it for longer than the call)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path, directory: bool = False) -> None:
+    """Give ``path`` the permissions a plain ``open``/``mkdir`` would have: ``tempfile`` creates
+    files 0600 and folders 0700, which would keep others from reading a shared patch or run."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def atomic_write_with(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, fsync it, then rename it into place.
+    The temporary file is removed if anything fails, so an interrupted write leaves no residue."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        apply_umask(tmp)
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + fsync + rename)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write_with(path, write)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
@@ -53,18 +90,36 @@ class JsonlAppender:
         self.close()
 
 
-def read_jsonl_tolerant(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file written by :class:`JsonlAppender`, dropping a torn last line (crash mid-write)."""
-    out: list[dict[str, Any]] = []
+def read_jsonl_records(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
+    """(records, torn) of a JSONL file written by :class:`JsonlAppender`. A crash mid-write leaves
+    a fragment as the last line: it is dropped and ``torn`` is True. A bad line with records after
+    it is damage, not a crash: :class:`~medit.core.errors.InputFileError` naming the line."""
+    from .errors import InputFileError
+
     p = Path(path)
     if not p.exists():
-        return out
-    for line in p.read_text(encoding="utf-8").splitlines():
+        return [], False
+    raw = p.read_bytes()
+    lines = raw.decode("utf-8", errors="replace").split("\n")
+    out: list[dict[str, Any]] = []
+    torn = bool(raw) and not raw.endswith(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if i == last:
+                return out, True
+            raise InputFileError(f"{str(p)!r} line {i + 1} is damaged (not a JSON object) and later lines "
+                                 "follow it; repair or remove that line, then run again") from None
+        out.append(rec)
+    return out, torn
 
+
+def read_jsonl_tolerant(path: str | Path) -> list[dict[str, Any]]:
+    """The records of :func:`read_jsonl_records`, a torn last line dropped."""
+    return read_jsonl_records(path)[0]

@@ -63,6 +63,17 @@ class Method:
         values.update(overrides or {})
         return self.hparams_class.from_dict(values, source if not overrides else f"{source} and --set")
 
+    def precheck_hparams(self, hparams_file: str | Path | None = None,
+                         overrides: dict[str, Any] | None = None) -> None:
+        """Check what can be checked before a model is loaded: a given ``hparams_file`` is read and
+        built in full with ``overrides``; without one (the defaults depend on the model) each
+        override's name and type is checked."""
+        if hparams_file:
+            values = {**read_yaml(hparams_file), **(overrides or {})}
+            self.hparams_class.from_dict(values, f"{hparams_file}" + (" and --set" if overrides else ""))
+        elif overrides:
+            self.hparams_class.convert_values(overrides, "--set")
+
     def check_supported(self, handle: "ModelHandle", mode: str) -> None:
         if handle.adapter.name in self.unsupported_families:
             raise MethodError(f"method {self.name!r} does not support the {handle.adapter.name} family "

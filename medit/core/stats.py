@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from .errors import InputFileError, MeditError
+from .timing import setup_phase
 from .tracing import capture, run_until
 
 if TYPE_CHECKING:
@@ -173,7 +174,15 @@ def second_moments(handle: "ModelHandle", layers: Sequence[int], corpus: str, n_
     """E[k kᵀ] of the ``mlp_out`` input at each layer, from ``n_samples`` corpus paragraphs.
 
     Returns ({layer: matrix on the model's device}, seconds spent computing; 0 when all cached).
+    The time, cache reads included, counts as setup (``stats_s``), not as edit time.
     """
+    with setup_phase("stats"):
+        return _second_moments(handle, layers, corpus, n_samples, max_len, dtype, batch_size, progress, tf32)
+
+
+def _second_moments(handle: "ModelHandle", layers: Sequence[int], corpus: str, n_samples: int,
+                    max_len: int, dtype: str, batch_size: int, progress: bool,
+                    tf32: bool) -> tuple[dict[int, torch.Tensor], float]:
     if dtype not in STATS_DTYPES:
         raise MeditError(f"statistics dtype {dtype!r} is not supported; use one of {', '.join(STATS_DTYPES)}")
     acc_dtype = STATS_DTYPES[dtype]
