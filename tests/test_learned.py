@@ -15,7 +15,8 @@ from medit.cli import app
 from medit.core.errors import CheckpointError
 from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest, PromptAnswer
-from medit.core.train import EDITOR, LAST, MANIFEST, batch_indices, load_editor, train
+from medit.core.train import (EDITOR, LAST, LAST_JSON, MANIFEST, batch_indices, load_editor,
+                              load_training_state, train)
 
 from snapshots import model_state
 
@@ -109,10 +110,18 @@ def test_resume_is_exact(tiny_handle, tmp_path):
         train(handle, mend, hp, data, tmp_path / "b", progress=False)
     resumed = train(handle, mend, hp, data, tmp_path / "b", resume=True, progress=False)
     assert resumed["step"] == straight["step"] == 8
-    a = torch.load(tmp_path / "a" / LAST, weights_only=False)
-    b = torch.load(tmp_path / "b" / LAST, weights_only=False)
+    a, b = load_training_state(tmp_path / "a"), load_training_state(tmp_path / "b")
+    assert a["editor"].keys() == b["editor"].keys() and a["editor"]
     for k in a["editor"]:
         assert torch.equal(a["editor"][k], b["editor"][k]), f"resumed editor differs in {k}"
+    # The optimiser state and the RNG state of both runs match too, bit for bit.
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and sa
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys() >= {"exp_avg", "exp_avg_sq", "step"}
+        assert all(torch.equal(sa[i][k], sb[i][k]) for k in sa[i]), f"optimiser state of param {i} differs"
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert torch.equal(a["rng"], b["rng"])
     assert [h["train_loss"] for h in straight["history"]] == [h["train_loss"] for h in resumed["history"]]
     from safetensors.torch import load_file
     ea, eb = load_file(str(tmp_path / "a" / EDITOR)), load_file(str(tmp_path / "b" / EDITOR))
@@ -318,3 +327,132 @@ def test_ke_token_attention_starts_as_the_plain_editor_and_learns(tiny_handle):
     assert float(w.std()) > 0
     with pytest.raises(HParamsError, match="token_attention"):
         hparams(ke, handle, token_attention=-1)
+
+
+# ---------------------------------------------------------------------------------- safe checkpoints
+
+class _Planted:
+    """Unpickling this creates the file ``path``: the code a crafted checkpoint would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').close()",))
+
+
+def _errors(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error:")]
+
+
+def _cli_checkpoint(runner, model: str, data: Path, out: Path, *extra: str):
+    sets = [a for k, v in TINY["mend"].items() for a in ("--set", f"{k}={v}")]
+    return runner.invoke(app, ["train", "--method", "mend", "--model", model, "--data", str(data), "--out", str(out),
+                               "--max-steps", "2", "--set", "val_every=2", *sets, *extra])
+
+
+def test_training_state_is_safetensors_and_json_only(tiny_handle, tmp_path):
+    """The resume state holds only tensors (safetensors) and JSON; last.json records the
+    tensors file's SHA-256 and the optimiser's param groups."""
+    import hashlib
+    handle = tiny_handle("gpt2")
+    mend = get_plugins().methods.get("mend")
+    train(handle, mend, hparams(mend, handle, steps=2, val_every=2), cases(8), tmp_path / "ck", progress=False)
+    files = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert files == sorted([MANIFEST, EDITOR, LAST, LAST_JSON]), files
+    meta = json.loads((tmp_path / "ck" / LAST_JSON).read_text())
+    assert meta["format"] == "medit-training-state" and meta["version"] == 2
+    assert meta["sha256"] == hashlib.sha256((tmp_path / "ck" / LAST).read_bytes()).hexdigest()
+    assert meta["payload"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    assert json.loads((tmp_path / "ck" / MANIFEST).read_text())["version"] == 2
+    from safetensors.torch import load_file
+    tensors = load_file(str(tmp_path / "ck" / LAST))
+    assert tensors["rng"].dtype == torch.uint8
+    assert any(k.endswith("/exp_avg_sq") for k in tensors) and any(k.startswith("editor/") for k in tensors)
+
+
+def test_crafted_pickle_in_a_checkpoint_is_refused_and_never_run(tiny_model_dirs, tmp_path):
+    """A planted ``last.pt`` (the old format) or a ``last.safetensors`` that is really a pickle is
+    refused by ``medit train --resume`` with one line and exit code 2, and its code never runs."""
+    import pickle
+    import shutil
+    runner = CliRunner()
+    model = str(tiny_model_dirs["gpt2"])
+    data = _write_jsonl(tmp_path / "train.jsonl", cases(12))
+    good = tmp_path / "good"
+    r = _cli_checkpoint(runner, model, data, good)
+    assert r.exit_code == 0, r.output
+    marker = tmp_path / "PWNED"
+    evil = pickle.dumps({"editor": _Planted(marker)})
+
+    # 1. An old-format folder: manifest + editor + a last.pt whose loading runs code.
+    legacy = tmp_path / "legacy"
+    shutil.copytree(good, legacy)
+    (legacy / LAST).unlink()
+    (legacy / LAST_JSON).unlink()
+    torch.save({"editor": _Planted(marker), "state": {}}, legacy / "last.pt")
+    # 2. A folder holding only a planted last.pt.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "last.pt").write_bytes(evil)
+    # 3. last.safetensors replaced by a pickle, its checksum in last.json updated to match.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(good, swapped)
+    (swapped / LAST).write_bytes(evil)
+    import hashlib
+    meta = json.loads((swapped / LAST_JSON).read_text())
+    meta["sha256"] = hashlib.sha256(evil).hexdigest()
+    (swapped / LAST_JSON).write_text(json.dumps(meta))
+    # 4. The same without the checksum update.
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(good, unsigned)
+    (unsigned / LAST).write_bytes(evil)
+
+    for folder, msg in [(legacy, "can no longer be resumed safely"), (bare, "can no longer be resumed safely"),
+                        (swapped, "is not a readable safetensors file"), (unsigned, "does not match the SHA-256")]:
+        r = _cli_checkpoint(runner, model, data, folder, "--resume")
+        assert r.exit_code == 2, (folder.name, r.output)
+        errors = _errors(r.output)
+        assert len(errors) == 1 and msg in errors[0], (folder.name, r.output)
+        assert "Traceback" not in r.output
+        assert not marker.exists(), f"{folder.name}: the planted code ran"
+    assert "last.pt" in _errors(_cli_checkpoint(runner, model, data, legacy, "--resume").output)[0]
+    # The planted payload is live: unpickling it does create the marker.
+    pickle.loads(evil)
+    assert marker.exists()
+
+
+def test_damaged_checkpoint_files_give_one_line_errors(tiny_model_dirs, tmp_path):
+    """Cut-short or garbled last.safetensors, last.json or editor.safetensors: one line naming the
+    file, exit code 2, no traceback."""
+    import shutil
+    runner = CliRunner()
+    model = str(tiny_model_dirs["gpt2"])
+    data = _write_jsonl(tmp_path / "train.jsonl", cases(12))
+    edits = _write_jsonl(tmp_path / "edits.jsonl", cases(1))
+    good = tmp_path / "good"
+    assert _cli_checkpoint(runner, model, data, good).exit_code == 0
+
+    def damaged(name: str, how) -> Path:
+        folder = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(good, folder)
+        how(folder / name)
+        return folder
+
+    def cut(p: Path) -> None:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+    for folder, name in [(damaged(LAST, cut), LAST), (damaged(LAST_JSON, cut), LAST_JSON),
+                         (damaged(LAST_JSON, lambda p: p.write_text('{"format": "medit-training-state"}')), LAST_JSON),
+                         (damaged(LAST, lambda p: p.unlink()), LAST)]:
+        r = _cli_checkpoint(runner, model, data, folder, "--resume")
+        assert r.exit_code == 2, r.output
+        errors = _errors(r.output)
+        assert len(errors) == 1 and name in errors[0] and "Traceback" not in r.output, r.output
+    for how in (cut, lambda p: p.write_bytes(b"\x00" * 8)):
+        folder = damaged(EDITOR, how)
+        r = runner.invoke(app, ["edit", str(edits), "--method", "mend", "--model", model, "--checkpoint", str(folder),
+                                "--out", str(tmp_path / f"run-{folder.name}"), "--protocol", "token_acc"])
+        assert r.exit_code == 2, r.output
+        errors = _errors(r.output)
+        assert len(errors) == 1 and EDITOR in errors[0] and "Traceback" not in r.output, r.output

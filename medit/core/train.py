@@ -10,14 +10,24 @@ held-out cases), early stopping, progress bar, and the checkpoint folder::
     DIR/manifest.json       format, medit version, method, base-model fingerprint, data
                             fingerprints, hparams, step, best validation, history
     DIR/editor.safetensors  the editor weights with the best validation score (used to edit)
-    DIR/last.pt             editor + optimiser + RNG state of the last step (for ``--resume``)
+    DIR/last.safetensors    the tensors of the last step's training state (for ``--resume``):
+                            editor weights, optimiser state (e.g. Adam's ``exp_avg``,
+                            ``exp_avg_sq``, ``step``) and the torch RNG state (uint8)
+    DIR/last.json           the rest of that state: loop counters and history, the optimiser's
+                            param_groups, where each tensor goes, and the SHA-256 of
+                            ``last.safetensors``
 
-Each file is written atomically (temporary file, then rename), the manifest last.
+Only safetensors and JSON, no serialised Python objects, so loading a checkpoint never runs
+code from it. A folder written by medit before checkpoint version 2 holds ``last.pt`` (a
+``torch.save`` file, which can run code when loaded) instead: it is never loaded and cannot be
+resumed (its ``editor.safetensors`` still edits). Each file is written atomically
+(temporary file, fsync, rename): the tensors, then ``last.json``, the manifest last.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -31,7 +41,7 @@ from torch import nn
 
 from .errors import CheckpointError, HParamsError, MeditError
 from .hparams import HParams
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text
 from .method import Method
 from .scoring import Scorer, TFQuery
 
@@ -41,10 +51,15 @@ if TYPE_CHECKING:
     from .requests import EditRequest
 
 CHECKPOINT_FORMAT = "medit-checkpoint"
-CHECKPOINT_VERSION = 1
+#: 2: the resume state is safetensors + JSON (``last.safetensors``, ``last.json``), not ``torch.save``.
+CHECKPOINT_VERSION = 2
 MANIFEST = "manifest.json"
 EDITOR = "editor.safetensors"
-LAST = "last.pt"
+LAST = "last.safetensors"
+LAST_JSON = "last.json"
+#: the ``torch.save`` resume state of checkpoint version 1: refused, never loaded.
+LEGACY_LAST = "last.pt"
+STATE_FORMAT = "medit-training-state"
 #: hparams that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("steps", "patience", "checkpoint", "val_every")
 
@@ -130,10 +145,141 @@ def _atomic_save(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _save_editor(path: Path, editor: nn.Module) -> None:
     from safetensors.torch import save_file
     state = {k: v.detach().contiguous().cpu().clone() for k, v in editor.state_dict().items()}
-    _atomic_save(path, lambda tmp: save_file(state, tmp))
+
+    def write(tmp: str) -> None:
+        save_file(state, tmp)
+        _fsync(tmp)
+    _atomic_save(path, write)
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# Training state as JSON + named tensors. Tensors become {"__tensor__": name} (stored in the
+# safetensors file), tuples {"__tuple__": [...]}, dicts with non-string keys (the optimiser's
+# per-parameter state) {"__items__": [[key, value], ...]}; plain JSON values stay as they are.
+# Decoding builds only tensors, lists, tuples, dicts and JSON scalars: nothing is executed.
+_TAGS = ("__tensor__", "__tuple__", "__items__")
+
+
+def _join(name: str, key: Any) -> str:
+    return f"{name}/{key}" if name else str(key)
+
+
+def _encode(obj: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = name if name not in tensors else f"{name}#{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, _join(name, i), tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, _join(name, i), tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and k not in _TAGS for k in obj):
+            return {k: _encode(v, _join(name, k), tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, _join(name, f"key{i}"), tensors), _encode(v, _join(name, k), tensors)]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in the training state ({name})")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if len(obj) == 1 and next(iter(obj)) in _TAGS:
+            tag, value = next(iter(obj.items()))
+            if tag == "__tensor__":
+                return tensors[value]
+            if tag == "__tuple__":
+                return tuple(_decode(v, tensors) for v in value)
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def save_training_state(folder: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (nested dicts, lists, tuples, tensors and JSON scalars) as
+    ``folder/last.safetensors`` + ``folder/last.json``, each atomically, the tensors first."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    doc = _encode(payload, "", tensors)
+    digest: list[str] = []
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp)
+        _fsync(tmp)
+        digest.append(_sha256(tmp))
+    _atomic_save(folder / LAST, write)
+    meta = {"format": STATE_FORMAT, "version": CHECKPOINT_VERSION, "tensors": LAST, "sha256": digest[0],
+            "payload": doc}
+    atomic_write_text(folder / LAST_JSON, json.dumps(meta) + "\n")
+
+
+def load_training_state(folder: Path) -> dict[str, Any]:
+    """The payload written by :func:`save_training_state`; a one-line CheckpointError naming the
+    file when one is missing, damaged or does not match the other. Never runs code from them."""
+    from safetensors.torch import load_file
+
+    jpath, tpath = folder / LAST_JSON, folder / LAST
+    for p in (jpath, tpath):
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {str(folder)!r} has no {p.name}, so it cannot be resumed; "
+                                  "train again into a new --out (its editor.safetensors, if any, still edits)")
+    try:
+        meta = json.loads(jpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"training state {str(jpath)!r} is unreadable ({_first_line(exc)}); it cannot be "
+                              "resumed: train again into a new --out") from None
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or "payload" not in meta:
+        raise CheckpointError(f"{str(jpath)!r} is not a medit training state; it cannot be resumed: train again "
+                              "into a new --out")
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"training state {str(jpath)!r} has version {meta.get('version')!r}, this medit "
+                              f"resumes version {CHECKPOINT_VERSION}; resume it with the medit that wrote it or "
+                              "train again")
+    if _sha256(tpath) != meta.get("sha256"):
+        raise CheckpointError(f"training state {str(tpath)!r} does not match the SHA-256 recorded in "
+                              f"{LAST_JSON} (damaged, altered or cut short by an interrupted save); it cannot "
+                              "be resumed: train again into a new --out")
+    try:
+        tensors = load_file(str(tpath))
+    except Exception as exc:  # SafetensorError, OSError...: the file is not a safetensors file
+        raise CheckpointError(f"training state {str(tpath)!r} is not a readable safetensors file "
+                              f"({_first_line(exc)}); it cannot be resumed: train again into a new --out") from None
+    try:
+        payload = _decode(meta["payload"], tensors)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"training state {str(jpath)!r} is inconsistent ({_first_line(exc)}); it cannot "
+                              "be resumed: train again into a new --out") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{str(jpath)!r} is not a medit training state; it cannot be resumed: train again "
+                              "into a new --out")
+    return payload
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -146,8 +292,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads((p / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint manifest {str(p / MANIFEST)!r} is unreadable ({exc}); train again") from None
-    if manifest.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{str(p)!r} is not a medit checkpoint (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{str(p)!r} is not a medit checkpoint (format {fmt!r})")
+    version = manifest.get("version")
+    if isinstance(version, int) and version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {str(p)!r} has format version {version}, newer than this medit's "
+                              f"{CHECKPOINT_VERSION}; upgrade medit")
     return manifest
 
 
@@ -181,7 +332,12 @@ def load_editor(handle: "ModelHandle", method: LearnedMethod, path: str | Path) 
     torch.manual_seed(0)
     editor = method.init_editor(handle, hp).to(handle.device)
     try:
-        editor.load_state_dict(load_file(str(p / EDITOR)))
+        weights = load_file(str(p / EDITOR))
+    except Exception as exc:  # SafetensorError, OSError: damaged or cut short
+        raise CheckpointError(f"editor weights {str(p / EDITOR)!r} are unreadable ({_first_line(exc)}); "
+                              "train again") from None
+    try:
+        editor.load_state_dict(weights)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {str(p)!r} does not fit this version's {method.name} editor "
                               f"({str(exc).splitlines()[0]}); train again") from None
@@ -265,7 +421,7 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
     ``max_steps`` caps the total number of steps (smoke runs); ``max_minutes`` caps this call's
     wall time: the step that crosses it is validated and checkpointed, and training stops with
     ``stopped = "max_minutes"`` (``--resume`` goes on from there). ``resume`` continues from
-    ``out_dir/last.pt`` exactly (same batches, same optimiser state).
+    ``out_dir/last.safetensors`` + ``last.json`` exactly (same batches, optimiser and RNG state).
     """
     from .. import __version__
 
@@ -303,10 +459,15 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
                              "bad": 0, "history": [], "stopped": None, "created": _now(), "loss_sum": 0.0,
                              "loss_n": 0}
 
-    if (out / MANIFEST).is_file() or (out / LAST).is_file():
+    if any((out / f).is_file() for f in (MANIFEST, LAST, LAST_JSON, LEGACY_LAST)):
         if not resume:
             raise MeditError(f"{str(out)!r} already holds a checkpoint; pass --resume to continue it or choose "
                              "another --out")
+        if (out / LEGACY_LAST).is_file() and not (out / LAST_JSON).is_file():
+            raise CheckpointError(f"checkpoint {str(out)!r} holds {LEGACY_LAST}, a torch.save training state "
+                                  "(medit checkpoint version 1) that can no longer be resumed safely (loading it "
+                                  "could run code); it is not loaded: train again into a new --out (its "
+                                  f"{EDITOR} still edits)")
         old = read_manifest(out)
         check_checkpoint(handle, method, old, out)
         if old.get("data", {}).get("fingerprint") != data_rec.get("fingerprint"):
@@ -317,10 +478,16 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
         if diff:
             raise CheckpointError(f"checkpoint {str(out)!r} was trained with other hparams ({', '.join(diff)}); "
                                   "resume with the hparams it was started with")
-        saved = torch.load(out / LAST, map_location="cpu", weights_only=False)
-        editor.load_state_dict(saved["editor"])
-        opt.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
+        saved = load_training_state(out)
+        try:
+            editor.load_state_dict(saved["editor"])
+            opt.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["rng"])
+            if not isinstance(saved["state"], dict) or set(state) - set(saved["state"]):
+                raise ValueError("the loop state lacks fields")
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"training state in {str(out)!r} does not fit this run's {method.name} editor "
+                                  f"({_first_line(exc)}); train again into a new --out") from None
         state.update(saved["state"])
         if state["stopped"] != "early_stop":  # a step or time cap, or a raised `steps`, lets training go on
             state["stopped"] = None
@@ -341,9 +508,8 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
                 "created": state["created"], "updated": _now()}
 
     def save() -> None:
-        snapshot = {"editor": {k: v.detach().cpu().clone() for k, v in editor.state_dict().items()},
-                    "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "state": dict(state)}
-        _atomic_save(out / LAST, lambda tmp: torch.save(snapshot, tmp))
+        save_training_state(out, {"editor": dict(editor.state_dict()), "optimizer": opt.state_dict(),
+                                  "rng": torch.get_rng_state(), "state": dict(state)})
         atomic_write_json(out / MANIFEST, manifest())
 
     scorer = Scorer(handle)
