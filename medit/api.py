@@ -46,22 +46,26 @@ def resolve_hparams(handle: ModelHandle, method: Method, hparams_file: str | Non
 def run(handle: ModelHandle, method: str | Method, requests: Sequence[EditRequest] | str, *,
         hparams: HParams | None = None, hparams_file: str | None = None,
         overrides: dict[str, Any] | None = None, n: int | None = None, offset: int = 0,
-        seed: int | None = None, keep_edit: bool = False, dataset_info: Any = None, **cfg: Any) -> tuple[dict[str, Any], Edit | None]:
+        seed: int | None = None, keep_edit: bool = False, dataset_info: Any = None,
+        skip_invalid: bool = False, **cfg: Any) -> tuple[dict[str, Any], Edit | None]:
     """Evaluate ``method`` on requests (a list or a dataset spec such as ``counterfact:PATH``).
 
     Returns (summary with per-case records under ``cases``, the kept edit or None). Pass
-    ``dataset_info`` with already-selected requests to record where they came from.
+    ``dataset_info`` with already-selected requests to record where they came from. With a spec,
+    ``skip_invalid`` leaves invalid records out (see :func:`~medit.core.dataset.load_dataset`).
     """
     m = get_method(method) if isinstance(method, str) else method
     if isinstance(requests, str):
-        reqs, dataset_info = load_dataset(requests, n=n, offset=offset, seed=seed)
+        reqs, dataset_info = load_dataset(requests, n=n, offset=offset, seed=seed, skip_invalid=skip_invalid)
     else:
         reqs = list(requests) if dataset_info is not None else list(requests)[offset:offset + n if n is not None else None]
     dataset: dict[str, Any] = {}
     if dataset_info is not None:
         dataset = {"path": str(dataset_info.path), "format": dataset_info.format,
                    "fingerprint": dataset_info.fingerprint, "n_total": dataset_info.n_total,
-                   "offset": dataset_info.offset, "seed": dataset_info.seed}
+                   "offset": dataset_info.offset, "seed": dataset_info.seed,
+                   "skipped": getattr(dataset_info, "skipped", 0), "invalid": getattr(dataset_info, "invalid", 0),
+                   "source": getattr(dataset_info, "source", "file")}
     hp = hparams if hparams is not None else m.resolve_hparams(handle, hparams_file, overrides)
     ev = Evaluator(handle, m, hp, EvalConfig(dataset=dataset, keep_edit=keep_edit,
                                              seed=seed or 0, **cfg))

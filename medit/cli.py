@@ -76,9 +76,10 @@ TrustOpt = typer.Option(False, "--trust-remote-code", help="allow model code fro
 ProtoOpt = typer.Option(None, "--protocol", metavar="LIST", help="comma list of generate,token_acc,exact,prob (default: all)")
 OutOpt = typer.Option(None, "--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
 GenOpt = typer.Option(8, "--gen-tokens", metavar="N", help="max new tokens for the generate protocol")
-CorpusOpt = typer.Option(None, "--stats-corpus", metavar="CORPUS", help="text/JSONL corpus (or HF dataset name) for covariance statistics")
+CorpusOpt = typer.Option(None, "--stats-corpus", metavar="CORPUS", help="text/JSONL corpus (or HF dataset name[:config]) for covariance statistics (default: the WikiText-2 text medit ships)")
 CheckpointOpt = typer.Option(None, "--checkpoint", metavar="DIR", help="trained editor folder from `medit train` (mend, ke, serac)")
 ChatOpt = typer.Option(False, "--chat-template", help="wrap in-context edits in the tokenizer's chat template (ike)")
+SkipInvalidOpt = typer.Option(False, "--skip-invalid", help="leave invalid dataset records out (one warning counts them) instead of stopping at one the selection includes")
 
 
 def _route(method: Any, overrides: dict[str, Any], field: str, value: Any, flag: str, unused: str) -> dict[str, Any]:
@@ -166,7 +167,7 @@ def edit(file: str = typer.Argument(..., metavar="FILE", help="edits: medit JSON
          force: bool = typer.Option(False, "--force", help="let --save-patch replace an existing medit patch"),
          out: Optional[str] = OutOpt, protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt,
          stats_corpus: Optional[str] = CorpusOpt, checkpoint: Optional[str] = CheckpointOpt,
-         chat_template: bool = ChatOpt,
+         chat_template: bool = ChatOpt, skip_invalid: bool = SkipInvalidOpt,
          dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Apply the edits in FILE, show before/after completions and metrics, optionally save a patch."""
@@ -184,7 +185,7 @@ def edit(file: str = typer.Argument(..., metavar="FILE", help="edits: medit JSON
         check_patch_path(save_patch, run_dir, force)
     elif force:
         raise MeditError("--force lets --save-patch replace an existing patch; add --save-patch DIR or drop --force")
-    requests, info = load_dataset(file)
+    requests, info = load_dataset(file, skip_invalid=skip_invalid)
     meth = api.get_method(method)
     if mode:
         meth.check_mode(mode)
@@ -209,7 +210,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
           batch_size: int = typer.Option(0, "--batch-size", metavar="N", help="edits per batch: batch mode (0: all at once) or sequential mode (batches applied one after another; 0: one edit at a time)"),
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
           protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt, stats_corpus: Optional[str] = CorpusOpt,
-          checkpoint: Optional[str] = CheckpointOpt, chat_template: bool = ChatOpt,
+          checkpoint: Optional[str] = CheckpointOpt, chat_template: bool = ChatOpt, skip_invalid: bool = SkipInvalidOpt,
           metrics: Optional[str] = typer.Option(None, "--metrics", metavar="LIST", help="comma list of metrics (default: all built-in)"),
           out: Optional[str] = OutOpt, resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
           also_immediate: bool = typer.Option(False, "--also-immediate", help="sequential mode: also score each case right after its own edit"),
@@ -233,7 +234,8 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     _at_least(offset, 0, "--offset", 0)
     run_dir = Path(out) if out else api.default_run_dir("eval", method)
     check_out_dir(run_dir, resume)
-    requests, info = load_dataset(dataset, n=n, offset=offset, seed=seed)  # fail fast, before loading the model
+    requests, info = load_dataset(dataset, n=n, offset=offset, seed=seed,  # fail fast, before loading the model
+                                  skip_invalid=skip_invalid)
     meth = api.get_method(method)
     overrides = _method_flags(meth, overrides, stats_corpus, checkpoint, chat_template)
     cfg: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "gen_tokens": gen_tokens, **_protocols(protocol),
@@ -299,6 +301,7 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
                                                       help="stop (validated and checkpointed) after this much wall time"),
           n: Optional[int] = typer.Option(None, "--n", metavar="N", help="use only the first N training cases"),
           val_n: Optional[int] = typer.Option(None, "--val-n", metavar="N", help="use only the first N --val cases"),
+          skip_invalid: bool = SkipInvalidOpt,
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
@@ -315,8 +318,8 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
         raise MeditError(f"method {method!r} is not trained; `medit train` takes one of {', '.join(trainable)}")
     if max_steps is not None and max_steps < 1:
         raise MeditError(f"--max-steps must be >= 1, got {max_steps}")
-    requests, info = load_dataset(data, n=n)
-    val_reqs, val_info = load_dataset(val, n=val_n) if val else (None, None)
+    requests, info = load_dataset(data, n=n, skip_invalid=skip_invalid)
+    val_reqs, val_info = load_dataset(val, n=val_n, skip_invalid=skip_invalid) if val else (None, None)
     handle = _load(model, dtype, device, None, random_init, trust_remote_code)
     hp = meth.resolve_hparams(handle, hparams, overrides)
     manifest = run_training(handle, meth, hp, requests, out, val=val_reqs, data_info=info, val_info=val_info,
@@ -375,6 +378,7 @@ def locate(data: str = typer.Argument(..., metavar="DATASET", help="edits: medit
            method: str = MethodOpt, model: str = ModelOpt,
            n: Optional[int] = typer.Option(None, "--n", metavar="N", help="number of cases"),
            offset: int = typer.Option(0, "--offset", metavar="N", help="skip this many cases first"),
+           skip_invalid: bool = SkipInvalidOpt,
            hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
            dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
            random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
@@ -387,7 +391,7 @@ def locate(data: str = typer.Argument(..., metavar="DATASET", help="edits: medit
     meth = api.get_method(method)
     if not callable(getattr(meth, "locate", None)):
         raise MeditError(f"method {method!r} does not locate neurons; use a locating method such as kn")
-    requests, _ = load_dataset(data, n=n, offset=offset)
+    requests, _ = load_dataset(data, n=n, offset=offset, skip_invalid=skip_invalid)
     handle = _load(model, dtype, device, None, random_init, trust_remote_code)
     hp = meth.resolve_hparams(handle, hparams, overrides)
     rows = [[r.case_id, nrn.layer, nrn.index, f"{nrn.attribution:.6g}"]

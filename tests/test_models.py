@@ -396,7 +396,7 @@ def test_unsupported_model_folder(tiny_tokenizers, tmp_path):
         assert t in msg
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available here")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="no-GPU test: a CUDA GPU is available here")
 def test_cuda_without_gpu_is_a_device_error(tiny_model_dirs):
     with pytest.raises(DeviceError, match="cpu"):
         resolve_device("cuda")

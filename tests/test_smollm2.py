@@ -1,4 +1,4 @@
-"""FT-L on the real SmolLM2-135M-Instruct: 5 CounterFact cases from ../shared/data, single mode,
+"""FT-L on the real SmolLM2-135M-Instruct: 5 CounterFact dev cases (tests/data), single mode,
 default hyperparameters (medit/hparams/ft-l/default.yaml). Slow: run with ``pytest -m slow``."""
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ from medit import api
 from medit.core.evaluate import summary_table
 
 _HERE = Path(__file__).resolve()
-COUNTERFACT = next((p for p in (_HERE.parents[2] / "shared" / "data" / "counterfact" / "dev.json",
-                                _HERE.parents[1] / "shared" / "data" / "counterfact" / "dev.json")
-                    if p.is_file()), None)
+COUNTERFACT = _HERE.parent / "data" / "counterfact-dev-300.json"
+#: the default statistics corpus: the WikiText-2 text the package ships
+CORPUS = _HERE.parents[1] / "medit" / "datasets" / "wikitext-2-valid.txt"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(COUNTERFACT is None, reason="../shared/data/counterfact/dev.json not found")
 def test_ft_l_on_smollm2_counterfact(smollm2, tmp_path):
     before = {k: v.detach().clone() for k, v in smollm2.model.state_dict().items()}
     t = time.perf_counter()
@@ -43,12 +42,7 @@ def test_ft_l_on_smollm2_counterfact(smollm2, tmp_path):
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-CORPUS = next((p for p in (_HERE.parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt",
-                           _HERE.parents[1] / "shared" / "data" / "wikitext-2" / "valid.txt") if p.is_file()), None)
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(COUNTERFACT is None or CORPUS is None, reason="../shared/data not found")
 @pytest.mark.parametrize("method,mode", [("rome", "single"), ("memit", "batch")])
 def test_locate_then_edit_on_smollm2(smollm2, tmp_path, method, mode):
     """ROME one edit at a time, MEMIT all five at once: the edits take and unrelated prompts keep

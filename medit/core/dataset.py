@@ -6,11 +6,18 @@ is detected from the first record's fields) or ``FORMAT:PATH`` (named format), s
 (``offset``/``n``, optionally after a deterministic shuffle with ``seed``) and returns the requests
 plus a :class:`DatasetInfo` describing exactly what was read (path, format, content fingerprint).
 
+Only the selected cases must be valid: a record that fails validation elsewhere in the file does not
+stop the selection (``skip_invalid`` leaves every invalid record out, with one warning). Besides
+files, a dataset may be a folder written by the ``datasets`` library (``Dataset.save_to_disk``) or,
+with a format named, a Hugging Face hub id (``FORMAT:OWNER/NAME[:SPLIT]``, online, needs
+``datasets``); see :mod:`medit.core.hfdata`.
+
 The JSON / JSONL reading helpers (:mod:`medit.core.records`, re-exported here) give every format
 the same error messages: each names the file and, where there is one, the line.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -19,14 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import InputFileError, UnknownNameError, ValidationError
+from .errors import InputFileError, MeditError, UnknownNameError, ValidationError
 from .records import (MalformedFileError, RawRecord, check_file, file_fingerprint, first_record,
-                      read_records)
+                      provided_records, read_records)
 from .requests import EditRequest, PromptAnswer
 
 __all__ = [
-    "DatasetFormat", "DatasetInfo", "MalformedFileError", "RawRecord", "ReadResult", "load_dataset",
-    "parse_spec", "select",
+    "DatasetFormat", "DatasetInfo", "InvalidRecord", "MalformedFileError", "RawRecord", "ReadResult",
+    "SkipRecord", "convert_records", "load_dataset", "packaged_path", "parse_spec", "select",
     "read_records", "first_record", "file_fingerprint", "get_format", "format_names",
     "str_list", "item_list", "prompt_answer_items", "target_str", "require", "first_str",
     "is_category_dict",
@@ -39,11 +46,28 @@ _FORMAT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 # objects
 
 
+@dataclass(frozen=True)
+class InvalidRecord:
+    """A record that failed validation, kept at its place among the requests so that a selection
+    of other cases can pass over it; ``error`` is the one-line error it raises when selected."""
+
+    error: MeditError
+    where: str = ""
+
+
+class SkipRecord(Exception):
+    """Raised by a format's record conversion for a record the format leaves out by design (e.g.
+    an MQuAKE case with several rewrites); not an error. Its message says which record and why."""
+
+
 @dataclass
 class ReadResult:
-    """What a format read: the requests and how many records it skipped (with a warning)."""
+    """What a format read: the requests and how many records it skipped (with a warning).
 
-    requests: list[EditRequest]
+    From :meth:`DatasetFormat.load_each`, ``requests`` may also hold :class:`InvalidRecord` entries.
+    """
+
+    requests: list[Any]
     skipped: int = 0
 
 
@@ -59,6 +83,8 @@ class DatasetInfo:
     offset: int
     seed: int | None
     skipped: int = 0  # records the format skipped (a warning said how many and why)
+    invalid: int = 0  # invalid records left out with skip_invalid (a warning said how many)
+    source: str = "file"  # "file", "saved" (a folder written by `datasets`) or "hub" (a hub id)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +92,8 @@ class DatasetInfo:
 
 class DatasetFormat:
     """Base class of dataset formats. Subclasses set ``name``/``description`` and implement
-    :meth:`detect` and :meth:`read` (or :meth:`load`, when records may be skipped)."""
+    :meth:`detect` and one of :meth:`load_each` (preferred: an invalid record then stops only a
+    selection that includes it), :meth:`load` (when records may be skipped) or :meth:`read`."""
 
     name: str = ""
     description: str = ""
@@ -83,10 +110,23 @@ class DatasetFormat:
         return self.load(path).requests
 
     def load(self, path: Path) -> ReadResult:
-        """Like :meth:`read`, also reporting skipped records. Override one of the two."""
+        """Like :meth:`read`, also reporting skipped records; the first invalid record raises."""
+        if type(self).load_each is not DatasetFormat.load_each:
+            result = self.load_each(path)
+            for r in result.requests:
+                if isinstance(r, InvalidRecord):
+                    raise r.error
+            return result
         if type(self).read is DatasetFormat.read:
-            raise NotImplementedError(f"dataset format {self.name!r} implements neither read() nor load()")
+            raise NotImplementedError(f"dataset format {self.name!r} implements none of load_each(), "
+                                      f"load() and read()")
         return ReadResult(self.read(path))
+
+    def load_each(self, path: Path) -> ReadResult:
+        """Like :meth:`load`, but an invalid record does not raise: it stays in ``requests``, at its
+        place, as an :class:`InvalidRecord` (use :func:`convert_records`). Formats that only
+        implement :meth:`load` or :meth:`read` raise at their first invalid record."""
+        return self.load(path)
 
     def __repr__(self) -> str:
         return f"<dataset format {self.name!r}>"
@@ -94,6 +134,25 @@ class DatasetFormat:
 
 # --------------------------------------------------------------------------------------------
 # field helpers shared by formats
+
+
+def convert_records(records: Sequence[RawRecord], convert: Any) -> tuple[list[Any], list[str]]:
+    """``convert(record)`` for each record: (requests, in order, with an :class:`InvalidRecord` in
+    place of each record that raised :class:`ValidationError` or was not a JSON object; the
+    messages of the records that raised :class:`SkipRecord`)."""
+    out: list[Any] = []
+    skipped: list[str] = []
+    for rec in records:
+        if rec.error is not None:
+            out.append(InvalidRecord(MalformedFileError(rec.error), rec.where))
+            continue
+        try:
+            out.append(convert(rec))
+        except SkipRecord as exc:
+            skipped.append(str(exc))
+        except ValidationError as exc:
+            out.append(InvalidRecord(exc, rec.where))
+    return out, skipped
 
 
 def str_list(value: Any, origin: str, field_name: str) -> list[str]:
@@ -164,28 +223,45 @@ def parse_spec(spec: str | os.PathLike[str]) -> tuple[str | None, Path]:
     return None, Path(spec).expanduser()
 
 
-#: the CounterFact train split next to a checkout: IKE's demonstration pool, WISE's negative subjects.
-COUNTERFACT_TRAIN = "counterfact:../shared/data/counterfact/train.json"
+#: the folder above the ``medit`` package: relative paths of packaged files are tried from here
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+#: the first 2,000 cases of the CounterFact train split, shipped in the package
+#: (medit/datasets/DATA.md): IKE's demonstration pool, WISE's negative subjects.
+COUNTERFACT_TRAIN = "counterfact:medit/datasets/counterfact-train-2000.json"
+
+
+def packaged_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as given when it exists; otherwise, if relative, the same path under the folder
+    that holds the ``medit`` package when that exists there (so a default such as
+    ``medit/datasets/...`` works from any working directory, checkout or installed package)."""
+    p = Path(path).expanduser()
+    if not p.exists() and not p.is_absolute():
+        alt = _PACKAGE_ROOT / p
+        if alt.exists():
+            return alt
+    return p
 
 
 def resolve_packaged_spec(spec: str, what: str, hparam: str, optional: bool = False) -> str:
-    """``FORMAT:PATH`` with a relative PATH tried from the working directory, then from the medit
-    checkout (so method defaults such as ``counterfact:../shared/data/...`` work from either).
-    A missing file is a one-line MethodError naming ``what`` and the hparam that sets it (and,
+    """``FORMAT:PATH`` with a relative PATH tried from the working directory, then from the folder
+    holding the medit package (so method defaults such as :data:`COUNTERFACT_TRAIN` work from
+    either). A saved ``datasets`` folder or a hub id (:mod:`medit.core.hfdata`) is returned as it
+    is. A missing file is a one-line MethodError naming ``what`` and the hparam that sets it (and,
     when ``optional``, that null turns it off)."""
     from .errors import MethodError
+    from .hfdata import looks_like_hub_id
 
-    fmt, sep, path = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else ("", "", spec)
-    p = Path(path).expanduser()
-    if not p.exists() and not p.is_absolute():
-        alt = Path(__file__).resolve().parents[2] / path
-        if alt.exists():
-            p = alt
-    if not p.exists():
-        alt_fix = f", or --set {hparam}=null to go without" if optional else ""
-        raise MethodError(f"{what} {path!r} does not exist; pass --set {hparam}=FORMAT:PATH "
-                          f"(e.g. {COUNTERFACT_TRAIN}){alt_fix}")
-    return f"{fmt}{sep}{p}"
+    fmt, path = parse_spec(spec)
+    prefix = f"{fmt}:" if fmt else ""
+    p = packaged_path(path)
+    if p.exists():
+        return f"{prefix}{p}"
+    if fmt is not None and looks_like_hub_id(str(path)):
+        return spec
+    alt_fix = f", or --set {hparam}=null to go without" if optional else ""
+    raise MethodError(f"{what} {str(path)!r} does not exist; pass --set {hparam}=FORMAT:PATH "
+                      f"(e.g. {COUNTERFACT_TRAIN}){alt_fix}")
 
 
 def _detect(path: Path) -> str:
@@ -240,12 +316,17 @@ def select(items: Sequence[Any], n: int | None = None, offset: int = 0,
 
 
 def load_dataset(spec: str | os.PathLike[str], n: int | None = None, offset: int = 0,
-                 seed: int | None = None) -> tuple[list[EditRequest], DatasetInfo]:
+                 seed: int | None = None, skip_invalid: bool = False) -> tuple[list[EditRequest], DatasetInfo]:
     """Read ``PATH`` (format auto-detected) or ``FORMAT:PATH`` and select cases.
 
     With ``seed`` the cases are shuffled deterministically (``random.Random(seed)``) before the
     ``offset``/``n`` slice is taken. ``n`` larger than what remains yields what remains
-    (``DatasetInfo.n`` says how many). Raises :class:`InputFileError`, :class:`ValidationError`
+    (``DatasetInfo.n`` says how many). Only the selected cases must be valid: an invalid record
+    elsewhere does not stop the selection, and one inside it raises its one-line error. With
+    ``skip_invalid``, every invalid record is left out before the slice is taken, with one warning
+    on stderr that counts them and names the first (``DatasetInfo.invalid`` records how many).
+    PATH may also be a folder saved by the ``datasets`` library, or, with FORMAT, a Hugging Face
+    hub id (:mod:`medit.core.hfdata`). Raises :class:`InputFileError`, :class:`ValidationError`
     or :class:`UnknownNameError` with messages naming the file, line, case id and field.
     """
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
@@ -256,25 +337,48 @@ def load_dataset(spec: str | os.PathLike[str], n: int | None = None, offset: int
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValidationError(f"seed must be an integer (or unset for file order), got {seed!r}")
 
+    from .hfdata import find_source
+
     name, path = parse_spec(spec)
-    check_file(path)
-    if name is None:
-        name = _detect(path)
-    fmt = get_format(name)
-    result = fmt.load(path)
-    requests = list(result.requests)
-    if not requests:
-        raise InputFileError(f"dataset file '{path}' yielded no edit requests as format {name!r}"
+    hf = None if path.is_file() else find_source(str(path), name)
+    if hf is None:
+        check_file(path)
+        key, shown, source = path, str(path.resolve()), "file"
+    else:
+        key, shown, source = hf.key, hf.label, hf.kind
+    with provided_records(key, hf.records) if hf is not None else contextlib.nullcontext():
+        if name is None:
+            name = _detect(key)
+        fmt = get_format(name)
+        result = fmt.load_each(key)
+    entries = list(result.requests)
+    if not entries:
+        raise InputFileError(f"dataset file '{key}' yielded no edit requests as format {name!r}"
                              + (f" ({result.skipped} records skipped)" if result.skipped else "")
                              + "; check that the file holds records of that format")
-    _check_unique_ids(path, requests)
-    if offset >= len(requests):
-        raise ValidationError(f"offset {offset} is past the end of dataset file '{path}' "
-                              f"({len(requests)} cases); use an offset below {len(requests)}")
-    chosen = select(requests, n=n, offset=offset, seed=seed)
-    info = DatasetInfo(path=str(path.resolve()), format=name, fingerprint=file_fingerprint(path),
-                       n_total=len(requests), n=len(chosen), offset=offset, seed=seed,
-                       skipped=result.skipped)
+    invalid = [r for r in entries if isinstance(r, InvalidRecord)]
+    valid = [r for r in entries if not isinstance(r, InvalidRecord)]
+    if skip_invalid and invalid:
+        if not valid:
+            raise ValidationError(f"every record of dataset file '{key}' is invalid (first: {invalid[0].error}); "
+                                  f"fix the records")
+        print(f"medit: warning: dataset file '{key}': skipped {len(invalid)} invalid record(s) of {len(entries)} "
+              f"(first: {invalid[0].error})", file=sys.stderr)
+        entries = valid
+    _check_unique_ids(key, valid)
+    if offset >= len(entries):
+        raise ValidationError(f"offset {offset} is past the end of dataset file '{key}' "
+                              f"({len(entries)} cases); use an offset below {len(entries)}")
+    chosen = select(entries, n=n, offset=offset, seed=seed)
+    bad = next((r for r in chosen if isinstance(r, InvalidRecord)), None)
+    if bad is not None:
+        cls = ValidationError if isinstance(bad.error, ValidationError) else InputFileError
+        raise cls(f"{bad.error}; fix that record, or pass --skip-invalid (skip_invalid=True) to leave "
+                  f"invalid records out")
+    info = DatasetInfo(path=shown, format=name,
+                       fingerprint=hf.fingerprint if hf is not None else file_fingerprint(path),
+                       n_total=len(entries), n=len(chosen), offset=offset, seed=seed,
+                       skipped=result.skipped, invalid=len(invalid) if skip_invalid else 0, source=source)
     return chosen, info
 
 

@@ -2,12 +2,13 @@
 where there is one, the line. Re-exported by :mod:`medit.core.dataset`, which formats import."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import InputFileError
 
@@ -21,6 +22,8 @@ class RawRecord:
     line: int  # 1-based line on which the record starts
     where: str  # "PATH:LINE" for JSONL, "PATH:LINE, record INDEX" for a JSON list
     jsonl: bool = False  # read from a JSON Lines file (else from a JSON list)
+    #: set when reading leniently: why this line is not a record (``data`` is then empty)
+    error: str | None = None
 
 
 class MalformedFileError(InputFileError):
@@ -69,22 +72,27 @@ def _type_name(x: Any) -> str:
             bool: "a boolean", type(None): "null"}.get(type(x), type(x).__name__)
 
 
-def _parse_jsonl(path: Path, text: str) -> list[RawRecord]:
+def _parse_jsonl(path: Path, text: str, lenient: bool = False) -> list[RawRecord]:
     out: list[RawRecord] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         s = line.strip()
         if not s or s.startswith("#"):
             continue
+        error = None
         try:
             obj = json.loads(s)
         except json.JSONDecodeError as exc:
-            raise MalformedFileError(f"dataset file '{path}' line {lineno} is not valid JSON ({exc.msg} at "
-                                 f"column {exc.colno}); each non-blank line must hold one JSON object "
-                                 f"(lines starting with '#' are comments)") from None
-        if not isinstance(obj, dict):
-            raise MalformedFileError(f"dataset file '{path}' line {lineno} holds {_type_name(obj)}, not a "
-                                 f"JSON object; each non-blank line must hold one edit record")
-        out.append(RawRecord(obj, len(out), lineno, f"{path}:{lineno}", jsonl=True))
+            error = (f"dataset file '{path}' line {lineno} is not valid JSON ({exc.msg} at column {exc.colno}); "
+                     f"each non-blank line must hold one JSON object (lines starting with '#' are comments)")
+        else:
+            if not isinstance(obj, dict):
+                error = (f"dataset file '{path}' line {lineno} holds {_type_name(obj)}, not a JSON object; "
+                         f"each non-blank line must hold one edit record")
+        if error is not None:
+            if not lenient:
+                raise MalformedFileError(error)
+            obj = {}
+        out.append(RawRecord(obj, len(out), lineno, f"{path}:{lineno}", jsonl=True, error=error))
     return out
 
 
@@ -138,14 +146,37 @@ def _parse_json_list(path: Path, text: str, obj: list[Any]) -> list[RawRecord]:
     return out
 
 
-def read_records(path: str | os.PathLike[str]) -> list[RawRecord]:
+#: records standing in for a file (a Hugging Face dataset being read), by path string
+_PROVIDED: dict[str, list[RawRecord]] = {}
+
+
+@contextlib.contextmanager
+def provided_records(path: Path, records: list[RawRecord]) -> Iterator[None]:
+    """While active, :func:`read_records` of ``path`` returns ``records`` instead of reading a file.
+
+    This is how a dataset that is not a JSON file (a Hugging Face dataset) reaches the formats,
+    which read their records with :func:`read_records`.
+    """
+    _PROVIDED[str(path)] = records
+    try:
+        yield
+    finally:
+        _PROVIDED.pop(str(path), None)
+
+
+def read_records(path: str | os.PathLike[str], lenient: bool = False) -> list[RawRecord]:
     """Read the records of a JSON-list or JSONL file, with file/line-naming errors.
 
     A file whose content starts with ``[`` is a JSON list; a ``.json`` file holding one JSON value
     is read as JSON; anything else is read as JSONL (blank lines and ``#`` lines skipped).
     Raises :class:`InputFileError` for a missing, unreadable, malformed, empty or record-less file.
+    With ``lenient``, a JSONL line that is not a JSON object does not raise: it is returned as a
+    record whose ``error`` says why (so that a bad line outside the cases selected can be passed
+    over); a JSON list that does not parse still raises, as its records cannot be told apart.
     """
     p = Path(path)
+    if str(p) in _PROVIDED:
+        return list(_PROVIDED[str(p)])
     text = _read_text(p)
     stripped = text.lstrip()
     if not stripped:
@@ -157,7 +188,7 @@ def read_records(path: str | os.PathLike[str]) -> list[RawRecord]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
-            records = _parse_jsonl(p, text)  # JSON Lines stored under a .json name
+            records = _parse_jsonl(p, text, lenient)  # JSON Lines stored under a .json name
         else:
             if isinstance(obj, dict):
                 raise MalformedFileError(f"dataset file '{p}' holds a single JSON object, not a list of "
@@ -166,7 +197,7 @@ def read_records(path: str | os.PathLike[str]) -> list[RawRecord]:
             raise MalformedFileError(f"dataset file '{p}' holds {_type_name(obj)}, not a list of records; "
                                  f"write a JSON list of edit records or one record per line (JSONL)")
     else:
-        records = _parse_jsonl(p, text)
+        records = _parse_jsonl(p, text, lenient)
     if not records:
         raise InputFileError(f"dataset file '{p}' holds no records (only blank lines, comments or an "
                              f"empty list); it must hold at least one edit record")
@@ -174,5 +205,9 @@ def read_records(path: str | os.PathLike[str]) -> list[RawRecord]:
 
 
 def first_record(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The first record of a JSON-list or JSONL file (errors as :func:`read_records`)."""
-    return read_records(path)[0].data
+    """The first record of a JSON-list or JSONL file (errors as :func:`read_records`); a bad JSONL
+    line further on does not matter, a file whose first record is bad raises its error."""
+    records = read_records(path, lenient=True)
+    if records[0].error is not None:
+        raise MalformedFileError(records[0].error)
+    return records[0].data

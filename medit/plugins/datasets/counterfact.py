@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from medit import hookimpl
-from medit.core.dataset import (DatasetFormat, RawRecord, is_category_dict, prompt_answer_items,
-                                read_records, require, str_list, target_str)
+from medit.core.dataset import (DatasetFormat, RawRecord, ReadResult, convert_records, is_category_dict,
+                                prompt_answer_items, read_records, require, str_list, target_str)
 from medit.core.errors import ValidationError
 from medit.core.requests import EditRequest, PromptAnswer
 
@@ -50,8 +50,8 @@ class CounterFact(DatasetFormat):
         return (all(k in first_record for k in ("prompt", "subject", "target_new"))
                 and any(k in first_record for k in MARKERS))
 
-    def read(self, path: Path) -> list[EditRequest]:
-        return [self._one(rec) for rec in read_records(path)]
+    def load_each(self, path: Path) -> ReadResult:
+        return ReadResult(convert_records(read_records(path, lenient=True), self._one)[0])
 
     def _one(self, rec: RawRecord) -> EditRequest:
         d = rec.data

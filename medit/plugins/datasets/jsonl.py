@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from medit import hookimpl
-from medit.core.dataset import DatasetFormat, is_category_dict, item_list, read_records, str_list
+from medit.core.dataset import (DatasetFormat, RawRecord, ReadResult, convert_records, is_category_dict, item_list,
+                                read_records, str_list)
 from medit.core.requests import FIELDS, EditRequest
 
 REQUIRED = ("prompt", "subject", "target_new")
@@ -37,20 +38,20 @@ class MeditJsonl(DatasetFormat):
         # that merely share prompt/subject/target_new (CounterFact) are not claimed.
         return path.suffix.lower() == ".jsonl" or set(first_record) <= ALLOWED
 
-    def read(self, path: Path) -> list[EditRequest]:
-        out = []
-        for rec in read_records(path):
-            d = dict(rec.data)
-            default_id = str(rec.line) if rec.jsonl else str(rec.index)
-            origin = f"case {str(d.get('case_id', default_id))!r} ({rec.where})"
-            for key in ("rephrase", "generation_prompts"):
-                if key in d:
-                    d[key] = str_list(d[key], origin, key)
-            for key in ("locality", "portability", "attribute"):
-                if key in d:
-                    d[key] = item_list(d[key], origin, key)
-            out.append(EditRequest.from_dict(d, default_id=default_id, where=rec.where))
-        return out
+    def load_each(self, path: Path) -> ReadResult:
+        return ReadResult(convert_records(read_records(path, lenient=True), self._one)[0])
+
+    def _one(self, rec: RawRecord) -> EditRequest:
+        d = dict(rec.data)
+        default_id = str(rec.line) if rec.jsonl else str(rec.index)
+        origin = f"case {str(d.get('case_id', default_id))!r} ({rec.where})"
+        for key in ("rephrase", "generation_prompts"):
+            if key in d:
+                d[key] = str_list(d[key], origin, key)
+        for key in ("locality", "portability", "attribute"):
+            if key in d:
+                d[key] = item_list(d[key], origin, key)
+        return EditRequest.from_dict(d, default_id=default_id, where=rec.where)
 
 
 @hookimpl

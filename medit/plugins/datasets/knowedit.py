@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from medit import hookimpl
-from medit.core.dataset import (DatasetFormat, RawRecord, is_category_dict, prompt_answer_items,
-                                read_records, str_list, target_str)
+from medit.core.dataset import (DatasetFormat, RawRecord, ReadResult, convert_records, is_category_dict,
+                                prompt_answer_items, read_records, str_list, target_str)
 from medit.core.errors import ValidationError
 from medit.core.requests import EditRequest, PromptAnswer
 
@@ -43,8 +43,8 @@ class KnowEdit(DatasetFormat):
         has_fields = all(a in first_record or b in first_record for a, b in REQUIRED)
         return has_fields and any(is_category_dict(first_record.get(k)) for k in ("locality", "portability"))
 
-    def read(self, path: Path) -> list[EditRequest]:
-        return [self._one(rec) for rec in read_records(path)]
+    def load_each(self, path: Path) -> ReadResult:
+        return ReadResult(convert_records(read_records(path, lenient=True), self._one)[0])
 
     def _one(self, rec: RawRecord) -> EditRequest:
         d = rec.data

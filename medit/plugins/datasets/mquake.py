@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from medit import hookimpl
-from medit.core.dataset import DatasetFormat, RawRecord, ReadResult, read_records, require, str_list, target_str
+from medit.core.dataset import (DatasetFormat, RawRecord, ReadResult, SkipRecord, convert_records, read_records,
+                                require, str_list, target_str)
 from medit.core.errors import ValidationError
 from medit.core.requests import EditRequest, PromptAnswer
 
@@ -37,16 +38,9 @@ class MQuAKE(DatasetFormat):
         return (first_record is not None and isinstance(first_record.get("requested_rewrite"), list)
                 and "questions" in first_record)
 
-    def load(self, path: Path) -> ReadResult:
-        records = read_records(path)
-        out: list[EditRequest] = []
-        multi: list[str] = []
-        for rec in records:
-            req = self._one(rec)
-            if isinstance(req, str):
-                multi.append(req)
-            else:
-                out.append(req)
+    def load_each(self, path: Path) -> ReadResult:
+        records = read_records(path, lenient=True)
+        out, multi = convert_records(records, self._one)
         if multi and not out:
             raise ValidationError(f"every case of MQuAKE file '{path}' has several requested rewrites "
                                   f"(first: case {multi[0]}); medit evaluates one rewrite per case, so "
@@ -57,8 +51,9 @@ class MQuAKE(DatasetFormat):
                   f"their edits applied together", file=sys.stderr)
         return ReadResult(out, skipped=len(multi))
 
-    def _one(self, rec: RawRecord) -> EditRequest | str:
-        """The request, or the case id (as ``repr``) when the case has several rewrites."""
+    def _one(self, rec: RawRecord) -> EditRequest:
+        """The request; :class:`SkipRecord` with the case id (as ``repr``) when the case has several
+        rewrites."""
         d = rec.data
         case_id = str(d.get("case_id", rec.index))
         origin = f"case {case_id!r} ({rec.where})"
@@ -68,7 +63,7 @@ class MQuAKE(DatasetFormat):
             raise ValidationError(f"{origin}: field 'requested_rewrite' must be a non-empty list of "
                                   f"{{'prompt', 'subject', 'target_new', ...}} objects, got {rewrites!r}")
         if len(rewrites) > 1:
-            return repr(case_id)
+            raise SkipRecord(repr(case_id))
         rr = rewrites[0]
         for f in ("prompt", "subject", "target_new"):
             if f not in rr:

@@ -20,16 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from medit import hookimpl
-from medit.core.dataset import (DatasetFormat, RawRecord, ReadResult, prompt_answer_items, read_records,
-                                require, str_list, target_str)
+from medit.core.dataset import (DatasetFormat, RawRecord, ReadResult, SkipRecord, convert_records,
+                                prompt_answer_items, read_records, require, str_list, target_str)
 from medit.core.errors import ValidationError
 from medit.core.requests import EditRequest, PromptAnswer
 
 REQUIRED = ("subject", "src", "alt")
-
-
-class _SubjectMissing(Exception):
-    pass
 
 
 class Zsre(DatasetFormat):
@@ -40,15 +36,9 @@ class Zsre(DatasetFormat):
     def detect(self, path: Path, first_record: dict[str, Any] | None) -> bool:
         return first_record is not None and all(k in first_record for k in REQUIRED)
 
-    def load(self, path: Path) -> ReadResult:
-        records = read_records(path)
-        out: list[EditRequest] = []
-        skipped: list[str] = []
-        for rec in records:
-            try:
-                out.append(self._one(rec))
-            except _SubjectMissing as exc:
-                skipped.append(str(exc))
+    def load_each(self, path: Path) -> ReadResult:
+        records = read_records(path, lenient=True)
+        out, skipped = convert_records(records, self._one)
         if skipped and not out:
             raise ValidationError(f"no record of zsRE file '{path}' has its subject in its question "
                                   f"(first: {skipped[0]}); put each subject verbatim into 'src'")
@@ -70,7 +60,7 @@ class Zsre(DatasetFormat):
         if subject not in prompt:
             at = prompt.lower().find(subject.lower())
             if at < 0:
-                raise _SubjectMissing(f"{origin}: subject {subject!r} not in {prompt!r}")
+                raise SkipRecord(f"{origin}: subject {subject!r} not in {prompt!r}")
             subject = prompt[at:at + len(subject)]
         answers = d.get("answers")
         target_true = target_str(answers, origin, "answers", required=False) if answers else None
