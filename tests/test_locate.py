@@ -20,9 +20,8 @@ from snapshots import model_state
 
 CAUSAL = ("gpt2", "gptj", "gptneox", "llama")
 HERE = Path(__file__).resolve()
-CORPUS = next((p for p in (HERE.parents[2] / "shared/data/wikitext-2/valid.txt",
-                           HERE.parents[1] / "shared/data/wikitext-2/valid.txt") if p.is_file()), None)
-needs_corpus = pytest.mark.skipif(CORPUS is None, reason="WikiText-2 not found next to the checkout")
+# the WikiText-2 text the package ships (medit/datasets/DATA.md), the default statistics corpus
+CORPUS = HERE.parents[1] / "medit" / "datasets" / "wikitext-2-valid.txt"
 # Random weights give tiny MLP outputs, so the default norm clamp (relative to them) is lifted.
 FAST = {"stats_samples": "300", "stats_max_len": "32", "context_templates": "[[3,2]]", "v_steps": "40",
         "v_clamp_norm_factor": "100"}
@@ -166,7 +165,6 @@ def test_subject_tokens_not_found(tiny_handle):
         compute_keys(h, [bad], [0], ["{}"])
 
 
-@needs_corpus
 def test_one_pass_statistics_equal_per_layer_and_cache(tiny_handle, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDIT_CACHE", str(tmp_path))
     h = tiny_handle("llama", fresh=True)
@@ -216,7 +214,39 @@ def test_empty_corpus_and_bad_layer(tiny_handle, tmp_path):
         second_moments(h, [7], str(empty), n_samples=5, progress=False)
 
 
-@needs_corpus
+def test_default_corpus_is_the_packaged_text_from_any_directory(tiny_handle, tmp_path, monkeypatch):
+    """Without --stats-corpus, statistics come from the WikiText-2 text in the package (no network),
+    found from any working directory, cached under its content fingerprint, and the run manifest
+    names it."""
+    import hashlib
+    import json
+    from medit import api
+    from medit.core.locate import LocateHParams
+    from medit.core.stats import PACKAGED_CORPUS, Corpus, corpus_record
+
+    assert LocateHParams().stats_corpus == PACKAGED_CORPUS
+    for m in ("rome", "memit", "alphaedit"):
+        assert get_plugins().methods.get(m).resolve_hparams(tiny_handle("gpt2")).stats_corpus == PACKAGED_CORPUS
+    monkeypatch.chdir(tmp_path)  # no medit/ here: the package's copy is found
+    fp = hashlib.sha256(CORPUS.read_bytes()).hexdigest()[:16]
+    assert Corpus(PACKAGED_CORPUS).fingerprint() == fp
+    assert corpus_record(PACKAGED_CORPUS) == {"spec": PACKAGED_CORPUS, "path": str(CORPUS), "fingerprint": fp}
+    assert corpus_record("wikitext:wikitext-103-raw-v1")["path"] is None
+    h = tiny_handle("gpt2", fresh=True)
+    packaged, _ = second_moments(h, [0], PACKAGED_CORPUS, n_samples=20, max_len=16, progress=False)
+    h.memo.clear()
+    by_path, secs = second_moments(h, [0], str(CORPUS), n_samples=20, max_len=16, progress=False)
+    assert secs == 0.0 and torch.equal(packaged[0].cpu(), by_path[0].cpu())  # same cache entry
+    summary, _ = api.run(h, "rome", [EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=" the", case_id="r1")],
+                         overrides={**FAST, "stats_samples": "20", "layer": "0", "v_steps": "2"},
+                         protocols=("exact",), metrics=("reliability",), out_dir=tmp_path / "run", progress=False)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["hparams"]["stats_corpus"] == PACKAGED_CORPUS
+    assert manifest["stats_corpus"] == {"spec": PACKAGED_CORPUS, "path": str(CORPUS), "fingerprint": fp}
+    with pytest.raises(InputFileError, match=r"'nope\.txt' does not exist.*leave the option out"):
+        Corpus("nope.txt").fingerprint()
+
+
 @pytest.mark.parametrize("method", ["rome", "rome-negatives", "memit", "alphaedit"])
 @pytest.mark.parametrize("family", CAUSAL)
 def test_locate_methods_take_revert_and_patch(tiny_handle, tmp_path, method, family):
@@ -258,7 +288,6 @@ def test_locate_methods_take_revert_and_patch(tiny_handle, tmp_path, method, fam
     applied.revert()
 
 
-@needs_corpus
 def test_alphaedit_key_cache_keeps_keys_and_reverts(tiny_handle):
     """The run's preserved-key cache holds Σ K Kᵀ of the active edits; each edit keeps only its
     keys K [d_in, n] (not a d_in² matrix), and its revert withdraws exactly its own share."""
@@ -285,7 +314,6 @@ def test_alphaedit_key_cache_keeps_keys_and_reverts(tiny_handle):
     assert h.memo[CACHE] == {}
 
 
-@needs_corpus
 def test_alphaedit_cache_weight_sets_how_firmly_earlier_edits_are_kept(tiny_handle):
     """A later edit moves an earlier edit's key output less the heavier the cache weighs; weight 0
     is the update without the cache."""
@@ -322,7 +350,6 @@ def test_alphaedit_cache_weight_sets_how_firmly_earlier_edits_are_kept(tiny_hand
         m.resolve_hparams(h, overrides={"cache_weight": "-1"})
 
 
-@needs_corpus
 @pytest.mark.parametrize("method", ["memit", "alphaedit"])
 def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
     """A second pass solves for the gap the first left: the edit realises more of the optimised
@@ -363,7 +390,6 @@ def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
         m.resolve_hparams(h, overrides={"spread_min_realised": "0"})
 
 
-@needs_corpus
 def test_further_passes_push_only_the_edits_still_short(tiny_handle):
     """In a batch, a further pass solves only for the edits below ``spread_min_realised``; the
     others get a zero residual, so their outputs are held where the first pass left them."""

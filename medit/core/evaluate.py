@@ -313,7 +313,10 @@ class Evaluator:
 
     def _manifest(self, requests: Sequence[EditRequest], start: str, end: str | None) -> dict[str, Any]:
         from .. import __version__
+        from .stats import corpus_record
+        corpus = getattr(self.hparams, "stats_corpus", None)  # which statistics corpus: spec, file, fingerprint
         return {"medit_version": __version__,
+                **({"stats_corpus": corpus_record(corpus)} if isinstance(corpus, str) else {}),
                 "model": {"id": self.handle.model_id, "fingerprint": self.base_fingerprint,
                           "model_type": self.handle.config.model_type, "dtype": str(self.handle.dtype),
                           "device": str(self.handle.device)},

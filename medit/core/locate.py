@@ -11,7 +11,7 @@ import torch
 from .context import context_templates
 from .errors import HParamsError
 from .rewrite import DeltaSpec, compute_keys, optimise_deltas
-from .stats import second_moments
+from .stats import PACKAGED_CORPUS, second_moments
 
 if TYPE_CHECKING:
     from .edit import WeightEdit
@@ -26,8 +26,9 @@ Solver = Callable[[int, torch.Tensor], torch.Tensor]
 class LocateHParams:
     """Hyperparameters every locate-then-edit method shares (mixed into each method's dataclass)."""
 
-    #: statistics corpus: local .txt/.jsonl file or Hugging Face dataset ``name[:config]``.
-    stats_corpus: str = "wikitext:wikitext-103-raw-v1"
+    #: statistics corpus: local .txt/.jsonl file or Hugging Face dataset ``name[:config]``; by
+    #: default the WikiText-2 validation text the package ships (offline; medit/datasets/DATA.md).
+    stats_corpus: str = PACKAGED_CORPUS
     #: corpus paragraphs used for the key covariance.
     stats_samples: int = 1000
     stats_max_len: int = 128

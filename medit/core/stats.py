@@ -35,17 +35,29 @@ if TYPE_CHECKING:
 
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+#: The default statistics corpus: WikiText-2's validation text, shipped in the package
+#: (medit/datasets/DATA.md), so that statistics never need the network. A relative path, tried
+#: from the working directory and then from the folder holding the medit package. A Hugging Face
+#: dataset is used only when named (e.g. --stats-corpus wikitext:wikitext-103-raw-v1).
+PACKAGED_CORPUS = "medit/datasets/wikitext-2-valid.txt"
+
 
 @dataclass(frozen=True)
 class Corpus:
     """A text corpus: a local .txt (one paragraph per line) or .jsonl (``text`` field) file, or a
-    Hugging Face dataset ``name[:config]`` (online only)."""
+    Hugging Face dataset ``name[:config]`` (online only). A relative path that does not exist from
+    the working directory is tried from the folder holding the medit package (:data:`PACKAGED_CORPUS`)."""
 
     spec: str
 
     @property
     def is_local(self) -> bool:
-        return Path(self.spec).exists() or self.spec.endswith((".txt", ".jsonl", ".json"))
+        return self.resolved().exists() or self.spec.endswith((".txt", ".jsonl", ".json"))
+
+    def resolved(self) -> Path:
+        """The file this corpus names (which may not exist)."""
+        from .dataset import packaged_path
+        return packaged_path(self.spec)
 
     def fingerprint(self) -> str:
         if self.is_local:
@@ -54,10 +66,11 @@ class Corpus:
         return hashlib.sha256(self.spec.encode()).hexdigest()[:16]
 
     def _path(self) -> Path:
-        p = Path(self.spec)
+        p = self.resolved()
         if not p.is_file():
             raise InputFileError(f"statistics corpus {self.spec!r} does not exist; pass a text or JSONL file "
-                                 "with --stats-corpus (e.g. ../shared/data/wikitext-2/valid.txt)")
+                                 f"with --stats-corpus, or leave the option out to use the WikiText-2 text "
+                                 f"medit ships ({PACKAGED_CORPUS})")
         return p
 
     def paragraphs(self, n: int) -> list[str]:
@@ -101,6 +114,19 @@ class Corpus:
                              "pass a local text file with --stats-corpus") from None
         for row in ds:
             yield str(row.get("text", ""))
+
+
+def corpus_record(spec: str) -> dict[str, str | None]:
+    """Which statistics corpus ``spec`` names, for run manifests: the spec, the file it resolves to
+    (None for a hub dataset) and the fingerprint that keys the statistics cache (None when the
+    file is missing)."""
+    c = Corpus(spec)
+    path = str(c.resolved().resolve()) if c.is_local else None
+    try:
+        fp: str | None = c.fingerprint()
+    except MeditError:
+        fp = None
+    return {"spec": spec, "path": path, "fingerprint": fp}
 
 
 def _cache_path(handle: "ModelHandle", corpus_fp: str, layer: int, n: int, max_len: int, dtype: str) -> Path:

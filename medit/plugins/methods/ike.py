@@ -2,7 +2,7 @@
 
 The weights never change: every prompt scored while the edit is active is prefixed with k
 demonstrations and the new fact. Demonstrations come from a pool of edit cases (default: the
-CounterFact train split) in three kinds, each written ``New Fact: <fact>\\nPrompt: <prompt> <answer>``:
+first 2,000 cases of the CounterFact train split, shipped in the package) in three kinds, each written ``New Fact: <fact>\\nPrompt: <prompt> <answer>``:
 *copy* (the fact's own prompt answered with its new target), *update* (a paraphrase answered with
 the new target) and *retain* (an unrelated prompt answered with its unchanged answer). The k
 demonstrations whose text is closest to the new fact (all-MiniLM-L6-v2 cosine similarity) are
@@ -42,7 +42,7 @@ class IKEHParams(HParams):
     #: number of demonstrations before the new fact.
     k: int = 16
     #: demonstration pool: a dataset spec (``FORMAT:PATH``); relative paths are tried from the
-    #: working directory, then from the medit checkout.
+    #: working directory, then from the folder holding the medit package.
     pool: str = DEFAULT_POOL
     #: pool cases used (the first ones of the file).
     pool_size: int = 2000

@@ -101,7 +101,8 @@ class WISEHParams(HParams):
     #: so the router keys on the subject rather than on the relation's wording.
     negative_subjects: list[str] = field(default_factory=lambda: list(NEGATIVE_SUBJECTS))
     #: dataset spec (``FORMAT:PATH``) whose subjects also stand in for the edit's subject in
-    #: unrelated rows (relative paths: from the working directory, then the checkout); null: only
+    #: unrelated rows (relative paths: from the working directory, then the folder holding the medit
+    #: package; default: the 2,000 CounterFact train cases the package ships); null: only
     #: ``negative_subjects``.
     negative_pool: str | None = COUNTERFACT_TRAIN
     #: subjects drawn from ``negative_pool`` for each edit.
