@@ -1,13 +1,15 @@
 """Edit speed benchmark: seconds per edit, statistics seconds and peak memory for one method.
 
-    python bench/edit_speed.py --method rome --model smollm2-135m --n 5 \
-        --stats-corpus ../shared/data/wikitext-2/valid.txt
+    python bench/edit_speed.py --method rome --model smollm2-135m --n 5
     python bench/edit_speed.py --method memit --model llama-2-7b --random-init --device cuda
     python bench/edit_speed.py --method alphaedit --model smollm2-135m --n 30 --sequential
 
 ``--sequential`` keeps every edit applied (as ``--mode sequential`` does) and records the resident
 memory after each edit, so memory growth over a long run shows; ``--no-trim`` skips the heap trim
 after each edit that the evaluator does (to see what it saves).
+
+Cases come from the benchmark data beside the checkout (``../shared/data``, README "Benchmark
+data") unless ``--dataset`` names others.
 
 Writes a JSON result (``--out``, default ``bench/results/edit_speed-<method>-<model>.json``) and
 prints a table. Statistics are timed separately from the edits: the first call computes (or
@@ -40,7 +42,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--n", type=int, default=5, help="edits to time (single mode: applied and reverted one by one)")
     ap.add_argument("--dataset", default=f"counterfact:{DEFAULT_DATA}")
-    ap.add_argument("--stats-corpus", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"))
+    ap.add_argument("--stats-corpus", default=None, help="default: the method's (the WikiText-2 text medit ships)")
     ap.add_argument("--stats-samples", type=int, default=1000)
     ap.add_argument("--set", action="append", default=[], help="extra hparam key=value")
     ap.add_argument("--fresh-stats", action="store_true", help="use an empty statistics cache")
@@ -73,7 +75,8 @@ def main() -> None:
     overrides = parse_sets(args.set)
     fields = method.hparams_class.field_names()
     if "stats_corpus" in fields:
-        overrides.setdefault("stats_corpus", args.stats_corpus)
+        if args.stats_corpus:
+            overrides.setdefault("stats_corpus", args.stats_corpus)
         overrides.setdefault("stats_samples", str(args.stats_samples))
     hp = method.resolve_hparams(handle, overrides=overrides)
     method.start_run(handle)
@@ -135,6 +138,7 @@ def main() -> None:
         "dtype": args.dtype, "n": len(per_edit), "load_s": round(load_s, 2),
         "mode": "sequential" if args.sequential else "single", "trim": not args.no_trim,
         "stats_layers": layers, "stats_samples": args.stats_samples if layers else None,
+        "stats_corpus": getattr(hp, "stats_corpus", None) if layers else None,
         "stats_s": round(stats_s, 3), "stats_wall_s": round(stats_wall, 3), "templates_s": round(templates_s, 3),
         "edit_s": [round(x, 3) for x in per_edit],
         "edit_s_mean": round(sum(per_edit) / len(per_edit), 3),
