@@ -14,6 +14,7 @@ from .core.dataset import load_dataset
 from .core.edit import Edit, load_patch
 from .core.errors import MeditError, UnknownNameError
 from .core.evaluate import EvalConfig, Evaluator
+from .core.guards import check_lengths
 from .core.handle import ModelHandle, load_model
 from .core.hparams import HParams
 from .core.method import Method
@@ -66,6 +67,7 @@ def run(handle: ModelHandle, method: str | Method, requests: Sequence[EditReques
                    "offset": dataset_info.offset, "seed": dataset_info.seed,
                    "skipped": getattr(dataset_info, "skipped", 0), "invalid": getattr(dataset_info, "invalid", 0),
                    "source": getattr(dataset_info, "source", "file")}
+    check_lengths(handle, reqs)  # an over-long prompt or target: one line now, not an OOM kill later
     hp = hparams if hparams is not None else m.resolve_hparams(handle, hparams_file, overrides)
     ev = Evaluator(handle, m, hp, EvalConfig(dataset=dataset, keep_edit=keep_edit,
                                              seed=seed or 0, **cfg))

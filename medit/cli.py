@@ -73,6 +73,7 @@ DeviceOpt = typer.Option(None, "--device", metavar="DEVICE", help="cpu, cuda, cu
 DeviceMapOpt = typer.Option(None, "--device-map", metavar="MAP", help="'auto' to shard a big model over devices")
 RandomOpt = typer.Option(False, "--random-init", help="random weights from the model's config (tests, speed benchmarks)")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="allow model code from the hub (off by default)")
+NoMemCheckOpt = typer.Option(False, "--no-memory-check", help="load the model even when its memory estimate exceeds the free memory")
 ProtoOpt = typer.Option(None, "--protocol", metavar="LIST", help="comma list of generate,token_acc,exact,prob (default: all)")
 OutOpt = typer.Option(None, "--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
 GenOpt = typer.Option(8, "--gen-tokens", metavar="N", help="max new tokens for the generate protocol")
@@ -115,10 +116,11 @@ def _check_new_folder(path: str, flag: str) -> None:
 
 
 def _load(model: str, dtype: Optional[str], device: Optional[str], device_map: Optional[str],
-          random_init: bool, trust_remote_code: bool) -> Any:
+          random_init: bool, trust_remote_code: bool, no_memory_check: bool = False) -> Any:
     from .core.handle import load_model
     return load_model(model, dtype=dtype, device=device, device_map=device_map,
-                      random_init=random_init, trust_remote_code=trust_remote_code)
+                      random_init=random_init, trust_remote_code=trust_remote_code,
+                      memory_check=not no_memory_check)
 
 
 def _protocols(spec: Optional[str]) -> dict[str, Any]:
@@ -169,7 +171,8 @@ def edit(file: str = typer.Argument(..., metavar="FILE", help="edits: medit JSON
          stats_corpus: Optional[str] = CorpusOpt, checkpoint: Optional[str] = CheckpointOpt,
          chat_template: bool = ChatOpt, skip_invalid: bool = SkipInvalidOpt,
          dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
-         random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
+         random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
+         no_memory_check: bool = NoMemCheckOpt) -> None:
     """Apply the edits in FILE, show before/after completions and metrics, optionally save a patch."""
     from . import api
     from .core.dataset import load_dataset
@@ -191,7 +194,7 @@ def edit(file: str = typer.Argument(..., metavar="FILE", help="edits: medit JSON
         meth.check_mode(mode)
     overrides = _method_flags(meth, overrides, stats_corpus, checkpoint, chat_template)
     meth.precheck_hparams(hparams, overrides)
-    handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
+    handle = _load(model, dtype, device, device_map, random_init, trust_remote_code, no_memory_check)
     summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, force=force,
                           hparams_file=hparams, overrides=overrides, out_dir=run_dir, gen_tokens=gen_tokens, **protos)
     _print_completions(summary)
@@ -217,7 +220,8 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
           score_batch_size: int = typer.Option(64, "--score-batch-size", metavar="N", help="most sequences per forward pass when scoring"),
           no_score_cache: bool = typer.Option(False, "--no-score-cache", help="recompute pre-edit scores instead of reusing MEDIT_CACHE/scores"),
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
-          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
+          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
+          no_memory_check: bool = NoMemCheckOpt) -> None:
     """Evaluate a method on a dataset; writes manifest.json, cases.jsonl and summary.json."""
     from . import api
     from .core.dataset import load_dataset
@@ -250,7 +254,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     meth.check_mode(mode)
     check_batched(meth, mode, batch_size)
     meth.precheck_hparams(hparams, overrides)
-    handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
+    handle = _load(model, dtype, device, device_map, random_init, trust_remote_code, no_memory_check)
     summary, _ = api.run(handle, meth, requests, dataset_info=info, seed=seed, hparams_file=hparams,
                          overrides=overrides, out_dir=run_dir, resume=resume, **cfg)
     _report(summary, run_dir)
@@ -262,7 +266,7 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metav
           save: Optional[str] = typer.Option(None, "--save", metavar="DIR", help="write the edited model to this folder"),
           gen_tokens: int = GenOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
           device_map: Optional[str] = DeviceMapOpt, random_init: bool = RandomOpt,
-          trust_remote_code: bool = TrustOpt) -> None:
+          trust_remote_code: bool = TrustOpt, no_memory_check: bool = NoMemCheckOpt) -> None:
     """Apply a saved patch to a fresh model and show its effect."""
     from .core.edit import apply_patch
     from .core.patchfile import read_patch
@@ -273,7 +277,7 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metav
         _check_new_folder(save, "--save")
     manifest, tensors = read_patch(patch)  # verified before the model loads
     get_plugins().methods.get(manifest["method"])
-    handle = _load(model, dtype, device, device_map, random_init, trust_remote_code)
+    handle = _load(model, dtype, device, device_map, random_init, trust_remote_code, no_memory_check)
     scorer = Scorer(handle)
     prompts = list(prompt or [r.get("prompt", "") for r in manifest.get("requests", []) if isinstance(r, dict)])
     qs = [GenQuery(p, gen_tokens) for p in prompts]
@@ -304,7 +308,8 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
           skip_invalid: bool = SkipInvalidOpt,
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
-          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
+          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
+          no_memory_check: bool = NoMemCheckOpt) -> None:
     """Train a learned editor (mend, ke, serac) for a model; writes a resumable checkpoint folder."""
     from . import api
     from .core.dataset import load_dataset
@@ -320,7 +325,7 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
         raise MeditError(f"--max-steps must be >= 1, got {max_steps}")
     requests, info = load_dataset(data, n=n, skip_invalid=skip_invalid)
     val_reqs, val_info = load_dataset(val, n=val_n, skip_invalid=skip_invalid) if val else (None, None)
-    handle = _load(model, dtype, device, None, random_init, trust_remote_code)
+    handle = _load(model, dtype, device, None, random_init, trust_remote_code, no_memory_check)
     hp = meth.resolve_hparams(handle, hparams, overrides)
     manifest = run_training(handle, meth, hp, requests, out, val=val_reqs, data_info=info, val_info=val_info,
                             max_steps=max_steps, max_minutes=max_minutes, resume=resume, log=typer.echo)
@@ -339,7 +344,8 @@ def stats(model: str = ModelOpt,
           stats_dtype: str = typer.Option("float32", "--stats-dtype", metavar="DTYPE", help="accumulation dtype: float32 or float64"),
           tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="on CUDA, TF32 matrix products for the corpus pass"),
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
-          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
+          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
+          no_memory_check: bool = NoMemCheckOpt) -> None:
     """Precompute the key covariance statistics of the MLP rewrite layers (one pass for all layers)."""
     from .core.stats import cache_file, second_moments
 
@@ -347,7 +353,7 @@ def stats(model: str = ModelOpt,
         idx = [int(x) for x in layers.split(",") if x.strip()]
     except ValueError:
         raise MeditError(f"--layers {layers!r} is not a comma list of integers; write e.g. --layers 4,5,6") from None
-    handle = _load(model, dtype, device, None, random_init, trust_remote_code)
+    handle = _load(model, dtype, device, None, random_init, trust_remote_code, no_memory_check)
     result, seconds = second_moments(handle, idx, corpus, samples, max_len, stats_dtype, tf32=tf32)
     rows = [[layer, str(cache_file(handle, layer, corpus, samples, max_len, stats_dtype, tf32)), tuple(m.shape)]
             for layer, m in sorted(result.items())]
@@ -381,7 +387,8 @@ def locate(data: str = typer.Argument(..., metavar="DATASET", help="edits: medit
            skip_invalid: bool = SkipInvalidOpt,
            hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
            dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
-           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt) -> None:
+           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
+           no_memory_check: bool = NoMemCheckOpt) -> None:
     """Print the neurons a locating method (e.g. kn) finds for each case, without editing."""
     from . import api
     from .core.dataset import load_dataset
@@ -392,7 +399,9 @@ def locate(data: str = typer.Argument(..., metavar="DATASET", help="edits: medit
     if not callable(getattr(meth, "locate", None)):
         raise MeditError(f"method {method!r} does not locate neurons; use a locating method such as kn")
     requests, _ = load_dataset(data, n=n, offset=offset, skip_invalid=skip_invalid)
-    handle = _load(model, dtype, device, None, random_init, trust_remote_code)
+    handle = _load(model, dtype, device, None, random_init, trust_remote_code, no_memory_check)
+    from .core.guards import check_lengths
+    check_lengths(handle, requests)
     hp = meth.resolve_hparams(handle, hparams, overrides)
     rows = [[r.case_id, nrn.layer, nrn.index, f"{nrn.attribution:.6g}"]
             for r in requests for nrn in meth.locate(handle, r, hp)]

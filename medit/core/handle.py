@@ -171,10 +171,12 @@ def resolve_dtype(dtype: str | None) -> torch.dtype:
 
 def load_model(spec: str, *, dtype: str | None = None, device: str | None = None,
                device_map: str | None = None, random_init: bool = False,
-               trust_remote_code: bool = False, seed: int = 0) -> ModelHandle:
+               trust_remote_code: bool = False, seed: int = 0, memory_check: bool = True) -> ModelHandle:
     """Load a model by alias, hub id, local folder or GGUF file and wrap it in a handle.
 
     ``random_init`` builds the model from its (embedded or fetched) config with random weights.
+    Before any weight is allocated, a model that will not fit in the free memory is refused with
+    a one-line ModelError (see :mod:`medit.core.guards`); ``memory_check=False`` skips that check.
     """
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device) if device_map is None else None
@@ -194,6 +196,11 @@ def load_model(spec: str, *, dtype: str | None = None, device: str | None = None
         raise ModelError(f"model folder {spec!r} does not exist; pass an existing folder, a hub id, "
                          f"a .gguf file or an alias ({', '.join(sorted(all_aliases()))})")
 
+    if memory_check:
+        from . import guards
+        guards.check_model_memory(spec, alias=alias, src=src, gguf=gguf, dtype=torch_dtype, device=dev,
+                                  device_map=device_map, random_init=random_init,
+                                  trust_remote_code=trust_remote_code)
     if random_init:
         model, tok = _random_init(spec, alias, src, torch_dtype, trust_remote_code, seed, dev)
     else:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, HParamsError, MeditError
+from .guards import check_lengths
 from .hparams import HParams
 from .io import atomic_write_json, atomic_write_text
 from .method import Method
@@ -443,6 +444,7 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
     val = list(val)
     if len(data) < 1:
         raise MeditError("training data holds no cases; pass a --data file with edit cases")
+    check_lengths(handle, [*data, *val])
     out = Path(out_dir)
     target = min(hparams.steps, max_steps) if max_steps is not None else hparams.steps
     fingerprint = handle.fingerprint()
