@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 from tabulate import tabulate
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 try:  # typer >= 0.2x carries its own copy of click
     from typer._click import exceptions as _click_errors
@@ -32,8 +32,11 @@ class _Group(TyperGroup):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _click_errors.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx is not None else "medit"
-            typer.echo(f"Error: {exc.format_message()} (see `{where} --help`)", err=True)
+            ctx = exc.ctx
+            where = f"medit {ctx.info_name}" if ctx is not None and ctx.parent is not None else "medit"
+            given = _given_value(sys.argv[1:] if args is None else list(args), getattr(exc, "param", None))
+            shown = f" (got {given!r})" if given is not None else ""
+            typer.echo(f"Error: {exc.format_message()}{shown} (see `{where} --help`)", err=True)
             sys.exit(exc.exit_code)
         except _click_errors.ClickException as exc:
             typer.echo(f"Error: {exc.format_message()}", err=True)
@@ -52,6 +55,39 @@ class _Group(TyperGroup):
         except KeyboardInterrupt:
             typer.echo("Interrupted; results written so far are kept (continue with --resume).", err=True)
             raise typer.Exit(130) from None
+
+
+def _no_type_label(ctx: Any) -> None:
+    return None
+
+
+class _Command(TyperCommand):
+    """Help as a user reads it: ``Usage: medit edit [OPTIONS] FILE`` (recent typer versions brace
+    the argument) and no ``<str>`` / ``<bool>`` labels beside arguments and flags, whose metavar or
+    name already says what they take."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [p[1:].replace("}", "", 1) if p.startswith("{") else p for p in super().collect_usage_pieces(ctx)]
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "param_type_name", "") == "argument" or getattr(p, "is_flag", False):
+                p.display_type_rich = _no_type_label
+        return params
+
+
+def _given_value(args: list[str], param: Any) -> Optional[str]:
+    """What the user wrote for ``param`` on the command line (the parser's message omits it)."""
+    if param is None or not getattr(param, "opts", None) or getattr(param, "is_flag", False):
+        return None
+    for i, arg in enumerate(args):
+        for opt in param.opts:
+            if arg == opt and i + 1 < len(args):
+                return str(args[i + 1])
+            if arg.startswith(opt + "="):
+                return arg[len(opt) + 1:]
+    return None
 
 
 app = typer.Typer(cls=_Group, add_completion=False, invoke_without_command=True,
@@ -160,7 +196,7 @@ def _report(summary: dict[str, Any], out: Path) -> None:
 
 
 # ---------------------------------------------------------------- commands
-@app.command()
+@app.command(cls=_Command)
 def edit(file: str = typer.Argument(..., metavar="FILE", help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
          method: str = MethodOpt, model: str = ModelOpt, hparams: Optional[str] = HparamsOpt,
          set_: Optional[list[str]] = SetOpt,
@@ -203,7 +239,7 @@ def edit(file: str = typer.Argument(..., metavar="FILE", help="edits: medit JSON
         typer.echo(f"patch: {summary['patch']}")
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_(method: str = MethodOpt, model: str = ModelOpt,
           dataset: str = typer.Option(..., "--dataset", metavar="DATASET", help="PATH or FORMAT:PATH (e.g. counterfact:dev.json)"),
           n: Optional[int] = typer.Option(None, "--n", metavar="N", help="number of cases"),
@@ -260,7 +296,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     _report(summary, run_dir)
 
 
-@app.command()
+@app.command(cls=_Command)
 def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metavar="DIR", help="patch folder from --save-patch"),
           prompt: Optional[list[str]] = typer.Option(None, "--prompt", metavar="TEXT", help="prompt to complete before/after (repeatable; default: the patch's edit prompts)"),
           save: Optional[str] = typer.Option(None, "--save", metavar="DIR", help="write the edited model to this folder"),
@@ -294,7 +330,7 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metav
         typer.echo(f"edited model written to {save}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(method: str = MethodOpt, model: str = ModelOpt,
           data: str = typer.Option(..., "--data", metavar="DATASET", help="training edits: PATH or FORMAT:PATH (e.g. counterfact:train.json)"),
           val: Optional[str] = typer.Option(None, "--val", metavar="DATASET", help="validation edits (default: the last val_n cases of --data)"),
@@ -335,7 +371,7 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
     typer.echo(f"checkpoint: {out}  (use: medit edit --method {meth.name} --checkpoint {out} ...)")
 
 
-@app.command()
+@app.command(cls=_Command)
 def stats(model: str = ModelOpt,
           layers: str = typer.Option(..., "--layers", metavar="LIST", help="comma list of layer indices, e.g. 4,5,6"),
           corpus: str = typer.Option(..., "--corpus", metavar="CORPUS", help="text/JSONL file (one paragraph per line) or HF dataset name"),
@@ -361,7 +397,7 @@ def stats(model: str = ModelOpt,
     typer.echo(f"computed in {seconds:.1f} s" if seconds else "all layers were cached")
 
 
-@app.command()
+@app.command(cls=_Command)
 def corpus(facts: str = typer.Option(..., "--facts", metavar="DATASET", help="dataset whose true facts to add (FORMAT:PATH), "
                                      "e.g. counterfact:train.json"),
            out: str = typer.Option(..., "--out", metavar="FILE", help="the corpus file to write (one sample per line)"),
@@ -379,7 +415,7 @@ def corpus(facts: str = typer.Option(..., "--facts", metavar="DATASET", help="da
     typer.echo(f"wrote {path}: {len(lines)} samples; use it with --stats-corpus {path} --set stats_samples={len(lines)}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def locate(data: str = typer.Argument(..., metavar="DATASET", help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
            method: str = MethodOpt, model: str = ModelOpt,
            n: Optional[int] = typer.Option(None, "--n", metavar="N", help="number of cases"),
@@ -408,7 +444,7 @@ def locate(data: str = typer.Argument(..., metavar="DATASET", help="edits: medit
     typer.echo(tabulate(rows, headers=["case", "layer", "neuron", "attribution"], tablefmt="simple"))
 
 
-@app.command()
+@app.command(cls=_Command)
 def plugins(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """List loaded plugins, their distribution and version, and what each registers."""
     p = get_plugins()
@@ -422,7 +458,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="print JSON")) ->
     typer.echo(tabulate(table, headers=["plugin", "distribution", "version", "registers"], tablefmt="simple"))
 
 
-@app.command("list")
+@app.command("list", cls=_Command)
 def list_(kind: str = typer.Argument(..., metavar="KIND", help="methods, models, metrics or datasets"),
           as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """List registered methods, model families (with aliases), metrics or dataset formats."""
@@ -444,8 +480,8 @@ def list_(kind: str = typer.Argument(..., metavar="KIND", help="methods, models,
                         maxcolwidths=[None, 60] + [None] * (len(cols) - 2)))
 
 
-@app.command()
-def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...", help="run folders written by `medit eval/edit --out`"),
+@app.command(cls=_Command)
+def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR", help="run folders written by `medit eval/edit --out`"),
            out: Optional[str] = typer.Option(None, "--out", metavar="DIR", help="write report.md, report.json and report.png here"),
            fmt: str = typer.Option("table", "--format", metavar="FORMAT", help="what to print: table, markdown or json"),
            misses: bool = typer.Option(False, "--misses", help="list each run's cases that score below 1 on a "
@@ -472,7 +508,7 @@ def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...", help=
         typer.echo("report: " + ", ".join(str(f) for f in files), err=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def version() -> None:
     """Print the medit version."""
     typer.echo(__version__)
