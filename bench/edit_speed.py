@@ -62,10 +62,10 @@ def main() -> None:
 
     from medit.core.dataset import load_dataset
     from medit.core.edit import CompositeEdit, share_originals
-    from medit.core.handle import load_model
+    from medit.model.loading import load_model
     from medit.core.hparams import parse_sets
-    from medit.core.memory import current_rss_mb, peak_rss_mb, trim_heap
-    from medit.core.plugins import get_plugins
+    from medit.evaluation.memory import current_rss_mb, peak_rss_mb, trim_heap
+    from medit.plugin.manager import get_plugins
 
     t0 = time.perf_counter()
     handle = load_model(args.model, random_init=args.random_init, device=args.device, dtype=args.dtype)
@@ -85,7 +85,7 @@ def main() -> None:
     stats_s = 0.0
     layers = None
     if "stats_corpus" in fields and getattr(hp, "mom2_adjustment", True):
-        from medit.core.layers import resolve_layers
+        from medit.model.layers import resolve_layers
         from medit.plugins.methods.memit import pick_layers
         if hasattr(hp, "layers"):
             layers = pick_layers(handle, hp.layers)

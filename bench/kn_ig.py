@@ -4,7 +4,7 @@
 
 The reference is one forward+backward pass of the model over a batch of S copies of the prompt
 (gradient of the answer's summed probability with respect to the input embeddings). The
-attribution is :func:`medit.core.attribution.integrated_gradients` with every FFN layer, in the
+attribution is :func:`medit.toolkit.attribution.integrated_gradients` with every FFN layer, in the
 default ``joint`` scope (all S interpolation steps in one batch, every layer at once) and, for
 reference, the per-layer ``layer`` scope. Reports the median over ``--repeats`` runs after one
 warm-up. Writes ``bench/results/kn_ig-<model>.json`` (or ``--out``) and prints a table.
@@ -46,9 +46,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from medit.core.attribution import integrated_gradients
-    from medit.core.handle import load_model
-    from medit.core.scoring import Scorer
+    from medit.toolkit.attribution import integrated_gradients
+    from medit.model.loading import load_model
+    from medit.scoring.engine import Scorer
 
     handle = load_model(args.model, random_init=args.random_init, device=args.device)
     layers = list(range(handle.n_layers))

@@ -46,9 +46,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from medit.core.dataset import load_dataset
-    from medit.core.handle import load_model
-    from medit.core.plugins import get_plugins
-    from medit.core.scoring import DistQuery, GenQuery, Scorer, TFQuery
+    from medit.model.loading import load_model
+    from medit.plugin.manager import get_plugins
+    from medit.core.queries import DistQuery, GenQuery, TFQuery
+    from medit.scoring.engine import Scorer
 
     handle = load_model(args.model, random_init=args.random_init, device=args.device, dtype=args.dtype)
     reqs, _ = load_dataset(args.dataset, n=args.n)

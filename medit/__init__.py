@@ -3,6 +3,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .core.hookspecs import hookimpl  # noqa: E402
+from medit.plugin.hookspecs import hookimpl  # noqa: E402
 
 __all__ = ["__version__", "hookimpl"]

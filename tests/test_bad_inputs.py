@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from medit import cli
 from medit.cli import app
-from medit.core.errors import MeditError
+from medit.errors import MeditError
 
 from test_cli import CASE_A, CASE_B, FAST_FT, assert_one_line_error, write_jsonl
 
@@ -85,7 +85,7 @@ def made(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="module")
 def gpt2(made: dict[str, Path]) -> Any:
     """A private handle on the tiny GPT-2 (the shared ``tiny_handle`` one is left to other modules)."""
-    from medit.core.handle import load_model
+    from medit.model.loading import load_model
     return load_model(str(made["model"]), device="cpu")
 
 
@@ -262,7 +262,7 @@ def test_train_out_holding_user_files_is_refused(made, tmp_path, guard, no_model
 
 
 def test_offline_load_error_names_the_aliases_installed_here(guard):
-    from medit.core.handle import offline_aliases
+    from medit.model.loading import offline_aliases
     msg = guard(["apply", "--model", "gpt2-xl", "--patch", "nowhere"], "nowhere")  # the patch first
     msg = guard(["stats", "--model", "gpt2-xl", "--layers", "1", "--corpus", "c.txt"], "gpt2-xl", "--random-init")
     for name in offline_aliases():
@@ -431,7 +431,7 @@ def test_fuzz_dataset_readers(tmp_path, data):
 @given(data=st.data())
 def test_fuzz_hparams_yaml_and_set(tmp_path, data):
     from medit.core.hparams import parse_sets, read_yaml
-    from medit.core.plugins import get_plugins
+    from medit.plugin.manager import get_plugins
 
     method = get_plugins().methods.get(data.draw(st.sampled_from(["rome", "ft-l", "grace", "kn"])))
     base = b"layers: [1]\nlr: 0.5\nsteps: 3\nv_lr: 0.1\n"

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 import medit
 from medit.cli import app
-from medit.core import plugins as plugins_mod
-from medit.core.plugins import get_plugins, register_plugin, unregister_plugin
+from medit.plugin import manager as plugins_mod
+from medit.plugin.manager import get_plugins, register_plugin, unregister_plugin
 
 # the first 300 CounterFact dev cases, which the tests carry (tests/data/README.md)
 COUNTERFACT = Path(__file__).resolve().parent / "data" / "counterfact-dev-300.json"
@@ -252,8 +252,9 @@ def test_apply_patch_changes_the_output(runner, saved_patch, gpt2_dir, tmp_path)
     assert after.startswith("R"), out  # the edit target is "Rome"
     assert (saved / "config.json").is_file()
     # The saved model is the edited one: it answers like the patched model.
-    from medit.core.handle import load_model
-    from medit.core.scoring import Scorer, TFQuery
+    from medit.model.loading import load_model
+    from medit.scoring.engine import Scorer
+    from medit.core.queries import TFQuery
     edited = load_model(str(saved), device="cpu")
     assert Scorer(edited).teacher_forced([TFQuery(prompt, CASE_A["target_new"])])[0].exact == 1.0
 

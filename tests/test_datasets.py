@@ -9,8 +9,8 @@ import pytest
 
 from medit import hookimpl
 from medit.core.dataset import (DatasetFormat, DatasetInfo, load_dataset, parse_spec, read_records)
-from medit.core.errors import InputFileError, UnknownNameError, ValidationError
-from medit.core.plugins import get_plugins, register_plugin, unregister_plugin
+from medit.errors import InputFileError, UnknownNameError, ValidationError
+from medit.plugin.manager import get_plugins, register_plugin, unregister_plugin
 from medit.core.requests import EditRequest, PromptAnswer
 
 from conftest import require_module

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medit.core.edit import CompositeEdit, WeightEdit, load_patch, share_originals
-from medit.core.errors import EditError
+from medit.errors import EditError
 
 from snapshots import model_state
 

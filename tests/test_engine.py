@@ -18,12 +18,14 @@ import torch
 from typer.testing import CliRunner
 
 from medit.cli import app
-from medit.core import scorecache
-from medit.core.errors import MeditError
-from medit.core.evaluate import EvalConfig, evaluate, summary_table
-from medit.core.plugins import get_plugins
+from medit.scoring import cache as scorecache
+from medit.errors import MeditError
+from medit.evaluation.engine import EvalConfig, evaluate
+from medit.evaluation.summary import summary_table
+from medit.plugin.manager import get_plugins
 from medit.core.requests import EditRequest, PromptAnswer
-from medit.core.scoring import DistQuery, GenQuery, NextToken, Scorer, TFQuery, kl_divergence
+from medit.core.queries import DistQuery, GenQuery, NextToken, TFQuery, kl_divergence
+from medit.scoring.engine import Scorer
 
 # Strong enough for the tiny random GPT-2 to take an edit (about 0.1 s per edit).
 FT = {"lr": "0.05", "steps": "40", "norm_constraint": "0.5", "layers": "[1]"}
@@ -328,8 +330,8 @@ def test_sequential_batches_apply_chunks_in_order(tiny_handle, cache_root, tmp_p
 
 
 def test_batch_size_outside_batches_is_refused(tiny_handle):
-    from medit.core.errors import MethodError
-    from medit.core.evaluate import check_batched
+    from medit.errors import MethodError
+    from medit.evaluation.engine import check_batched
 
     with pytest.raises(MeditError, match="--batch-size 2.*single mode"):
         EvalConfig(mode="single", batch_size=2)
@@ -391,7 +393,7 @@ def test_without_also_immediate_there_is_no_immediate_stage(tiny_handle, cache_r
 # ------------------------------------------------------------------------------ progress
 
 def test_progress_reports_reach_the_total_in_cases(tiny_handle):
-    from medit.core.evaluate import _case_progress
+    from medit.evaluation.engine import _case_progress
 
     h = tiny_handle("gpt2")
     seen: list[tuple[float, float]] = []
@@ -537,7 +539,7 @@ def test_sequential_run_keeps_one_copy_per_matrix_and_trims_the_heap(tiny_model_
     """Sequential mode: after the run every edit but the first shares the original weights (one
     copy per edited matrix, not one per edit), every edit is reverted at the end, and the heap is
     trimmed after each edit; each case records the resident memory right after its edit."""
-    import medit.core.evaluate as engine
+    import medit.evaluation.engine as engine
     from medit.core.edit import WeightEdit
     calls = []
     monkeypatch.setattr(engine, "trim_heap", lambda: calls.append(1))

@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from medit.cli import app
-from medit.core.errors import ValidationError
-from medit.core.factcorpus import build_corpus, write_corpus
-from medit.core.stats import Corpus
+from medit.errors import ValidationError
+from medit.toolkit.fact_corpus import build_corpus, write_corpus
+from medit.toolkit.stats import Corpus
 
 
 def _cf(i: int, subject: str, prompt: str, truth: str, loc: str, loc_truth: str, rephrase: str = "") -> dict:

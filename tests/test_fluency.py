@@ -6,10 +6,11 @@ import math
 import pytest
 
 from medit import api
-from medit.core.errors import HParamsError
-from medit.core.plugins import get_plugins
+from medit.errors import HParamsError
+from medit.plugin.manager import get_plugins
 from medit.core.requests import EditRequest
-from medit.core.scoring import GenQuery, Scorer
+from medit.core.queries import GenQuery
+from medit.scoring.engine import Scorer
 from medit.plugins.metrics.fluency import Fluency, ngram_entropy, words
 
 
@@ -71,7 +72,7 @@ def test_bad_setting():
 
 
 def test_registered_and_opt_in():
-    from medit.core.evaluate import DEFAULT_METRICS
+    from medit.evaluation.engine import DEFAULT_METRICS
     assert isinstance(get_plugins().metrics.get("fluency"), Fluency)
     assert "fluency" not in DEFAULT_METRICS
 

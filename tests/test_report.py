@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from medit.cli import app
-from medit.core.errors import InputFileError, UnknownNameError
-from medit.core.report import build_report, load_run, load_runs, render, write_report
+from medit.errors import InputFileError, UnknownNameError
+from medit.evaluation.report import build_report, load_run, load_runs, render, write_report
 
 DATASET = {"path": "/data/counterfact/dev.json", "format": "counterfact", "fingerprint": "abcd", "n": 10,
            "offset": 0, "seed": None}
@@ -203,7 +203,7 @@ def _case(cid: str, rel: float, loc: float, edit: dict[str, Any]) -> str:
 
 
 def test_misses_list_failed_cases_with_their_share_of_the_edit_info(tmp_path):
-    from medit.core.misses import case_misses, parse_checks, render_misses
+    from medit.evaluation.misses import case_misses, parse_checks, render_misses
     run_dir = make_run(tmp_path, "b", "memit", ROME, mode="batch")
     info = {"layers": [3, 4, 5], "realised": [0.9, 0.2, 0.7], "spread_passes": 2, "stats_s": 1.5}
     rows = [_case("a", 1.0, 1.0, {"index": 0, "size": 3, "info": info}),

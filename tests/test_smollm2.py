@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medit import api
-from medit.core.evaluate import summary_table
+from medit.evaluation.summary import summary_table
 
 _HERE = Path(__file__).resolve()
 COUNTERFACT = _HERE.parent / "data" / "counterfact-dev-300.json"

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import InputFileError, MeditError, UnknownNameError, ValidationError
-from .records import (MalformedFileError, RawRecord, check_file, file_fingerprint, first_record,
+from medit.errors import InputFileError, MeditError, UnknownNameError, ValidationError
+from medit.core.records import (MalformedFileError, RawRecord, check_file, file_fingerprint, first_record,
                       provided_records, read_records)
-from .requests import EditRequest, PromptAnswer
+from medit.core.requests import EditRequest, PromptAnswer
 
 __all__ = [
     "DatasetFormat", "DatasetInfo", "InvalidRecord", "MalformedFileError", "RawRecord", "ReadResult",
@@ -184,7 +184,7 @@ def item_list(value: Any, origin: str, field_name: str) -> list[Any]:
 
 
 def _registry() -> Any:
-    from .plugins import get_plugins  # late import: plugins imports hookspecs only, but keep it lazy
+    from medit.plugin.manager import get_plugins  # late import: plugins imports hookspecs only, but keep it lazy
 
     return get_plugins().datasets
 
@@ -249,8 +249,8 @@ def resolve_packaged_spec(spec: str, what: str, hparam: str, optional: bool = Fa
     either). A saved ``datasets`` folder or a hub id (:mod:`medit.core.hfdata`) is returned as it
     is. A missing file is a one-line MethodError naming ``what`` and the hparam that sets it (and,
     when ``optional``, that null turns it off)."""
-    from .errors import MethodError
-    from .hfdata import looks_like_hub_id
+    from medit.errors import MethodError
+    from medit.core.hfdata import looks_like_hub_id
 
     fmt, path = parse_spec(spec)
     prefix = f"{fmt}:" if fmt else ""
@@ -337,7 +337,7 @@ def load_dataset(spec: str | os.PathLike[str], n: int | None = None, offset: int
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValidationError(f"seed must be an integer (or unset for file order), got {seed!r}")
 
-    from .hfdata import find_source
+    from medit.core.hfdata import find_source
 
     name, path = parse_spec(spec)
     hf = None if path.is_file() else find_source(str(path), name)

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from .errors import EditError, PatchError
-from .patchfile import MANIFEST, PATCH_FORMAT, PATCH_VERSION, TENSORS, read_patch, write_patch
+from medit.errors import EditError, PatchError
+from medit.core.patchfile import MANIFEST, PATCH_FORMAT, PATCH_VERSION, TENSORS, read_patch, write_patch
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
-    from .requests import EditRequest
+    from medit.model.handle import ModelHandle
+    from medit.core.requests import EditRequest
 
 __all__ = ["Edit", "WeightEdit", "CompositeEdit", "share_originals", "load_patch", "apply_patch",
            "MANIFEST", "PATCH_FORMAT", "PATCH_VERSION", "TENSORS"]
@@ -52,7 +52,7 @@ class Edit:
     def save(self, path: str | Path, force: bool = False) -> Path:
         """Write a patch folder (``manifest.json`` and ``tensors.safetensors``), atomically. An
         existing ``path`` is replaced only if it is empty, or a medit patch and ``force`` is set."""
-        from .. import __version__
+        from medit import __version__
 
         extra, tensors = self.payload()
         manifest = {
@@ -176,7 +176,7 @@ class WeightEdit(Edit):
                              "apply it to the unedited model it was made for")
         dense = {n: tensors[n] for n, s in specs.items() if s["storage"] == "dense"}
         factors = {n: (tensors[f"{n}::u"], tensors[f"{n}::v"]) for n, s in specs.items() if s["storage"] == "lowrank"}
-        from .requests import EditRequest
+        from medit.core.requests import EditRequest
         reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
         return cls.from_deltas(handle, manifest["method"], reqs, manifest.get("hparams", {}), dense, factors)
 
@@ -263,7 +263,7 @@ def load_patch(handle: "ModelHandle", path: str | Path) -> Edit:
 def apply_patch(handle: "ModelHandle", manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
                 where: str = "patch") -> Edit:
     """Apply a patch already read with :func:`~medit.core.patchfile.read_patch`."""
-    from .plugins import get_plugins
+    from medit.plugin.manager import get_plugins
 
     method = get_plugins().methods.get(manifest["method"])
     try:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputFileError
-from .records import RawRecord
+from medit.errors import InputFileError
+from medit.core.records import RawRecord
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_][\w.-]*$")

@@ -9,7 +9,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from .errors import HParamsError, InputFileError
+from medit.errors import HParamsError, InputFileError
 
 H = TypeVar("H", bound="HParams")
 

@@ -93,8 +93,8 @@ class JsonlAppender:
 def read_jsonl_records(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
     """(records, torn) of a JSONL file written by :class:`JsonlAppender`. A crash mid-write leaves
     a fragment as the last line: it is dropped and ``torn`` is True. A bad line with records after
-    it is damage, not a crash: :class:`~medit.core.errors.InputFileError` naming the line."""
-    from .errors import InputFileError
+    it is damage, not a crash: :class:`~medit.errors.InputFileError` naming the line."""
+    from medit.errors import InputFileError
 
     p = Path(path)
     if not p.exists():
@@ -123,3 +123,11 @@ def read_jsonl_records(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
 def read_jsonl_tolerant(path: str | Path) -> list[dict[str, Any]]:
     """The records of :func:`read_jsonl_records`, a torn last line dropped."""
     return read_jsonl_records(path)[0]
+
+
+def cache_dir(sub: str) -> Path:
+    """``$MEDIT_CACHE`` (default ``~/.cache/medit``) / sub, created on demand."""
+    root = Path(os.environ.get("MEDIT_CACHE", Path.home() / ".cache" / "medit"))
+    p = root / sub
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from .errors import MethodError, UnknownNameError
-from .hparams import HParams, read_yaml
+from medit.errors import MethodError, UnknownNameError
+from medit.core.hparams import HParams, read_yaml
 
 if TYPE_CHECKING:
-    from .edit import Edit
-    from .handle import ModelHandle
-    from .requests import EditRequest
+    from medit.core.edit import Edit
+    from medit.model.handle import ModelHandle
+    from medit.core.requests import EditRequest
 
 MODES = ("single", "batch", "sequential")
 
@@ -91,5 +91,5 @@ class Method:
     def load_patch(self, handle: "ModelHandle", manifest: dict[str, Any], tensors: dict[str, Any]) -> "Edit":
         """Rebuild an Edit from a saved patch. Weight patches are handled here; methods that keep
         the weights override this."""
-        from .edit import WeightEdit
+        from medit.core.edit import WeightEdit
         return WeightEdit.from_patch(handle, manifest, tensors)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Mapping
 
-from .requests import EditRequest
-from .scoring import GenQuery, TFQuery, TFResult, generation_matches
+from medit.core.requests import EditRequest
+from medit.core.queries import GenQuery, TFQuery, TFResult, generation_matches
 
 PROTOCOLS = ("generate", "token_acc", "exact", "prob")
 #: protocol -> {"pre": value or None, "post": value}

@@ -7,7 +7,7 @@ uniquely named temporary sibling and renamed into place; leftovers of an interru
 
 Reading trusts nothing: the manifest is checked field by field, the tensors file against the
 SHA-256 and size the manifest records, and every tensor for finiteness. Any failure is one
-:class:`~medit.core.errors.PatchError` naming the file.
+:class:`~medit.errors.PatchError` naming the file.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import PatchError
-from .io import apply_umask, atomic_write_text, sha256_file
+from medit.errors import PatchError
+from medit.core.io import apply_umask, atomic_write_text, sha256_file
 
 PATCH_FORMAT = "medit-patch"
 #: 2: the manifest records each data file's SHA-256 and size (version 1 patches still load).

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import InputFileError
+from medit.errors import InputFileError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import ValidationError
+from medit.errors import ValidationError
 
 #: The fields of a medit JSONL record.
 FIELDS = ("case_id", "prompt", "subject", "target_new", "target_true", "rephrase", "locality",

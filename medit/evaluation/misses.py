@@ -4,7 +4,7 @@ A case *misses* a check ``metric.protocol`` when its post-edit score there is be
 protocol but ``kl`` and ``ngram_entropy`` scores a case in [0, 1], 1 being a hit). Each missed case
 is listed with its scores on every check, the edit that made it (its position among that edit's
 requests) and what the method reported about that edit (``edit.info`` in ``cases.jsonl``, as
-:func:`medit.core.evaluate.edit_record` writes it), reduced to this case's share: per-request
+:func:`medit.evaluation.engine.edit_record` writes it), reduced to this case's share: per-request
 lists give the case's entry. That is what tells a miss the method saw coming (e.g. ROME/MEMIT's
 ``realised`` share or ``delta_nll``) from one a later edit caused.
 """
@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 from tabulate import tabulate
 
-from .errors import InputFileError, UnknownNameError, ValidationError
-from .report import FORMATS, Run
+from medit.errors import InputFileError, UnknownNameError, ValidationError
+from medit.evaluation.report import FORMATS, Run
 
 __all__ = ["DEFAULT_CHECKS", "parse_checks", "case_misses", "render_misses"]
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from tabulate import tabulate
 
-from .errors import InputFileError, UnknownNameError
+from medit.errors import InputFileError, UnknownNameError
 
 __all__ = ["FORMATS", "Run", "load_run", "load_runs", "build_report", "render", "write_chart",
            "write_report"]

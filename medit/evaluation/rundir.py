@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from .errors import MeditError, PatchError
-from .patchfile import check_target, is_medit_patch
+from medit.errors import MeditError, PatchError
+from medit.core.patchfile import check_target, is_medit_patch
 
 MANIFEST = "manifest.json"
 CASES = "cases.jsonl"
@@ -88,3 +89,43 @@ def check_patch_path(patch: str | Path, out: str | Path | None, force: bool) -> 
             raise PatchError(f"--save-patch {str(patch)!r} would replace the run's {target.name}; save the patch "
                              f"in its own folder, e.g. --save-patch {Path(out) / 'patch'}")
     check_target(Path(patch), force)
+
+
+#: manifest entries a resumed run must share with the run it continues (model: id, weights, dtype)
+RESUME_KEYS = ("method", "hparams", "mode", "batch_size", "also_immediate", "protocols", "metrics",
+               "gen_tokens", "dataset", "n", "offset", "seed")
+
+
+def _resume_view(manifest: dict[str, Any]) -> dict[str, Any]:
+    model = manifest.get("model") or {}
+    return {**{k: manifest[k] for k in RESUME_KEYS if k in manifest},
+            "model": {k: model[k] for k in ("id", "fingerprint", "dtype") if k in model}}
+
+
+def _differences(old: Any, new: Any, name: str) -> list[tuple[str, Any, Any]]:
+    # only keys both sides have: a manifest written by an older medit lacks newer settings
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) & set(new), key=str)
+                for d in _differences(old[k], new[k], f"{name}.{k}")]
+    return [] if old == new else [(name, old, new)]
+
+
+def check_resumable(out: Path, manifest: dict[str, Any]) -> None:
+    """Refuse to resume the run in ``out`` with settings other than those it started with: its
+    finished cases would be mixed with cases from another configuration."""
+    try:
+        old = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return  # no readable manifest: the cases themselves are all there is to go on
+    diffs = _differences(_resume_view(old), _resume_view(json.loads(json.dumps(manifest))), "")
+    if diffs:
+        name, was, now = diffs[0]
+        raise MeditError(f"run folder {str(out)!r} was started with {name.lstrip('.')} = {was!r}, not {now!r}; "
+                         "resume it with the settings it started with, or choose another --out")
+
+
+def _rewrite_cases(path: Path, records: list[dict[str, Any]]) -> None:
+    """Drop a torn trailing line left by a crash so appends continue on a clean file."""
+    from medit.core.io import atomic_write_text
+    import json
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))

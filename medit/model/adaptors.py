@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .scoring import Scorer
-from .tracing import capture, layers_above, run_until
+from medit.scoring.engine import Scorer
+from medit.model.tracing import capture, layers_above, run_until
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
+    from medit.model.handle import ModelHandle
 
 
 def call_cache(kwargs: dict) -> Any:

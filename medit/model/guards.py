@@ -1,9 +1,9 @@
 """Guards that refuse heavy work before it starts, in one sentence instead of an OOM kill.
 
-- :func:`check_model_memory` (called by :func:`~medit.core.handle.load_model` unless
+- :func:`check_model_memory` (called by :func:`~medit.model.loading.load_model` unless
   ``memory_check=False`` / ``--no-memory-check``): estimates the memory a model needs before any
   weight is allocated and refuses one that will not fit.
-- :func:`check_lengths` (called by :func:`medit.api.run` and :func:`medit.core.train.train`
+- :func:`check_lengths` (called by :func:`medit.api.run` and :func:`medit.toolkit.training.train`
   before any editing or scoring): refuses edit cases whose prompts or targets are longer than
   the model's context.
 
@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import ModelError, ValidationError
+from medit.errors import ModelError, ValidationError
 
 if TYPE_CHECKING:
-    from .adapter import ModelAlias
-    from .handle import ModelHandle
-    from .requests import EditRequest
+    from medit.core.adapter import ModelAlias
+    from medit.model.handle import ModelHandle
+    from medit.core.requests import EditRequest
 
 #: memory needed beyond the weights, as a fraction of the weights (working set of a method).
 WORKING_MARGIN = 0.2
@@ -75,7 +75,7 @@ def gb(n: float) -> str:
 
 def count_parameters(config: Any) -> int:
     """Parameters (and buffers) of the model ``config`` describes, counted on the meta device."""
-    from .handle import _model_class
+    from medit.model.loading import _model_class
 
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
@@ -108,11 +108,11 @@ def _safetensors_parameters(folder: Path) -> int:
 
 def estimate_model(spec: str, *, alias: "ModelAlias | None", src: str, gguf: str, dtype: torch.dtype,
                    random_init: bool, trust_remote_code: bool = False) -> MemoryEstimate | None:
-    """The memory estimate of a model :func:`~medit.core.handle.load_model` is about to load, or
+    """The memory estimate of a model :func:`~medit.model.loading.load_model` is about to load, or
     None when none can be made without loading it. Raises ModelError for an unsupported family."""
     from transformers import AutoConfig
 
-    from .handle import _gguf_cache, _hub_kw, adapter_for_model_type
+    from medit.model.loading import _gguf_cache, _hub_kw, adapter_for_model_type
 
     width = torch.empty((), dtype=dtype).element_size()
     gguf_path = Path(src) / gguf if gguf else None

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from .errors import HParamsError, MethodError
+from medit.errors import HParamsError, MethodError
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
+    from medit.model.handle import ModelHandle
 
 
 def resolve_layers(handle: "ModelHandle", layers: Sequence[int] | str, auto: Sequence[float],

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
+    from medit.model.handle import ModelHandle
 
 
 class StopForward(Exception):
@@ -188,3 +188,11 @@ def layers_above(handle: "ModelHandle", layer: int) -> Iterator[Above]:
         setattr(parent, attr, full)
         for m, idx in renumbered:
             m.layer_idx = idx
+
+
+def foreign_hooks(module: torch.nn.Module) -> list[Callable[..., Any]]:
+    """The forward (pre-)hooks on ``module`` other than transformers' own (it installs
+    output-capturing hooks the first time hidden states are requested, keeps them, and they
+    change nothing)."""
+    return [f for f in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+            if not getattr(f, "__module__", "").startswith("transformers")]

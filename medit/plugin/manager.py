@@ -14,8 +14,8 @@ from typing import Any, Generic, Iterator, TypeVar
 
 import pluggy
 
-from . import hookspecs
-from .errors import UnknownNameError
+from medit.plugin import hookspecs
+from medit.errors import UnknownNameError
 
 ENTRY_POINT_GROUP = "medit"
 BUILTIN_DIST = "medit"

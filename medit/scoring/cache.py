@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .scoring import DistQuery, GenQuery, NextToken, Progress, TFQuery, TFResult
+from medit.core.queries import DistQuery, GenQuery, NextToken, Progress, TFQuery, TFResult
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
-    from .scoring import Scorer
+    from medit.model.handle import ModelHandle
+    from medit.scoring.engine import Scorer
 
 FORMAT = 1
 
@@ -67,7 +67,7 @@ def cache_key(handle: "ModelHandle", scorer: "Scorer", queries: Sequence[Any],
 
 
 def cache_path(key: dict[str, Any]) -> Path:
-    from .handle import cache_dir
+    from medit.core.io import cache_dir
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir("scores") / key["model"] / f"{digest}.safetensors"
 

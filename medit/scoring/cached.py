@@ -10,7 +10,7 @@ same column, with a key/value cache; every query then continues from that cache:
 - generation decodes greedily over its own copy, one token per step, dropping rows as they finish.
 
 The results equal those of whole-sequence passes up to float rounding (the tests compare both).
-The model must run unhooked (:meth:`medit.core.scoring.Scorer.engine` checks), because an edit's
+The model must run unhooked (:meth:`medit.scoring.engine.Scorer.engine` checks), because an edit's
 hook may look at the whole sequence, which a cached step does not show it.
 """
 from __future__ import annotations
@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
-from .tracing import cache_kwarg
+from medit.model.tracing import cache_kwarg
 
 if TYPE_CHECKING:
-    from .scoring import NextToken, Scorer, TFResult
+    from medit.core.queries import NextToken, TFResult
+    from medit.scoring.engine import Scorer
 
 #: most padded prompt tokens in one forward pass.
 TOKEN_BUDGET = 4096
@@ -182,7 +183,7 @@ class CachedRunner:
 
     def _run_batch(self, batch: list[_Prompt], tf_out: list[Any], dist_out: list[Any],
                    gen_out: list[list[int]]) -> None:
-        from .scoring import NextToken, TFResult, _F16_FLOOR
+        from medit.core.queries import NextToken, TFResult, F16_FLOOR as _F16_FLOOR
 
         ids, mask = self.scorer._pad([p.ids for p in batch], left=True)  # every prompt ends in the last column
         n, width = ids.shape
@@ -208,7 +209,7 @@ class CachedRunner:
     def _targets(self, jobs: list[tuple[int, int, list[int]]], cache: Any, mask: torch.Tensor,
                  last: torch.Tensor, first: torch.Tensor, tf_out: list[Any]) -> None:
         """Feed targets' tokens (all but the last) after their prompts; read each next token."""
-        from .scoring import TFResult
+        from medit.core.queries import TFResult
 
         src = torch.tensor([r for r, _, _ in jobs])
         ids, cmask = self.scorer._pad([t[:-1] for _, _, t in jobs])

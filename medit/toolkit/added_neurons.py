@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .edit import Edit
-from .errors import HParamsError, PatchError
-from .tracing import capture
+from medit.core.edit import Edit
+from medit.errors import HParamsError, PatchError
+from medit.model.tracing import capture
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
-    from .requests import EditRequest
+    from medit.model.handle import ModelHandle
+    from medit.core.requests import EditRequest
 
 ACTIVATIONS = ("relu", "gelu")
 _BANKS = "neurons.banks"
@@ -133,7 +133,7 @@ def ffn_inputs(handle: "ModelHandle", layer: int, seqs: Sequence[Sequence[int]],
 
     For encoder-decoder models the sequences are decoder inputs fed after an empty encoder input.
     """
-    from .scoring import Scorer
+    from medit.scoring.engine import Scorer
     scorer = Scorer(handle)
     out: list[torch.Tensor] = []
     dev = handle.device
@@ -207,7 +207,7 @@ class NeuronEdit(Edit):
     @classmethod
     def from_patch(cls, handle: "ModelHandle", manifest: dict[str, Any],
                    tensors: dict[str, torch.Tensor]) -> "NeuronEdit":
-        from .requests import EditRequest
+        from medit.core.requests import EditRequest
         groups = []
         for i, spec in enumerate(manifest.get("groups") or []):
             layer = int(spec["layer"])
@@ -240,7 +240,7 @@ def target_batch(handle: "ModelHandle", requests: Sequence["EditRequest"], promp
                  ) -> list[tuple[list[int], list[int]]]:
     """(context ids, target ids) rows for each request's target_new after its prompt (or after
     each of ``prompts_per_request[i]``)."""
-    from .scoring import Scorer
+    from medit.scoring.engine import Scorer
     scorer = Scorer(handle)
     rows = []
     for i, r in enumerate(requests):
@@ -253,7 +253,7 @@ def target_inputs(handle: "ModelHandle", layer: int, batch: Sequence[tuple[list[
     """FFN inputs at ``layer`` at every position that predicts a target token: [sum of target lengths, d_in]."""
     dev = handle.device
     if handle.is_encoder_decoder:
-        from .scoring import Scorer
+        from medit.scoring.engine import Scorer
         scorer = Scorer(handle)
         start = handle.config.decoder_start_token_id
         start = scorer.pad_id if start is None else start
@@ -292,10 +292,10 @@ def memory_inputs(handle: "ModelHandle", layer: int, corpus: str, n_texts: int, 
 
 def _memory_texts(corpus: str, n_texts: int) -> list[str]:
     """The first ``n_texts`` texts of a text corpus or of an edit dataset (see :func:`memory_inputs`)."""
-    from .dataset import load_dataset, parse_spec
+    from medit.core.dataset import load_dataset, parse_spec
     fmt, _ = parse_spec(corpus)
     if fmt is None:
-        from .stats import Corpus
+        from medit.toolkit.stats import Corpus
         return Corpus(corpus).paragraphs(n_texts)
     texts: list[str] = []
     for r in load_dataset(corpus, n=n_texts)[0]:
@@ -310,7 +310,7 @@ def _memory_texts(corpus: str, n_texts: int) -> list[str]:
 def _sampled(handle: "ModelHandle", n: int, length: int, seed: int = 7) -> list[list[int]]:
     """``n`` token sequences of ``length`` sampled (top-5) from the model after short seed words,
     with a fixed seed; for encoder-decoder models, the decoder's output after the seed word."""
-    from .context import SEED_WORDS
+    from medit.toolkit.context import SEED_WORDS
     tok = handle.tokenizer
     out = []
     with torch.random.fork_rng(devices=[handle.device] if handle.device.type == "cuda" else []):
@@ -336,7 +336,7 @@ def train_groups(handle: "ModelHandle", groups: Sequence[tuple[int, NeuronGroup]
     The groups are attached only during training; the caller attaches the trained ones for good
     (a :class:`NeuronEdit`).
     """
-    from .scoring import Scorer
+    from medit.scoring.engine import Scorer
     scorer = Scorer(handle)
     fast = _last_layer_nll(handle, groups, batch)
     params = [t for _, g in groups for t in (g.keys, g.bias, g.values)]
@@ -375,7 +375,7 @@ def _last_layer_nll(handle: "ModelHandle", groups: Sequence[tuple[int, NeuronGro
     last = handle.n_layers - 1
     if handle.is_encoder_decoder or any(layer != last for layer, _ in groups):
         return None
-    from .scoring import Scorer
+    from medit.scoring.engine import Scorer
     scorer = Scorer(handle)
     ids, mask = scorer._pad([(c + t)[:-1] for c, t in batch])
     rows = torch.cat([torch.full((len(t),), i) for i, (_, t) in enumerate(batch)])

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .scoring import Scorer
-from .tracing import capture
+from medit.scoring.engine import Scorer
+from medit.model.tracing import capture
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
+    from medit.model.handle import ModelHandle
 
 SCOPES = ("joint", "layer")
 

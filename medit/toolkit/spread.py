@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from .context import context_templates
-from .errors import HParamsError
-from .rewrite import DeltaSpec, compute_keys, optimise_deltas
-from .stats import PACKAGED_CORPUS, second_moments
+from medit.toolkit.context import context_templates
+from medit.errors import HParamsError
+from medit.toolkit.target_vectors import DeltaSpec, compute_keys, optimise_deltas
+from medit.toolkit.stats import PACKAGED_CORPUS, second_moments
 
 if TYPE_CHECKING:
-    from .edit import WeightEdit
-    from .handle import ModelHandle
-    from .requests import EditRequest
+    from medit.core.edit import WeightEdit
+    from medit.model.handle import ModelHandle
+    from medit.core.requests import EditRequest
 
 #: (d_in x d_in covariance-like matrix, keys [d_in, n]) -> X [d_in, n]; the update is R Xᵀ.
 Solver = Callable[[int, torch.Tensor], torch.Tensor]
@@ -33,7 +33,7 @@ class LocateHParams:
     stats_samples: int = 1000
     stats_max_len: int = 128
     stats_dtype: str = "float32"
-    #: on CUDA, TF32 matrix products for the statistics' corpus pass (see medit.core.stats).
+    #: on CUDA, TF32 matrix products for the statistics' corpus pass (see medit.toolkit.stats).
     stats_tf32: bool = True
     #: context templates: (new tokens, count) pairs, plus the bare prompt.
     context_templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
@@ -216,7 +216,7 @@ def apply_spread(handle: "ModelHandle", requests: Sequence["EditRequest"], hp: S
                  on_keys: Callable[[int, torch.Tensor], None] | None = None) -> "WeightEdit":
     """Record the edited projections, run :func:`spread_update`, and return the Edit holding the
     per-layer factors (the part MEMIT-style methods share; they differ in ``solver``)."""
-    from .edit import WeightEdit
+    from medit.core.edit import WeightEdit
     cls = edit_cls or WeightEdit
     names = [handle.param_name("mlp_out", layer) for layer in layers]
     with cls.recording(handle, names, method, requests, hp.to_dict()) as edit:  # type: ignore[attr-defined]

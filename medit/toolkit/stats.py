@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from .errors import InputFileError, MeditError
-from .timing import setup_phase
-from .tracing import capture, run_until
+from medit.errors import InputFileError, MeditError
+from medit.core.timing import setup_phase
+from medit.model.tracing import capture, run_until
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
+    from medit.model.handle import ModelHandle
 
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -56,7 +56,7 @@ class Corpus:
 
     def resolved(self) -> Path:
         """The file this corpus names (which may not exist)."""
-        from .dataset import packaged_path
+        from medit.core.dataset import packaged_path
         return packaged_path(self.spec)
 
     def fingerprint(self) -> str:
@@ -130,7 +130,7 @@ def corpus_record(spec: str) -> dict[str, str | None]:
 
 
 def _cache_path(handle: "ModelHandle", corpus_fp: str, layer: int, n: int, max_len: int, dtype: str) -> Path:
-    from .handle import cache_dir
+    from medit.core.io import cache_dir
     return cache_dir("stats") / handle.fingerprint() / corpus_fp / f"{handle.adapter.name}-mlp_out-L{layer}-n{n}-len{max_len}-{dtype}.safetensors"
 
 
@@ -258,7 +258,7 @@ def cache_file(handle: "ModelHandle", layer: int, corpus: str, n_samples: int, m
 @torch.no_grad()
 def _compute(handle: "ModelHandle", layers: list[int], texts: list[str], max_len: int, dtype: torch.dtype,
              batch_size: int, progress: bool) -> tuple[dict[int, torch.Tensor], int]:
-    from .progress import progress_bar
+    from medit.core.progress import progress_bar
 
     tok = handle.tokenizer
     encoded = [tok(t, truncation=True, max_length=max_len).input_ids for t in texts]

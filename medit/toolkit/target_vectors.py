@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .context import fill, subject_token_index, swapped_prompts
-from .scoring import Scorer, kl_per_row
-from .tracing import capture, head_logits, layers_above, run_until
+from medit.toolkit.context import fill, subject_token_index, swapped_prompts
+from medit.scoring.engine import Scorer
+from medit.core.queries import kl_per_row
+from medit.model.tracing import capture, head_logits, layers_above, run_until
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
-    from .requests import EditRequest
+    from medit.model.handle import ModelHandle
+    from medit.core.requests import EditRequest
 
 
 @dataclass

@@ -39,17 +39,18 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
-from .errors import CheckpointError, HParamsError, MeditError
-from .guards import check_lengths
-from .hparams import HParams
-from .io import atomic_write_json, atomic_write_text
-from .method import Method
-from .scoring import Scorer, TFQuery
+from medit.errors import CheckpointError, HParamsError, MeditError
+from medit.model.guards import check_lengths
+from medit.core.hparams import HParams
+from medit.core.io import atomic_write_json, atomic_write_text
+from medit.core.method import Method
+from medit.scoring.engine import Scorer
+from medit.core.queries import TFQuery
 
 if TYPE_CHECKING:
-    from .edit import Edit
-    from .handle import ModelHandle
-    from .requests import EditRequest
+    from medit.core.edit import Edit
+    from medit.model.handle import ModelHandle
+    from medit.core.requests import EditRequest
 
 CHECKPOINT_FORMAT = "medit-checkpoint"
 #: 2: the resume state is safetensors + JSON (``last.safetensors``, ``last.json``), not ``torch.save``.
@@ -424,7 +425,7 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
     ``stopped = "max_minutes"`` (``--resume`` goes on from there). ``resume`` continues from
     ``out_dir/last.safetensors`` + ``last.json`` exactly (same batches, optimiser and RNG state).
     """
-    from .. import __version__
+    from medit import __version__
 
     if not getattr(method, "trainable", False):
         raise MeditError(f"method {method.name!r} is not trained; `medit train` works with the learned "
@@ -517,7 +518,7 @@ def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequ
     scorer = Scorer(handle)
     pre_val = scorer.run([TFQuery(x.prompt, x.answer) for r in val for x in r.locality if x.answer]) if val else {}
 
-    from .progress import progress_bar
+    from medit.core.progress import progress_bar
     bar = progress_bar(target, f"train {method.name}", "step", progress, initial=min(state["step"], target))
     try:
         while state["step"] < target and state["stopped"] is None:

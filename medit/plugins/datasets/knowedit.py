@@ -25,7 +25,7 @@ from typing import Any
 from medit import hookimpl
 from medit.core.dataset import (DatasetFormat, RawRecord, ReadResult, convert_records, is_category_dict,
                                 prompt_answer_items, read_records, str_list, target_str)
-from medit.core.errors import ValidationError
+from medit.errors import ValidationError
 from medit.core.requests import EditRequest, PromptAnswer
 
 #: (field, WikiBio's name for it)

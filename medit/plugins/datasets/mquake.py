@@ -23,7 +23,7 @@ from typing import Any
 from medit import hookimpl
 from medit.core.dataset import (DatasetFormat, RawRecord, ReadResult, SkipRecord, convert_records, read_records,
                                 require, str_list, target_str)
-from medit.core.errors import ValidationError
+from medit.errors import ValidationError
 from medit.core.requests import EditRequest, PromptAnswer
 
 REQUIRED = ("requested_rewrite", "questions", "new_answer")

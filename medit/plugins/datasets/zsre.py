@@ -22,7 +22,7 @@ from typing import Any
 from medit import hookimpl
 from medit.core.dataset import (DatasetFormat, RawRecord, ReadResult, SkipRecord, convert_records,
                                 prompt_answer_items, read_records, require, str_list, target_str)
-from medit.core.errors import ValidationError
+from medit.errors import ValidationError
 from medit.core.requests import EditRequest, PromptAnswer
 
 REQUIRED = ("subject", "src", "alt")

@@ -19,10 +19,10 @@ import torch
 import medit
 from medit import hookimpl
 from medit.core.edit import WeightEdit
-from medit.core.errors import HParamsError
-from medit.core.handle import ModelHandle
+from medit.errors import HParamsError
+from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
-from medit.core.locate import SpreadHParams, apply_spread
+from medit.toolkit.spread import SpreadHParams, apply_spread
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.plugins.methods.memit import pick_layers

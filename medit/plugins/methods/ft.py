@@ -15,13 +15,13 @@ import torch
 import medit
 from medit import hookimpl
 from medit.core.edit import WeightEdit
-from medit.core.errors import HParamsError
-from medit.core.handle import ModelHandle
+from medit.errors import HParamsError
+from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
-from medit.core.layers import resolve_layers
+from medit.model.layers import resolve_layers
 from medit.core.method import Method
 from medit.core.requests import EditRequest
-from medit.core.scoring import Scorer
+from medit.scoring.engine import Scorer
 
 HPARAMS = Path(medit.__file__).parent / "hparams"
 

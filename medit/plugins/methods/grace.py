@@ -19,15 +19,15 @@ import torch
 import medit
 from medit import hookimpl
 from medit.core.edit import Edit
-from medit.core.errors import HParamsError, PatchError
-from medit.core.handle import ModelHandle
-from medit.core.hooks import Adaptor, LayerwiseLM, attach, release
+from medit.errors import HParamsError, PatchError
+from medit.model.handle import ModelHandle
+from medit.model.adaptors import Adaptor, LayerwiseLM, attach, release
 from medit.core.hparams import HParams
-from medit.core.layers import resolve_layers
+from medit.model.layers import resolve_layers
 from medit.core.method import Method
 from medit.core.requests import EditRequest
-from medit.core.scoring import Scorer
-from medit.core.tracing import capture, run_until
+from medit.scoring.engine import Scorer
+from medit.model.tracing import capture, run_until
 
 AUTO_DEPTH = 0.7
 

@@ -25,9 +25,9 @@ import medit
 from medit import hookimpl
 from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged_spec
 from medit.core.edit import Edit
-from medit.core.embed import embed
-from medit.core.errors import HParamsError, MethodError, PatchError
-from medit.core.handle import ModelHandle
+from medit.toolkit.embeddings import embed
+from medit.errors import HParamsError, MethodError, PatchError
+from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
 from medit.core.method import Method
 from medit.core.requests import EditRequest

@@ -27,13 +27,13 @@ from torch import nn
 import medit
 from medit import hookimpl
 from medit.core.edit import WeightEdit
-from medit.core.errors import HParamsError
-from medit.core.gradedit import (EditedWeights, dense_update, edit_pairs, edited_params, factor_edit, out_in_shape,
+from medit.errors import HParamsError
+from medit.toolkit.gradient_editors import (EditedWeights, dense_update, edit_pairs, edited_params, factor_edit, out_in_shape,
                                  post_edit_losses, token_grads)
-from medit.core.handle import ModelHandle
+from medit.model.handle import ModelHandle
 from medit.core.requests import EditRequest
-from medit.core.scoring import Scorer
-from medit.core.train import LearnedHParams, LearnedMethod
+from medit.scoring.engine import Scorer
+from medit.toolkit.training import LearnedHParams, LearnedMethod
 
 HPARAMS = Path(medit.__file__).parent / "hparams"
 

@@ -26,16 +26,17 @@ import torch
 
 import medit
 from medit import hookimpl
-from medit.core.attribution import integrated_gradients, neuron_activations
+from medit.toolkit.attribution import integrated_gradients, neuron_activations
 from medit.core.edit import CompositeEdit, Edit, WeightEdit
-from medit.core.errors import HParamsError
-from medit.core.handle import ModelHandle
+from medit.errors import HParamsError
+from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
-from medit.core.layers import resolve_layers
-from medit.core.locate import storage_factors
+from medit.model.layers import resolve_layers
+from medit.toolkit.spread import storage_factors
 from medit.core.method import Method
 from medit.core.requests import EditRequest
-from medit.core.scoring import GenQuery, Scorer, TFQuery
+from medit.core.queries import GenQuery, TFQuery
+from medit.scoring.engine import Scorer
 
 
 @dataclass

@@ -17,14 +17,14 @@ import torch
 import medit
 from medit import hookimpl
 from medit.core.edit import CompositeEdit, Edit, WeightEdit
-from medit.core.errors import HParamsError
-from medit.core.handle import ModelHandle
+from medit.errors import HParamsError
+from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
-from medit.core.layers import resolve_layers
-from medit.core.locate import LocateHParams, covariance_solver, storage_factors
+from medit.model.layers import resolve_layers
+from medit.toolkit.spread import LocateHParams, covariance_solver, storage_factors
 from medit.core.method import Method
 from medit.core.requests import EditRequest
-from medit.core.rewrite import delta_row_keys, negative_rows, optimise_deltas
+from medit.toolkit.target_vectors import delta_row_keys, negative_rows, optimise_deltas
 
 #: ``layer: auto`` picks the layer at this fraction of the depth (GPT-2 XL's 17/48 and LLaMA-7B's
 #: 5/32 in the ROME/EasyEdit defaults bracket it; early-middle MLPs recall subject attributes).
@@ -46,7 +46,7 @@ class ROMEHParams(LocateHParams, HParams):
     v_insert_scale: bool = True
     #: subjects swapped into the edit prompt to make prompts the edit must leave alone; the
     #: target-vector optimisation adds the KL of their next token under the finished update
-    #: (empty: off). E.g. ``medit.core.context.NEGATIVE_SUBJECTS``.
+    #: (empty: off). E.g. ``medit.toolkit.context.NEGATIVE_SUBJECTS``.
     v_negative_subjects: list[str] = field(default_factory=list)
     #: weight of that KL term.
     v_negative_kl_factor: float = 1.0

@@ -24,14 +24,14 @@ from torch import nn
 import medit
 from medit import hookimpl
 from medit.core.edit import Edit
-from medit.core.embed import get_embedder
-from medit.core.hooks import call_cache
-from medit.core.errors import HParamsError
-from medit.core.gradedit import outer_pairs
-from medit.core.handle import ModelHandle
+from medit.toolkit.embeddings import get_embedder
+from medit.model.adaptors import call_cache
+from medit.errors import HParamsError
+from medit.toolkit.gradient_editors import outer_pairs
+from medit.model.handle import ModelHandle
 from medit.core.requests import EditRequest
-from medit.core.scoring import Scorer
-from medit.core.train import LearnedHParams, LearnedMethod
+from medit.scoring.engine import Scorer
+from medit.toolkit.training import LearnedHParams, LearnedMethod
 
 HPARAMS = Path(medit.__file__).parent / "hparams"
 MARKER = "[edit]"
@@ -200,7 +200,7 @@ class SERAC(LearnedMethod):
     hparams_dir = HPARAMS / "serac"
 
     def init_editor(self, handle: ModelHandle, hparams: SERACHParams) -> SERACEditor:  # type: ignore[override]
-        from medit.core.gradedit import out_in_shape
+        from medit.toolkit.gradient_editors import out_in_shape
         n = handle.n_layers
         layers = list(range(n)) if hparams.cf_layers == "auto" else [x % n for x in hparams.cf_layers]
         shapes = {layer: out_in_shape(handle, handle.param_name("mlp_out", layer)) for layer in layers}

@@ -22,15 +22,15 @@ import torch
 import medit
 from medit import hookimpl
 from medit.core.edit import Edit
-from medit.core.errors import HParamsError
-from medit.core.handle import ModelHandle
+from medit.errors import HParamsError
+from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
-from medit.core.layers import resolve_layers
+from medit.model.layers import resolve_layers
 from medit.core.method import Method
-from medit.core.neurons import (NeuronEdit, NeuronGroup, attached_groups, memory_inputs, target_batch,
+from medit.toolkit.added_neurons import (NeuronEdit, NeuronGroup, attached_groups, memory_inputs, target_batch,
                                 target_inputs, train_groups)
 from medit.core.requests import EditRequest
-from medit.core.context import NEGATIVE_SUBJECTS, swapped_prompts
+from medit.toolkit.context import NEGATIVE_SUBJECTS, swapped_prompts
 
 
 @dataclass

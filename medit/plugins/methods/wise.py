@@ -39,20 +39,20 @@ import torch
 
 import medit
 from medit import hookimpl
-from medit.core.context import NEGATIVE_SUBJECTS, context_templates, fill, swapped_prompts
+from medit.toolkit.context import NEGATIVE_SUBJECTS, context_templates, fill, swapped_prompts
 from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged_spec
 from medit.core.edit import Edit
-from medit.core.errors import HParamsError, MethodError, PatchError
-from medit.core.handle import ModelHandle
-from medit.core.hooks import Adaptor, LayerwiseLM, attach, release
+from medit.errors import HParamsError, MethodError, PatchError
+from medit.model.handle import ModelHandle
+from medit.model.adaptors import Adaptor, LayerwiseLM, attach, release
 from medit.core.hparams import HParams
-from medit.core.layers import resolve_layers
-from medit.core.merge import ties_merge
+from medit.model.layers import resolve_layers
+from medit.toolkit.merging import ties_merge
 from medit.core.method import Method
 from medit.core.requests import EditRequest
-from medit.core.rewrite import template_keys
-from medit.core.scoring import Scorer
-from medit.core.tracing import capture, run_until
+from medit.toolkit.target_vectors import template_keys
+from medit.scoring.engine import Scorer
+from medit.model.tracing import capture, run_until
 
 AUTO_DEPTH = 0.85
 #: unrelated sentences for models whose own text cannot be sampled cheaply (encoder-decoders).

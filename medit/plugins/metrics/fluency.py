@@ -23,10 +23,10 @@ from collections import Counter
 from typing import Any, Sequence
 
 from medit import hookimpl
-from medit.core.errors import HParamsError
+from medit.errors import HParamsError
 from medit.core.metric import Metric, Results, Values, staged
 from medit.core.requests import EditRequest
-from medit.core.scoring import GenQuery
+from medit.core.queries import GenQuery
 
 PROTOCOL = "ngram_entropy"
 _WORD = re.compile(r"\w+|[^\w\s]")

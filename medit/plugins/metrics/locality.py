@@ -14,7 +14,7 @@ from typing import Any
 from medit import hookimpl
 from medit.core.metric import Metric, Results, Values, mean, staged
 from medit.core.requests import EditRequest
-from medit.core.scoring import DistQuery, GenQuery, TFQuery, generation_matches, kl_divergence
+from medit.core.queries import DistQuery, GenQuery, TFQuery, generation_matches, kl_divergence
 
 
 class Locality(Metric):

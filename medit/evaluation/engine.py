@@ -10,22 +10,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tabulate import tabulate
 
-from .edit import CompositeEdit, Edit, share_originals
-from .errors import MeditError, MethodError, UnknownNameError
-from .handle import ModelHandle
-from .hparams import HParams
-from .io import JsonlAppender, atomic_write_json, read_jsonl_records
-from .memory import current_rss_mb, peak_rss_mb, trim_heap
-from .method import MODES, Method
-from .metric import PROTOCOLS, Metric, mean
-from .plugins import get_plugins
-from .progress import progress_bar
-from .requests import EditRequest
-from .rundir import check_out_dir
-from .scoring import Scorer
-from .timing import SETUP_FIELDS, setup_since, setup_totals
+from medit.core.edit import CompositeEdit, Edit, share_originals
+from medit.errors import MeditError, MethodError, UnknownNameError
+from medit.model.handle import ModelHandle
+from medit.core.hparams import HParams
+from medit.core.io import JsonlAppender, atomic_write_json, read_jsonl_records
+from medit.evaluation.memory import current_rss_mb, peak_rss_mb, trim_heap
+from medit.core.method import MODES, Method
+from medit.core.metric import PROTOCOLS, Metric
+from medit.plugin.manager import get_plugins
+from medit.core.progress import progress_bar
+from medit.core.requests import EditRequest
+from medit.evaluation.rundir import _rewrite_cases, check_out_dir, check_resumable
+from medit.evaluation.summary import summarise
+from medit.scoring.engine import Scorer
+from medit.core.timing import SETUP_FIELDS, setup_since, setup_totals
 
 DEFAULT_METRICS = ("reliability", "generalization", "locality", "portability", "efficiency")
 
@@ -123,7 +123,7 @@ class Evaluator:
     def _pre_scores(self, requests: Sequence[EditRequest], todo: Sequence[EditRequest]) -> dict:
         """Pre-edit scores, once per run, through the disk cache. With the cache the whole run's
         queries are the key (so a resumed run finds the entry its first attempt wrote)."""
-        from .scorecache import cached_run
+        from medit.scoring.cache import cached_run
         reqs = requests if self.cfg.score_cache else todo
         if not reqs:
             return {}
@@ -156,7 +156,7 @@ class Evaluator:
             if vals:
                 rec["metrics"][m.name] = vals
         if "generate" in self.cfg.protocols:
-            from .scoring import GenQuery
+            from medit.core.queries import GenQuery
             q = GenQuery(req.prompt, self.cfg.gen_tokens)
             rec["generated"] = {"prompt": req.prompt, "pre": pre.get(q), "post": post.get(q)}
             if immediate is not None:
@@ -178,7 +178,7 @@ class Evaluator:
                 done = {str(r.get("case_id")): r for r in found}
                 if torn or len(done) < len(found):  # drop a crash's fragment (and repeats) before appending
                     _rewrite_cases(out / "cases.jsonl", list(done.values()))
-        from .scorecache import model_fingerprint
+        from medit.scoring.cache import model_fingerprint
         self.base_fingerprint = model_fingerprint(self.handle)  # of the weights as they are now
         self.pre_from_cache = False
         self.method.start_run(self.handle)
@@ -312,8 +312,8 @@ class Evaluator:
                     CompositeEdit(self.handle, edits).revert()
 
     def _manifest(self, requests: Sequence[EditRequest], start: str, end: str | None) -> dict[str, Any]:
-        from .. import __version__
-        from .stats import corpus_record
+        from medit import __version__
+        from medit.toolkit.stats import corpus_record
         corpus = getattr(self.hparams, "stats_corpus", None)  # which statistics corpus: spec, file, fingerprint
         return {"medit_version": __version__,
                 **({"stats_corpus": corpus_record(corpus)} if isinstance(corpus, str) else {}),
@@ -327,39 +327,6 @@ class Evaluator:
                 "dataset": self.cfg.dataset, "n": len(requests),
                 "offset": self.cfg.dataset.get("offset", 0), "seed": self.cfg.seed,
                 "start_time": start, "end_time": end}
-
-
-#: manifest entries a resumed run must share with the run it continues (model: id, weights, dtype)
-RESUME_KEYS = ("method", "hparams", "mode", "batch_size", "also_immediate", "protocols", "metrics",
-               "gen_tokens", "dataset", "n", "offset", "seed")
-
-
-def _resume_view(manifest: dict[str, Any]) -> dict[str, Any]:
-    model = manifest.get("model") or {}
-    return {**{k: manifest[k] for k in RESUME_KEYS if k in manifest},
-            "model": {k: model[k] for k in ("id", "fingerprint", "dtype") if k in model}}
-
-
-def _differences(old: Any, new: Any, name: str) -> list[tuple[str, Any, Any]]:
-    # only keys both sides have: a manifest written by an older medit lacks newer settings
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) & set(new), key=str)
-                for d in _differences(old[k], new[k], f"{name}.{k}")]
-    return [] if old == new else [(name, old, new)]
-
-
-def check_resumable(out: Path, manifest: dict[str, Any]) -> None:
-    """Refuse to resume the run in ``out`` with settings other than those it started with: its
-    finished cases would be mixed with cases from another configuration."""
-    try:
-        old = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return  # no readable manifest: the cases themselves are all there is to go on
-    diffs = _differences(_resume_view(old), _resume_view(json.loads(json.dumps(manifest))), "")
-    if diffs:
-        name, was, now = diffs[0]
-        raise MeditError(f"run folder {str(out)!r} was started with {name.lstrip('.')} = {was!r}, not {now!r}; "
-                         "resume it with the settings it started with, or choose another --out")
 
 
 def check_batched(method: Method, mode: str, batch_size: int) -> None:
@@ -385,76 +352,6 @@ def edit_record(edit: Edit, index: int, size: int) -> dict[str, Any]:
             info[key] = value
         rec["info"] = info
     return rec
-
-
-def _rewrite_cases(path: Path, records: list[dict[str, Any]]) -> None:
-    """Drop a torn trailing line left by a crash so appends continue on a clean file."""
-    from .io import atomic_write_text
-    import json
-    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
-
-
-def summarise(records: list[dict[str, Any]], method: str, model: str, mode: str, eval_s: float) -> dict[str, Any]:
-    """Means over cases of every metric/protocol/stage, plus efficiency totals."""
-    acc: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for r in records:
-        for metric, protos in r["metrics"].items():
-            for proto, stages in protos.items():
-                for stage, v in stages.items():
-                    if v is not None:
-                        acc.setdefault(metric, {}).setdefault(proto, {}).setdefault(stage, []).append(v)
-    metrics = {m: {p: {"pre": mean(st.get("pre", [])), "post": mean(st.get("post", [])),
-                       **({"immediate": mean(st["immediate"])} if "immediate" in st else {})}
-                   for p, st in protos.items()} for m, protos in acc.items()}
-    edit_s = [r["efficiency"]["edit_s"] for r in records if r.get("efficiency", {}).get("edit_s") is not None]
-    eff = {"edit_s_mean": mean(edit_s), "edit_s_total": round(sum(edit_s), 4), "eval_s_total": round(eval_s, 3),
-           **{f: round(sum(r.get("efficiency", {}).get(f) or 0.0 for r in records), 3) for f in SETUP_FIELDS.values()},
-           "peak_rss_mb": peak_rss_mb()}
-    if torch.cuda.is_available():
-        eff["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return {"method": method, "model": model, "mode": mode, "n": len(records), "metrics": metrics, "efficiency": eff}
-
-
-def summary_table(summary: dict[str, Any], fmt: str = "github") -> str:
-    """Metrics × protocols, each cell ``pre → post`` (``generate`` first: it is the honest number)."""
-    protos: list[str] = []
-    for m in summary["metrics"].values():
-        for p in m:
-            if p not in protos:
-                protos.append(p)
-    order = {p: i for i, p in enumerate(("generate", "token_acc", "exact", "prob", "agreement",
-                                          "generate_agreement", "kl"))}
-    protos.sort(key=lambda p: order.get(p, 99))
-    # Sequential runs with --also-immediate: each protocol's score right after its own edit gets
-    # a column of its own next to the retention (after the last edit) column.
-    cols: list[tuple[str, str]] = []
-    for p in protos:
-        cols.append((p, "post"))
-        if any("immediate" in (summary["metrics"][m].get(p) or {}) for m in summary["metrics"]):
-            cols.append((p, "immediate"))
-
-    def num(v: float, proto: str) -> str:
-        return f"{v:.4f}" if proto == "kl" else f"{v:.3f}"
-
-    def cell(v: dict[str, float | None] | None, proto: str, stage: str) -> str:
-        if not v:
-            return ""
-        if stage == "immediate":
-            return "" if v.get("immediate") is None else num(v["immediate"], proto)
-        post = "-" if v.get("post") is None else num(v["post"], proto)
-        return post if v.get("pre") is None else f"{num(v['pre'], proto)} → {post}"
-
-    rows = [[name] + [cell(summary["metrics"][name].get(p), p, st) for p, st in cols] for name in summary["metrics"]]
-    headers = ["metric (pre → post)"] + [p if st == "post" else f"{p} (immediate)" for p, st in cols]
-    table = tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
-    eff = summary.get("efficiency", {})
-    tail = (f"n={summary['n']}  mode={summary['mode']}  edit s/case={_fmt(eff.get('edit_s_mean'))}  "
-            f"eval s={_fmt(eff.get('eval_s_total'))}  peak RSS MB={_fmt(eff.get('peak_rss_mb'))}")
-    return table + "\n" + tail
-
-
-def _fmt(v: Any) -> str:
-    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
 def evaluate(handle: ModelHandle, method: Method | str, requests: Sequence[EditRequest],

@@ -8,7 +8,7 @@ prompt, so scoring sees exactly the text a user would type. The LM head is appli
 positions whose predictions are read (a 49k-token head on every position would cost a fifth of a
 small model's forward pass).
 
-For an unhooked causal model the work goes to :mod:`medit.core.prefill` instead, which runs each
+For an unhooked causal model the work goes to :mod:`medit.scoring.cached` instead, which runs each
 distinct prompt once over a key/value cache and continues every query (targets, next-token
 distributions, greedy generation) from it; :attr:`Scorer.engine` says which engine runs.
 """
@@ -20,112 +20,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import ValidationError
+from medit.errors import ValidationError
+from medit.core.queries import (F16_FLOOR, DistQuery, GenQuery, NextToken, Progress, TFQuery,
+                                 TFResult, Transform)
+from medit.model.tracing import foreign_hooks
 
 if TYPE_CHECKING:
-    from .handle import ModelHandle
-
-Transform = Callable[[list[str]], list[str]]
-#: ``progress(done, total)``: work units finished so far out of ``total`` (called after each batch).
-Progress = Callable[[float, float], None]
-#: log-probs are stored in float16; values are clamped above its lowest finite number.
-_F16_FLOOR = -6.0e4
-
-
-@dataclass(frozen=True)
-class TFQuery:
-    """Teacher-forced scoring of ``target`` after ``prompt``."""
-
-    prompt: str
-    target: str
-
-
-@dataclass(frozen=True)
-class GenQuery:
-    """Greedy generation of at most ``max_new_tokens`` tokens from ``prompt`` alone."""
-
-    prompt: str
-    max_new_tokens: int = 8
-
-
-@dataclass(frozen=True)
-class DistQuery:
-    """The next-token distribution after ``prompt`` (its last position; for an encoder-decoder
-    model, the first decoder step)."""
-
-    prompt: str
-
-
-@dataclass(frozen=True)
-class TFResult:
-    target_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
-    argmax: tuple[int, ...]
-
-    @property
-    def token_acc(self) -> float:
-        return sum(a == t for a, t in zip(self.argmax, self.target_ids)) / len(self.target_ids)
-
-    @property
-    def exact(self) -> float:
-        return float(all(a == t for a, t in zip(self.argmax, self.target_ids)))
-
-    @property
-    def mean_logprob(self) -> float:
-        return sum(self.logprobs) / len(self.logprobs)
-
-
-@dataclass(frozen=True, eq=False)
-class NextToken:
-    """A next-token distribution as float16 log-probabilities on the CPU (98 KB for a 49k
-    vocabulary), so the pre-edit distributions of many prompts can be kept for the whole run."""
-
-    logprobs: torch.Tensor = field(repr=False)
-
-    @classmethod
-    def from_logits(cls, logits: torch.Tensor) -> "NextToken":
-        lp = logits.float().log_softmax(-1).clamp_min(_F16_FLOOR)
-        return cls(lp.to(torch.float16).cpu())
-
-
-def kl_per_row(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """KL(ref ‖ other) of each row of two log-probability tensors [..., vocab] -> [...]."""
-    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-
-
-def kl_divergence(p: NextToken, q: NextToken) -> float:
-    """KL(p || q) in nats, computed in float64 from the stored (float16) log-probs.
-
-    Both distributions are renormalised after the float16 rounding, so identical inputs give
-    exactly 0 and the rounding error of the stored values stays around 1e-4 nats.
-    """
-    if p.logprobs.shape != q.logprobs.shape:
-        raise ValueError(f"distributions over different vocabularies: {tuple(p.logprobs.shape)} vs "
-                         f"{tuple(q.logprobs.shape)}")
-    lp = p.logprobs.double()
-    lq = q.logprobs.double()
-    lp = lp - lp.logsumexp(-1)
-    lq = lq - lq.logsumexp(-1)
-    return max(0.0, float(kl_per_row(lp, lq).sum()))
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.lower().replace("\u2581", " ").split()).strip(" .,;:!?\"'")
-
-
-def generation_matches(generated: str, target: str) -> float:
-    """``generate`` protocol: 1.0 if the greedy output begins with the target (case/space-normalised)."""
-    g, t = normalise(generated), normalise(target)
-    return float(bool(t) and (g == t or g.startswith(t + " ") or g.startswith(t) and not g[len(t):len(t) + 1].isalnum()))
-
-
-def foreign_hooks(module: torch.nn.Module) -> list[Callable[..., Any]]:
-    """The forward (pre-)hooks on ``module`` other than transformers' own (it installs
-    output-capturing hooks the first time hidden states are requested, keeps them, and they
-    change nothing)."""
-    return [f for f in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
-            if not getattr(f, "__module__", "").startswith("transformers")]
-
+    from medit.model.handle import ModelHandle
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
@@ -175,7 +76,7 @@ class Scorer:
     @property
     def engine(self) -> str:
         """``"cached"`` when each prompt can be run once over a key/value cache
-        (:mod:`medit.core.prefill`), else ``"full"`` (whole-sequence passes, HF generate).
+        (:mod:`medit.scoring.cached`), else ``"full"`` (whole-sequence passes, HF generate).
 
         The cached engine needs a causal model with no hook anywhere: an edit that hooks a module
         may decide from the whole sequence, which an incremental step would not show it.
@@ -338,7 +239,7 @@ class Scorer:
     @staticmethod
     def _read(job: _Job, b: int, lps: dict[tuple[int, int], torch.Tensor]) -> TFResult | NextToken:
         if not job.tgt:
-            return NextToken(lps[(b, job.col)].clamp_min(_F16_FLOOR).to(torch.float16).cpu())
+            return NextToken(lps[(b, job.col)].clamp_min(F16_FLOOR).to(torch.float16).cpu())
         sel = torch.stack([lps[(b, c)] for c in range(job.col, job.col + job.n)])
         tgt = torch.tensor(job.tgt, device=sel.device)
         return TFResult(tuple(job.tgt), tuple(sel.gather(1, tgt[:, None])[:, 0].tolist()),
@@ -352,7 +253,7 @@ class Scorer:
             prompts = transform(prompts)
         enc = [self.encode_prompt(p) for p in prompts]
         if self.engine == "cached":
-            from .prefill import CachedRunner
+            from medit.scoring.cached import CachedRunner
             _, _, toks = CachedRunner(self).run([], [], [(e, q.max_new_tokens) for e, q in zip(enc, queries)],
                                                 progress)
             return [self.tok.decode(t, skip_special_tokens=True) for t in toks]
@@ -390,7 +291,7 @@ class Scorer:
 
     def _run_cached(self, tf: list[TFQuery], dq: list[DistQuery], gq: list[GenQuery],
                     prompts: Callable[[Sequence[Any]], list[str]], progress: Progress | None) -> dict:
-        from .prefill import CachedRunner
+        from medit.scoring.cached import CachedRunner
         tf_jobs = [self.encode_pair(p, q.target) for p, q in zip(prompts(tf), tf)]
         dist_jobs = [self.encode_prompt(p) for p in prompts(dq)]
         gen_jobs = [(self.encode_prompt(p), q.max_new_tokens) for p, q in zip(prompts(gq), gq)]

@@ -1,133 +1,22 @@
-"""The model handle (model + tokenizer + adapter + device/dtype) and model loading."""
+"""Model loading: aliases, hub ids, local folders and GGUF files, wrapped in a :class:`ModelHandle`."""
 from __future__ import annotations
 
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from .adapter import ModelAdapter, ModelAlias
-from .errors import DeviceError, MethodError, ModelError
-from .plugins import get_plugins
+from medit.core.adapter import ModelAdapter, ModelAlias
+from medit.errors import DeviceError, ModelError
+from medit.plugin.manager import get_plugins
 
-T = TypeVar("T")
+from medit.model.handle import DTYPES, ModelHandle
+from medit.core.io import cache_dir
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def cache_dir(sub: str) -> Path:
-    """``$MEDIT_CACHE`` (default ``~/.cache/medit``) / sub, created on demand."""
-    root = Path(os.environ.get("MEDIT_CACHE", Path.home() / ".cache" / "medit"))
-    p = root / sub
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-@dataclass
-class ModelHandle:
-    """A loaded model with its tokenizer and family adapter. Methods address modules by standard
-    name through :meth:`module`, never by hard-coded paths."""
-
-    model: nn.Module
-    tokenizer: Any
-    adapter: ModelAdapter
-    model_id: str = "model"
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
-    _base_fingerprint: str = field(default="", repr=False)
-    #: per-model memo for derived data (context templates, statistics, projections); never a
-    #: module-level global, so two loaded models never share it.
-    memo: dict[Any, Any] = field(default_factory=dict, repr=False)
-
-    def derived(self, source: Any, key: tuple, build: Callable[[], T]) -> T:
-        """``build()``, computed once per ``source`` object and ``key`` and kept in :attr:`memo`.
-        Keyed on ``id(source)`` with the object itself kept beside the result, so a later object
-        that reuses the id never gets a stale hit."""
-        full = (*key, id(source))
-        hit = self.memo.get(full)
-        if hit is None or hit[0] is not source:
-            hit = self.memo[full] = (source, build())
-        return hit[1]
-
-    @property
-    def config(self) -> Any:
-        return self.model.config
-
-    @property
-    def n_layers(self) -> int:
-        return self.adapter.n_layers(self.config)
-
-    @property
-    def is_encoder_decoder(self) -> bool:
-        return self.adapter.encoder_decoder
-
-    @property
-    def lm_head_tied(self) -> bool:
-        """True when the LM head shares its weight with the input embedding (not a separate parameter)."""
-        head = self.module("lm_head").weight
-        return head is self.module("embed").weight
-
-    def check_layer(self, layer: int, what: str = "layer") -> int:
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise MethodError(f"{what} {layer!r} is out of range for {self.model_id} "
-                              f"({self.n_layers} layers: use 0..{self.n_layers - 1})")
-        return layer
-
-    def module(self, std: str, layer: int | None = None) -> nn.Module:
-        """The module for a standard name (and layer index for per-layer names); ``("layers", i)``
-        is the i-th transformer block."""
-        if layer is not None:
-            self.check_layer(layer)
-            if std == "layers":
-                return self.model.get_submodule(f"{self.adapter.path('layers')}.{layer}")
-        return self.model.get_submodule(self.adapter.path(std, layer))
-
-    def param_name(self, std: str, layer: int | None = None, what: str = "weight") -> str:
-        return f"{self.adapter.path(std, layer)}.{what}"
-
-    def weight_out_in(self, std: str, layer: int | None = None) -> torch.Tensor:
-        """The module weight as an (out, in) view regardless of storage (GPT-2 Conv1D is (in, out))."""
-        w = self.module(std, layer).weight
-        return w.T if self.adapter.transposed else w
-
-    def fingerprint(self, param_names: Iterable[str] | None = None) -> str:
-        """Stable id: model type + names, shapes and checksums of the given parameters' current values.
-
-        With no names it covers every parameter and is computed once, on first use, so call it
-        before editing (the evaluation engine does) to get the fingerprint of the base model.
-        """
-        if param_names is None and self._base_fingerprint:
-            return self._base_fingerprint
-        params = dict(self.model.named_parameters())
-        fp = self.fingerprint_of({n: params[n] for n in (param_names if param_names is not None else params)})
-        if param_names is None:
-            self._base_fingerprint = fp
-        return fp
-
-    def fingerprint_of(self, tensors: dict[str, torch.Tensor]) -> str:
-        """:meth:`fingerprint` of these values for these parameter names (e.g. an edit's originals)."""
-        h = hashlib.sha256()
-        # Names, shapes and values define the model; the config object is not hashed because
-        # transformers mutates it at run time (attention implementation, cache flags).
-        h.update(str(self.config.model_type).encode())
-        with torch.no_grad():
-            for n in sorted(tensors):
-                flat = tensors[n].detach().reshape(-1)
-                h.update(f"{n}{tuple(flat.shape)}{tuple(tensors[n].shape)}".encode())
-                # A strided sample plus the exact sum is cheap and still tells weights apart.
-                step = max(1, flat.numel() // 4096)
-                h.update(flat[::step].float().cpu().numpy().tobytes())
-                h.update(repr(float(flat.double().sum())).encode())
-        return h.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------- loading
 
 def adapter_for_model_type(model_type: str) -> ModelAdapter:
     """Pick the family adapter from ``config.model_type`` (never from the model's name)."""
@@ -188,7 +77,7 @@ def load_model(spec: str, *, dtype: str | None = None, device: str | None = None
 
     ``random_init`` builds the model from its (embedded or fetched) config with random weights.
     Before any weight is allocated, a model that will not fit in the free memory is refused with
-    a one-line ModelError (see :mod:`medit.core.guards`); ``memory_check=False`` skips that check.
+    a one-line ModelError (see :mod:`medit.model.guards`); ``memory_check=False`` skips that check.
     """
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device) if device_map is None else None
@@ -209,7 +98,7 @@ def load_model(spec: str, *, dtype: str | None = None, device: str | None = None
                          f"a .gguf file or an alias ({', '.join(sorted(all_aliases()))})")
 
     if memory_check:
-        from . import guards
+        from medit.model import guards
         guards.check_model_memory(spec, alias=alias, src=src, gguf=gguf, dtype=torch_dtype, device=dev,
                                   device_map=device_map, random_init=random_init,
                                   trust_remote_code=trust_remote_code)

@@ -1,0 +1,74 @@
+"""Run summaries: means over cases of every metric, protocol and stage, efficiency totals, and the
+table medit prints."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+from medit.evaluation.memory import peak_rss_mb
+from medit.core.metric import mean
+from medit.core.timing import SETUP_FIELDS
+
+def summarise(records: list[dict[str, Any]], method: str, model: str, mode: str, eval_s: float) -> dict[str, Any]:
+    """Means over cases of every metric/protocol/stage, plus efficiency totals."""
+    acc: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for r in records:
+        for metric, protos in r["metrics"].items():
+            for proto, stages in protos.items():
+                for stage, v in stages.items():
+                    if v is not None:
+                        acc.setdefault(metric, {}).setdefault(proto, {}).setdefault(stage, []).append(v)
+    metrics = {m: {p: {"pre": mean(st.get("pre", [])), "post": mean(st.get("post", [])),
+                       **({"immediate": mean(st["immediate"])} if "immediate" in st else {})}
+                   for p, st in protos.items()} for m, protos in acc.items()}
+    edit_s = [r["efficiency"]["edit_s"] for r in records if r.get("efficiency", {}).get("edit_s") is not None]
+    eff = {"edit_s_mean": mean(edit_s), "edit_s_total": round(sum(edit_s), 4), "eval_s_total": round(eval_s, 3),
+           **{f: round(sum(r.get("efficiency", {}).get(f) or 0.0 for r in records), 3) for f in SETUP_FIELDS.values()},
+           "peak_rss_mb": peak_rss_mb()}
+    if torch.cuda.is_available():
+        eff["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return {"method": method, "model": model, "mode": mode, "n": len(records), "metrics": metrics, "efficiency": eff}
+
+
+def summary_table(summary: dict[str, Any], fmt: str = "github") -> str:
+    """Metrics × protocols, each cell ``pre → post`` (``generate`` first: it is the honest number)."""
+    protos: list[str] = []
+    for m in summary["metrics"].values():
+        for p in m:
+            if p not in protos:
+                protos.append(p)
+    order = {p: i for i, p in enumerate(("generate", "token_acc", "exact", "prob", "agreement",
+                                          "generate_agreement", "kl"))}
+    protos.sort(key=lambda p: order.get(p, 99))
+    # Sequential runs with --also-immediate: each protocol's score right after its own edit gets
+    # a column of its own next to the retention (after the last edit) column.
+    cols: list[tuple[str, str]] = []
+    for p in protos:
+        cols.append((p, "post"))
+        if any("immediate" in (summary["metrics"][m].get(p) or {}) for m in summary["metrics"]):
+            cols.append((p, "immediate"))
+
+    def num(v: float, proto: str) -> str:
+        return f"{v:.4f}" if proto == "kl" else f"{v:.3f}"
+
+    def cell(v: dict[str, float | None] | None, proto: str, stage: str) -> str:
+        if not v:
+            return ""
+        if stage == "immediate":
+            return "" if v.get("immediate") is None else num(v["immediate"], proto)
+        post = "-" if v.get("post") is None else num(v["post"], proto)
+        return post if v.get("pre") is None else f"{num(v['pre'], proto)} → {post}"
+
+    rows = [[name] + [cell(summary["metrics"][name].get(p), p, st) for p, st in cols] for name in summary["metrics"]]
+    headers = ["metric (pre → post)"] + [p if st == "post" else f"{p} (immediate)" for p, st in cols]
+    table = tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+    eff = summary.get("efficiency", {})
+    tail = (f"n={summary['n']}  mode={summary['mode']}  edit s/case={_fmt(eff.get('edit_s_mean'))}  "
+            f"eval s={_fmt(eff.get('eval_s_total'))}  peak RSS MB={_fmt(eff.get('peak_rss_mb'))}")
+    return table + "\n" + tail
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
