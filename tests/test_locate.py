@@ -147,7 +147,7 @@ def test_negative_rows_reproduce_the_rank_one_update(tiny_handle, family):
         with torch.no_grad():
             p.add_(upd)
             prompts = [REQ.prompt.replace(REQ.subject, s) for s in ("Germany", "the United Kingdom")]
-            ids, mask = Scorer(h)._pad([h.tokenizer(x).input_ids for x in prompts])
+            ids, mask = Scorer(h).pad([h.tokenizer(x).input_ids for x in prompts])
             real = h.model(input_ids=ids, attention_mask=mask).logits[torch.arange(2), neg.last]
     finally:
         with torch.no_grad():

@@ -168,7 +168,7 @@ class CachedRunner:
         """
         dev = self.handle.device
         rows, cols = rows.to(dev), cols.to(dev)
-        with self.scorer._head_at(rows, cols) as picked:
+        with self.scorer.head_at(rows, cols) as picked:
             out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                              use_cache=True, **{self.cache_kw: cache})
         logits = out.logits if picked else out.logits[rows, cols]
@@ -185,7 +185,7 @@ class CachedRunner:
                    gen_out: list[list[int]]) -> None:
         from medit.core.queries import NextToken, TFResult, F16_FLOOR as _F16_FLOOR
 
-        ids, mask = self.scorer._pad([p.ids for p in batch], left=True)  # every prompt ends in the last column
+        ids, mask = self.scorer.pad([p.ids for p in batch], left=True)  # every prompt ends in the last column
         n, width = ids.shape
         pos = (mask.cumsum(1) - 1).clamp_min(0)
         cache = self._new_cache()
@@ -212,7 +212,7 @@ class CachedRunner:
         from medit.core.queries import TFResult
 
         src = torch.tensor([r for r, _, _ in jobs])
-        ids, cmask = self.scorer._pad([t[:-1] for _, _, t in jobs])
+        ids, cmask = self.scorer.pad([t[:-1] for _, _, t in jobs])
         span = ids.shape[1]
         prefix = mask.index_select(0, src)
         pos = prefix.sum(1, keepdim=True) + torch.arange(span)[None, :]

@@ -142,14 +142,14 @@ class Scorer:
         if self.handle.is_encoder_decoder:
             start = self._decoder_start()
             decs = [[start] if last_only else [start] + t[:-1] for _, t in batch]
-            ids, mask = self._pad([c for c, _ in batch])
-            dec, dmask = self._pad(decs)
+            ids, mask = self.pad([c for c, _ in batch])
+            dec, dmask = self.pad(decs)
             logits = self.handle.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                                        decoder_input_ids=dec.to(dev), decoder_attention_mask=dmask.to(dev)).logits
             cols = [torch.zeros(len(t), dtype=torch.long) if last_only else torch.arange(len(t)) for _, t in batch]
         else:
             seqs = [c if last_only else (c + t)[:-1] for c, t in batch]
-            ids, mask = self._pad(seqs)
+            ids, mask = self.pad(seqs)
             logits = self.handle.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
             cols = [torch.full((len(t),), len(c) - 1, dtype=torch.long) if last_only
                     else torch.arange(len(c) - 1, len(c) - 1 + len(t)) for c, t in batch]
@@ -160,7 +160,7 @@ class Scorer:
         start = self.handle.config.decoder_start_token_id
         return self.pad_id if start is None else int(start)
 
-    def _pad(self, seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad(self, seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded ids and attention mask: right-padded (positions of real tokens are unaffected),
         or ``left``-padded (every sequence ends in the last column, as generation needs)."""
         width = max(len(s) for s in seqs)
@@ -195,7 +195,7 @@ class Scorer:
     _tf_batch = score_pairs  # the name the example plugin (and older plugins) call
 
     @contextlib.contextmanager
-    def _head_at(self, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[bool]:
+    def head_at(self, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[bool]:
         """Apply the LM head only at (rows, cols) of its input during the forward pass.
 
         Yields False (and does nothing) when another hook already sits on the head: an edit that
@@ -219,17 +219,17 @@ class Scorer:
         """One forward pass over ``batch``: log-probs [vocab] at each read (row in batch, column)."""
         dev = self.handle.device
         if self.handle.is_encoder_decoder:
-            ids, mask = self._pad([r.enc or [] for r in batch])
-            dec, dmask = self._pad([r.fed for r in batch])
+            ids, mask = self.pad([r.enc or [] for r in batch])
+            dec, dmask = self.pad([r.fed for r in batch])
             kw = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev),
                   "decoder_input_ids": dec.to(dev), "decoder_attention_mask": dmask.to(dev)}
         else:
-            ids, mask = self._pad([r.fed for r in batch])
+            ids, mask = self.pad([r.fed for r in batch])
             kw = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
         reads = [(i, c) for i, r in enumerate(batch) for c in sorted(r.cols)]
         rows = torch.tensor([i for i, _ in reads], dtype=torch.long, device=dev)
         cols = torch.tensor([c for _, c in reads], dtype=torch.long, device=dev)
-        with self._head_at(rows, cols) as picked:
+        with self.head_at(rows, cols) as picked:
             logits = self.handle.model(**kw, use_cache=False).logits
         if not picked:
             logits = logits[rows, cols]
@@ -272,7 +272,7 @@ class Scorer:
     def _gen_batch(self, enc: list[list[int]], max_new: list[int]) -> list[str]:
         dev = self.handle.device
         # a causal prompt is left-padded so that every prompt's last token is in the same column
-        ids, mask = self._pad(enc, left=not self.handle.is_encoder_decoder)
+        ids, mask = self.pad(enc, left=not self.handle.is_encoder_decoder)
         width = ids.shape[1]
         # generate() hands the head the last position as a strided view, which PyTorch multiplies
         # as one product per sequence; a contiguous copy makes it one matrix product.

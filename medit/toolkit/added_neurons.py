@@ -139,10 +139,10 @@ def ffn_inputs(handle: "ModelHandle", layer: int, seqs: Sequence[Sequence[int]],
     dev = handle.device
     for i in range(0, len(seqs), batch_size):
         chunk = [list(s) for s in seqs[i:i + batch_size]]
-        ids, mask = scorer._pad(chunk)
+        ids, mask = scorer.pad(chunk)
         with capture(handle, "mlp_in", [layer], what="input") as store:
             if handle.is_encoder_decoder:
-                enc, emask = scorer._pad([[handle.tokenizer.eos_token_id or 0]] * len(chunk))
+                enc, emask = scorer.pad([[handle.tokenizer.eos_token_id or 0]] * len(chunk))
                 handle.model(input_ids=enc.to(dev), attention_mask=emask.to(dev),
                              decoder_input_ids=ids.to(dev), decoder_attention_mask=mask.to(dev))
             else:
@@ -377,7 +377,7 @@ def _last_layer_nll(handle: "ModelHandle", groups: Sequence[tuple[int, NeuronGro
         return None
     from medit.scoring.engine import Scorer
     scorer = Scorer(handle)
-    ids, mask = scorer._pad([(c + t)[:-1] for c, t in batch])
+    ids, mask = scorer.pad([(c + t)[:-1] for c, t in batch])
     rows = torch.cat([torch.full((len(t),), i) for i, (_, t) in enumerate(batch)])
     cols = torch.cat([torch.arange(len(c) - 1, len(c) - 1 + len(t)) for c, t in batch])
     tgt = torch.tensor([t for _, ts in batch for t in ts], device=handle.device)

@@ -55,12 +55,12 @@ def _rows(handle: "ModelHandle", prompt: str, target: str, target_tokens: int) -
     if handle.is_encoder_decoder:
         start = handle.config.decoder_start_token_id
         start = scorer.pad_id if start is None else start
-        ids, mask = scorer._pad([ctx] * len(tgt))
-        dec, dmask = scorer._pad([[start] + tgt[:i] for i in range(len(tgt))])
+        ids, mask = scorer.pad([ctx] * len(tgt))
+        dec, dmask = scorer.pad([[start] + tgt[:i] for i in range(len(tgt))])
         pos = torch.arange(len(tgt))
         return _Rows(ids.to(dev), mask.to(dev), dec.to(dev), dmask.to(dev), pos.to(dev), torch.tensor(tgt, device=dev))
     seqs = [ctx + tgt[:i] for i in range(len(tgt))]
-    ids, mask = scorer._pad(seqs)
+    ids, mask = scorer.pad(seqs)
     pos = torch.tensor([len(s) - 1 for s in seqs])
     return _Rows(ids.to(dev), mask.to(dev), None, None, pos.to(dev), torch.tensor(tgt, device=dev))
 

@@ -38,7 +38,7 @@ class _Rows:
 
 
 def _pad(handle: "ModelHandle", seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return Scorer(handle)._pad(seqs)
+    return Scorer(handle).pad(seqs)
 
 
 def _aligned(handle: "ModelHandle", seqs: list[list[int]], lookup: list[int]

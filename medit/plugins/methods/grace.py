@@ -21,7 +21,8 @@ from medit import hookimpl
 from medit.core.edit import Edit
 from medit.errors import HParamsError, PatchError
 from medit.model.handle import ModelHandle
-from medit.model.adaptors import Adaptor, LayerwiseLM, attach, release
+from medit.model.adaptors import Adaptor, attach, release
+from medit.toolkit.layerwise import LayerwiseLM
 from medit.core.hparams import HParams
 from medit.model.layers import resolve_layers
 from medit.core.method import Method

@@ -44,7 +44,8 @@ from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged
 from medit.core.edit import Edit
 from medit.errors import HParamsError, MethodError, PatchError
 from medit.model.handle import ModelHandle
-from medit.model.adaptors import Adaptor, LayerwiseLM, attach, release
+from medit.model.adaptors import Adaptor, attach, release
+from medit.toolkit.layerwise import LayerwiseLM
 from medit.core.hparams import HParams
 from medit.model.layers import resolve_layers
 from medit.toolkit.merging import ties_merge
