@@ -86,11 +86,11 @@ def main() -> None:
     layers = None
     if "stats_corpus" in fields and getattr(hp, "mom2_adjustment", True):
         from medit.model.layers import resolve_layers
-        from medit.plugins.methods.memit import pick_layers
+        from medit.model.layers import spread_layers
         if hasattr(hp, "layers"):
-            layers = pick_layers(handle, hp.layers)
+            layers = spread_layers(handle, hp.layers)
         else:
-            from medit.plugins.methods.rome import AUTO_DEPTH
+            from medit.plugins.methods.rome.method import AUTO_DEPTH
             layers = resolve_layers(handle, [hp.layer] if isinstance(hp.layer, int) else hp.layer, auto=(AUTO_DEPTH,))
         t = time.perf_counter()
         _, stats_s = hp.stats(handle, layers)

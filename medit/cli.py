@@ -356,7 +356,7 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
     overrides = parse_sets(set_)
     meth = api.get_method(method)
     if not getattr(meth, "trainable", False):
-        trainable = [e.name for e in get_plugins().methods if getattr(e.obj, "trainable", False)]
+        trainable = [e.name for e in get_plugins().methods if e.attr("trainable", False)]
         raise MeditError(f"method {method!r} is not trained; `medit train` takes one of {', '.join(trainable)}")
     if max_steps is not None and max_steps < 1:
         raise MeditError(f"--max-steps must be >= 1, got {max_steps}")

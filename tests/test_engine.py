@@ -268,7 +268,7 @@ def test_case_rows_carry_the_methods_edit_diagnostics(tiny_handle, cache_root, t
     """Each case row says which edit made it (its position among the edit's requests) and carries
     the JSON-able part of the method's ``edit.info``, once per edit: a batch stores it on its
     first case only, a sequential run on every case."""
-    from medit.plugins.methods.ft import FineTune
+    from medit.plugins.methods.ft.method import FineTune
 
     h = tiny_handle("gpt2")
     hp = get_plugins().methods.get("ft-l").resolve_hparams(h, overrides=FT)
@@ -298,7 +298,7 @@ def test_sequential_batches_apply_chunks_in_order(tiny_handle, cache_root, tmp_p
     """``--batch-size K`` in sequential mode applies the cases K at a time, one after another:
     one chunk of all cases equals batch mode, each row names its chunk, and the last chunk's
     immediate scores equal the final ones."""
-    from medit.plugins.methods.ft import FineTune
+    from medit.plugins.methods.ft.method import FineTune
 
     h = tiny_handle("gpt2")
     hp = get_plugins().methods.get("ft-l").resolve_hparams(h, overrides=FT)

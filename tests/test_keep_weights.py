@@ -259,7 +259,7 @@ def test_wise_subject_gate(tiny_handle, tmp_path):
     """The subject gate passes a row only when a token after its first real one matches a key
     (the first token is skipped, padding never matches); without keys or with ``key_gate: null``
     every row passes. Edits record one unit key per context template."""
-    from medit.plugins.methods.wise import Memory
+    from medit.plugins.methods.wise.method import Memory
     handle = tiny_handle("llama")
     m = get_plugins().methods.get("wise")
     hp = m.resolve_hparams(handle, overrides={**TINY["wise"], "steps": "2"})

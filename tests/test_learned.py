@@ -197,7 +197,7 @@ def _hooks(handle) -> int:
 def test_serac_trains_and_routes_out_of_scope_queries_to_the_base_model(tiny_handle, tmp_path, family):
     from medit.core.queries import GenQuery, TFQuery
     from medit.scoring.engine import Scorer
-    from medit.plugins.methods.serac import MARKER
+    from medit.plugins.methods.serac.method import MARKER
 
     needs_minilm()
     handle = tiny_handle(family)

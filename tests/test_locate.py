@@ -292,7 +292,7 @@ def test_locate_methods_take_revert_and_patch(tiny_handle, tmp_path, method, fam
 def test_alphaedit_key_cache_keeps_keys_and_reverts(tiny_handle):
     """The run's preserved-key cache holds Σ K Kᵀ of the active edits; each edit keeps only its
     keys K [d_in, n] (not a d_in² matrix), and its revert withdraws exactly its own share."""
-    from medit.plugins.methods.alphaedit import CACHE
+    from medit.plugins.methods.alphaedit.method import CACHE
 
     h = tiny_handle("llama")
     m = get_plugins().methods.get("alphaedit")
@@ -319,7 +319,7 @@ def test_alphaedit_cache_weight_sets_how_firmly_earlier_edits_are_kept(tiny_hand
     """A later edit moves an earlier edit's key output less the heavier the cache weighs; weight 0
     is the update without the cache."""
     from medit.errors import HParamsError
-    from medit.plugins.methods.alphaedit import CACHE
+    from medit.plugins.methods.alphaedit.method import CACHE
 
     h = tiny_handle("llama")
     m = get_plugins().methods.get("alphaedit")
@@ -357,7 +357,7 @@ def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
     residual change, the factors hold both passes' columns, AlphaEdit's cache counts the edit's
     keys once, and revert is still exact."""
     from medit.errors import HParamsError
-    from medit.plugins.methods.alphaedit import CACHE
+    from medit.plugins.methods.alphaedit.method import CACHE
 
     h = tiny_handle("llama")
     m = get_plugins().methods.get(method)
@@ -420,7 +420,7 @@ def test_further_passes_push_only_the_edits_still_short(tiny_handle):
 def test_null_space_projector_reports_what_it_protects():
     """P projects onto the directions below threshold × the largest eigenvalue; ``protected``
     counts the others, and ``top_share`` flags a covariance that one direction dominates."""
-    from medit.plugins.methods.alphaedit import null_space_projector
+    from medit.plugins.methods.alphaedit.method import null_space_projector
 
     g = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
@@ -437,7 +437,7 @@ def test_null_space_projector_reports_what_it_protects():
 def test_alphaedit_warns_when_one_direction_dominates_the_covariance(tiny_handle, monkeypatch, capsys):
     """A layer whose key covariance one direction dominates gets a one-line warning (once per
     layer), and every edit reports how many directions each layer's projector protects."""
-    from medit.plugins.methods.alphaedit import AlphaEditHParams
+    from medit.plugins.methods.alphaedit.method import AlphaEditHParams
 
     h = tiny_handle("llama")
     m = get_plugins().methods.get("alphaedit")
@@ -487,7 +487,7 @@ def test_rome_refuses_batch_mode(tiny_handle):
 def test_covariance_factor_is_memoised_and_memit_solve_matches_direct(tiny_handle):
     from medit.toolkit.spread import covariance_solver
     from medit.toolkit.stats import effective_dtype
-    from medit.plugins.methods.memit import least_squares_keys
+    from medit.plugins.methods.memit.method import least_squares_keys
 
     h = tiny_handle("gpt2")
     g = torch.Generator().manual_seed(0)

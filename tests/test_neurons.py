@@ -178,7 +178,7 @@ def test_tpatcher_batch_is_one_patch(tiny_handle, tmp_path):
 
 
 def test_violated_mean_averages_only_broken_constraints():
-    from medit.plugins.methods.tpatcher import violated_mean
+    from medit.plugins.methods.tpatcher.method import violated_mean
     assert float(violated_mean(torch.tensor([-1.0, -0.5]))) == 0.0
     # two violators among many satisfied rows keep their full weight (no dilution)
     slack = torch.cat([torch.full((1000,), -2.0), torch.tensor([1.0, 3.0])])

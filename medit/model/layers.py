@@ -26,3 +26,18 @@ def resolve_layers(handle: "ModelHandle", layers: Sequence[int] | str, auto: Seq
                               f"({n} layers: use 0..{n - 1}, or -1..-{n} counting from the end)")
         out.append(layer + n if layer < 0 else layer)
     return out
+
+
+#: MEMIT's ``layers: auto``: a block of SPREAD_COUNT consecutive layers ending a quarter of the way up.
+SPREAD_LAST = 0.25
+SPREAD_COUNT = 5
+
+
+def spread_layers(handle: "ModelHandle", layers: Sequence[int] | str) -> list[int]:
+    """Layers a multi-layer edit spreads over (ascending): the given ones, or for ``auto`` the
+    block MEMIT uses (the SPREAD_COUNT layers ending at SPREAD_LAST of the depth)."""
+    if layers == "auto":
+        n = handle.n_layers
+        last = max(0, min(n - 1, round(SPREAD_LAST * (n - 1))))
+        return list(range(max(0, last - SPREAD_COUNT + 1), last + 1))
+    return sorted(resolve_layers(handle, layers, auto=()))

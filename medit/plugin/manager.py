@@ -15,6 +15,7 @@ from typing import Any, Generic, Iterator, TypeVar
 import pluggy
 
 from medit.plugin import hookspecs
+from medit.plugin.lazy import Lazy
 from medit.errors import UnknownNameError
 
 ENTRY_POINT_GROUP = "medit"
@@ -27,17 +28,33 @@ T = TypeVar("T")
 
 @dataclass
 class Entry(Generic[T]):
-    """One registered object and where it came from."""
+    """One registered object and where it came from. An object registered with
+    :func:`medit.plugin.lazy.lazy` is imported on the first access to :attr:`obj`."""
 
     name: str
-    obj: T
+    registered: Any
     plugin: str
     dist: str
     version: str
 
     @property
+    def obj(self) -> T:
+        if isinstance(self.registered, Lazy):
+            return self.registered.resolve()  # type: ignore[no-any-return]
+        return self.registered  # type: ignore[no-any-return]
+
+    @property
     def description(self) -> str:
-        return getattr(self.obj, "description", "") or ""
+        if isinstance(self.registered, Lazy):
+            return self.registered.description
+        return getattr(self.registered, "description", "") or ""
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        """An attribute of the object, answered from a lazy registration's metadata when it has
+        it (so listing does not import the implementation)."""
+        if isinstance(self.registered, Lazy) and key in self.registered.metadata:
+            return self.registered.metadata[key]
+        return getattr(self.obj, key, default)
 
 
 class Registry(Generic[T]):

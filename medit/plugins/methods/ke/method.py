@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 import medit
-from medit import hookimpl
 from medit.core.edit import WeightEdit
 from medit.errors import HParamsError
 from medit.toolkit.gradient_editors import (EditedWeights, dense_update, edit_pairs, edited_params, factor_edit, out_in_shape,
@@ -34,6 +33,7 @@ from medit.model.handle import ModelHandle
 from medit.core.requests import EditRequest
 from medit.scoring.engine import Scorer
 from medit.toolkit.training import LearnedHParams, LearnedMethod
+from medit.plugins.methods.ke import DESCRIPTION
 
 HPARAMS = Path(medit.__file__).parent / "hparams"
 
@@ -131,7 +131,7 @@ class KEEditor(nn.Module):
 
 class KE(LearnedMethod):
     name = "ke"
-    description = "KnowledgeEditor: a hyper-network predicts a constrained, gradient-shaped update per edit"
+    description = DESCRIPTION
     hparams_class = KEHParams
     modes = ("single", "batch", "sequential")
     hparams_dir = HPARAMS / "ke"
@@ -204,8 +204,3 @@ class KE(LearnedMethod):
         edit = factor_edit(handle, self.name, requests, hparams.to_dict(), updates)
         edit.info["checkpoint"] = hparams.checkpoint
         return edit
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(KE())

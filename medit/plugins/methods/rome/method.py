@@ -15,7 +15,6 @@ from typing import Sequence
 import torch
 
 import medit
-from medit import hookimpl
 from medit.core.edit import CompositeEdit, Edit, WeightEdit
 from medit.errors import HParamsError
 from medit.model.handle import ModelHandle
@@ -25,6 +24,7 @@ from medit.toolkit.spread import LocateHParams, covariance_solver, storage_facto
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.toolkit.target_vectors import delta_row_keys, negative_rows, optimise_deltas
+from medit.plugins.methods.rome import DESCRIPTION
 
 #: ``layer: auto`` picks the layer at this fraction of the depth (GPT-2 XL's 17/48 and LLaMA-7B's
 #: 5/32 in the ROME/EasyEdit defaults bracket it; early-middle MLPs recall subject attributes).
@@ -66,7 +66,7 @@ class ROMEHParams(LocateHParams, HParams):
 
 class ROME(Method):
     name = "rome"
-    description = "ROME: rank-one MLP update at one layer, covariance-weighted, consistent keys (r-ROME)"
+    description = DESCRIPTION
     hparams_class = ROMEHParams
     modes = ("single", "sequential")
     unsupported_families = ("t5",)
@@ -99,8 +99,3 @@ class ROME(Method):
         edit = WeightEdit.from_deltas(handle, self.name, [req], hp.to_dict(), factors={name: factors})
         edit.info.update(stats_s=stats_s, layer=layer, delta_steps=info[0]["steps"], delta_nll=info[0]["nll"])
         return edit
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(ROME())

@@ -38,7 +38,6 @@ from typing import Any, Sequence
 import torch
 
 import medit
-from medit import hookimpl
 from medit.toolkit.context import NEGATIVE_SUBJECTS, context_templates, fill, swapped_prompts
 from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged_spec
 from medit.core.edit import Edit
@@ -54,6 +53,7 @@ from medit.core.requests import EditRequest
 from medit.toolkit.target_vectors import template_keys
 from medit.scoring.engine import Scorer
 from medit.model.tracing import capture, run_until
+from medit.plugins.methods.wise import DESCRIPTION
 
 AUTO_DEPTH = 0.85
 #: unrelated sentences for models whose own text cannot be sampled cheaply (encoder-decoders).
@@ -297,7 +297,7 @@ class WiseEdit(Edit):
 
 class WISE(Method):
     name = "wise"
-    description = "WISE: side memory of one MLP output projection with an activation router, shards and TIES merging"
+    description = DESCRIPTION
     hparams_class = WISEHParams
     cached_scoring = False  # edits hook modules
     modes = ("single", "batch", "sequential")
@@ -490,8 +490,3 @@ class WISE(Method):
                                     None if keys is None else keys.to(handle.device).float()))
         sm.total = len(reqs)
         return edit
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(WISE())

@@ -13,7 +13,6 @@ from typing import Literal, Sequence
 import torch
 
 import medit
-from medit import hookimpl
 from medit.core.edit import WeightEdit
 from medit.errors import HParamsError
 from medit.model.handle import ModelHandle
@@ -103,9 +102,3 @@ class FineTune(Method):
                     p.requires_grad_(False)
                     p.grad = None
         return edit
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(FineTune("ft-l", "FT-L: fine-tune one MLP layer on the targets within an L-inf bound"))
-    register(FineTune("ft-m", "FT-M: fine-tune one MLP layer on the target tokens, no norm bound"))

@@ -25,7 +25,6 @@ from typing import Literal, Sequence
 import torch
 
 import medit
-from medit import hookimpl
 from medit.toolkit.attribution import integrated_gradients, neuron_activations
 from medit.core.edit import CompositeEdit, Edit, WeightEdit
 from medit.errors import HParamsError
@@ -37,6 +36,7 @@ from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.core.queries import GenQuery, TFQuery
 from medit.scoring.engine import Scorer
+from medit.plugins.methods.kn import DESCRIPTION
 
 
 @dataclass
@@ -98,7 +98,7 @@ def _old_answer(handle: ModelHandle, req: EditRequest) -> str:
 
 class KnowledgeNeurons(Method):
     name = "kn"
-    description = "Knowledge Neurons: integrated-gradients neuron attribution, then value-vector edits"
+    description = DESCRIPTION
     hparams_class = KNHParams
     modes = ("single", "batch", "sequential")
     hparams_dir = Path(medit.__file__).parent / "hparams" / "kn"
@@ -168,8 +168,3 @@ class KnowledgeNeurons(Method):
             edit.revert()
         edit.info.update(neurons=[(n.layer, n.index, round(n.attribution, 6)) for n in neurons], scale=scale)
         return edit
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(KnowledgeNeurons())

@@ -17,7 +17,6 @@ from typing import Any, Sequence
 import torch
 
 import medit
-from medit import hookimpl
 from medit.core.edit import Edit
 from medit.errors import HParamsError, PatchError
 from medit.model.handle import ModelHandle
@@ -29,6 +28,7 @@ from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.scoring.engine import Scorer
 from medit.model.tracing import capture, run_until
+from medit.plugins.methods.grace import DESCRIPTION
 
 AUTO_DEPTH = 0.7
 
@@ -178,7 +178,7 @@ class GraceEdit(Edit):
 
 class GRACE(Method):
     name = "grace"
-    description = "GRACE: codebook of (key, value, radius) replacing one block's output; weights unchanged"
+    description = DESCRIPTION
     hparams_class = GRACEHParams
     cached_scoring = False  # edits hook modules
     modes = ("single", "batch", "sequential")
@@ -291,8 +291,3 @@ def _train_value(lm: LayerwiseLM, cb: Codebook, init: torch.Tensor, pos: int, hp
     finally:
         cb.override = None
     return value.detach().clone(), step, nll
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(GRACE())

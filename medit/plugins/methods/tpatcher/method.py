@@ -20,7 +20,6 @@ from typing import Any, Literal, Sequence
 import torch
 
 import medit
-from medit import hookimpl
 from medit.core.edit import Edit
 from medit.errors import HParamsError
 from medit.model.handle import ModelHandle
@@ -31,6 +30,7 @@ from medit.toolkit.added_neurons import (NeuronEdit, NeuronGroup, attached_group
                                 target_inputs, train_groups)
 from medit.core.requests import EditRequest
 from medit.toolkit.context import NEGATIVE_SUBJECTS, swapped_prompts
+from medit.plugins.methods.tpatcher import DESCRIPTION
 
 
 @dataclass
@@ -99,7 +99,7 @@ def violated_mean(slack: torch.Tensor) -> torch.Tensor:
 
 class TPatcher(Method):
     name = "t-patcher"
-    description = "T-Patcher: a trainable neuron per edit in the last FFN, silent on other inputs"
+    description = DESCRIPTION
     hparams_class = TPatcherHParams
     cached_scoring = False  # edits hook modules
     modes = ("single", "batch", "sequential")
@@ -142,8 +142,3 @@ class TPatcher(Method):
 
     def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> Edit:
         return NeuronEdit.from_patch(handle, manifest, tensors)
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(TPatcher())

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 import medit
-from medit import hookimpl
 from medit.core.edit import WeightEdit
 from medit.errors import HParamsError
 from medit.toolkit.gradient_editors import (EditedWeights, dense_update, edit_pairs, edited_params, factor_edit, out_in_shape,
@@ -28,6 +27,7 @@ from medit.model.handle import ModelHandle
 from medit.core.requests import EditRequest
 from medit.scoring.engine import Scorer
 from medit.toolkit.training import LearnedHParams, LearnedMethod
+from medit.plugins.methods.mend import DESCRIPTION
 
 HPARAMS = Path(medit.__file__).parent / "hparams"
 
@@ -137,7 +137,7 @@ class MENDEditor(nn.Module):
 
 class MEND(LearnedMethod):
     name = "mend"
-    description = "MEND: a trained editor network turns the fine-tuning gradient into a low-rank edit"
+    description = DESCRIPTION
     hparams_class = MENDHParams
     modes = ("single", "batch", "sequential")
     hparams_dir = HPARAMS / "mend"
@@ -178,8 +178,3 @@ class MEND(LearnedMethod):
         edit = factor_edit(handle, self.name, requests, hparams.to_dict(), updates)
         edit.info["checkpoint"] = hparams.checkpoint
         return edit
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(MEND())

@@ -22,7 +22,6 @@ from typing import Any, Sequence
 import torch
 
 import medit
-from medit import hookimpl
 from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged_spec
 from medit.core.edit import Edit
 from medit.toolkit.embeddings import embed
@@ -31,6 +30,7 @@ from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
 from medit.core.method import Method
 from medit.core.requests import EditRequest
+from medit.plugins.methods.ike import DESCRIPTION
 
 DEFAULT_POOL = COUNTERFACT_TRAIN
 
@@ -135,7 +135,7 @@ class IKEEdit(Edit):
 
 class IKE(Method):
     name = "ike"
-    description = "IKE: in-context editing with retrieved copy/update/retain demonstrations; weights unchanged"
+    description = DESCRIPTION
     hparams_class = IKEHParams
     modes = ("single", "batch")
     hparams_dir = Path(medit.__file__).parent / "hparams" / "ike"
@@ -172,8 +172,3 @@ class IKE(Method):
             raise PatchError("IKE patch manifest has no list of 'contexts'; re-create the patch with medit edit --save-patch")
         reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
         return IKEEdit(handle, self.name, reqs, manifest.get("hparams", {}), contexts)
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(IKE())

@@ -17,7 +17,6 @@ from typing import Any, Literal, Sequence
 import torch
 
 import medit
-from medit import hookimpl
 from medit.toolkit.context import context_templates, fill
 from medit.core.edit import Edit
 from medit.errors import HParamsError
@@ -27,6 +26,7 @@ from medit.model.layers import resolve_layers
 from medit.core.method import Method
 from medit.toolkit.added_neurons import NeuronEdit, NeuronGroup, memory_inputs, target_batch, train_groups
 from medit.core.requests import EditRequest
+from medit.plugins.methods.calinet import DESCRIPTION
 
 
 @dataclass
@@ -70,7 +70,7 @@ class CaliNETHParams(HParams):
 
 class CaliNET(Method):
     name = "calinet"
-    description = "CaliNET: FFN-parallel calibration memory slots trained on the edits, base frozen"
+    description = DESCRIPTION
     hparams_class = CaliNETHParams
     cached_scoring = False  # edits hook modules
     modes = ("single", "batch", "sequential")
@@ -112,8 +112,3 @@ class CaliNET(Method):
 
     def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> Edit:
         return NeuronEdit.from_patch(handle, manifest, tensors)
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(CaliNET())

@@ -13,27 +13,18 @@ from typing import Sequence
 import torch
 
 import medit
-from medit import hookimpl
 from medit.core.edit import WeightEdit
 from medit.errors import HParamsError
 from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
-from medit.model.layers import resolve_layers
+from medit.model.layers import spread_layers
 from medit.toolkit.spread import SpreadHParams, apply_spread, covariance_solver
 from medit.core.method import Method
 from medit.core.requests import EditRequest
+from medit.plugins.methods.memit import DESCRIPTION
 
 #: ``layers: auto``: five consecutive layers ending at this fraction of the depth (LLaMA-7B's
 #: 4-8 of 32 and GPT-J's 3-8 of 28 in the MEMIT/EasyEdit defaults).
-AUTO_LAST = 0.25
-AUTO_COUNT = 5
-
-
-def auto_layers(n_layers: int) -> list[int]:
-    last = max(0, min(n_layers - 1, round(AUTO_LAST * (n_layers - 1))))
-    return list(range(max(0, last - AUTO_COUNT + 1), last + 1))
-
-
 @dataclass
 class MEMITHParams(SpreadHParams, HParams):
     """Hyperparameters of MEMIT (plus the shared statistics / target-vector settings)."""
@@ -49,12 +40,6 @@ class MEMITHParams(SpreadHParams, HParams):
             raise HParamsError(f"hparam 'mom2_update_weight' must be >= 0, got {self.mom2_update_weight}")
         if isinstance(self.layers, list) and not self.layers:
             raise HParamsError("hparam 'layers' must name at least one layer (or be 'auto')")
-
-
-def pick_layers(handle: ModelHandle, layers: list[int] | str) -> list[int]:
-    if layers == "auto":
-        return auto_layers(handle.n_layers)
-    return sorted(resolve_layers(handle, layers, auto=()))
 
 
 def least_squares_keys(handle: ModelHandle, C: torch.Tensor, lam: float, K: torch.Tensor) -> torch.Tensor:
@@ -73,14 +58,14 @@ def least_squares_keys(handle: ModelHandle, C: torch.Tensor, lam: float, K: torc
 
 class MEMIT(Method):
     name = "memit"
-    description = "MEMIT: batch edits spread over several MLP layers by covariance-weighted least squares"
+    description = DESCRIPTION
     hparams_class = MEMITHParams
     modes = ("single", "batch", "sequential")
     unsupported_families = ("t5",)
     hparams_dir = Path(medit.__file__).parent / "hparams" / "memit"
 
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: MEMITHParams) -> WeightEdit:  # type: ignore[override]
-        layers = pick_layers(handle, hparams.layers)
+        layers = spread_layers(handle, hparams.layers)
         stats, stats_s = hparams.stats(handle, layers)
         lam = hparams.mom2_update_weight
 
@@ -88,8 +73,3 @@ class MEMIT(Method):
             return least_squares_keys(handle, stats[layer], lam, K)
 
         return apply_spread(handle, requests, hparams, self.name, layers, stats_s, solve)
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(MEMIT())

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 import medit
-from medit import hookimpl
 from medit.core.edit import Edit
 from medit.toolkit.embeddings import get_embedder
 from medit.model.adaptors import call_cache
@@ -32,6 +31,7 @@ from medit.model.handle import ModelHandle
 from medit.core.requests import EditRequest
 from medit.scoring.engine import Scorer
 from medit.toolkit.training import LearnedHParams, LearnedMethod
+from medit.plugins.methods.serac import DESCRIPTION
 
 HPARAMS = Path(medit.__file__).parent / "hparams"
 MARKER = "[edit]"
@@ -193,7 +193,7 @@ class SeracEdit(Edit):
 
 class SERAC(LearnedMethod):
     name = "serac"
-    description = "SERAC: edits in memory; a scope classifier sends in-scope queries to a counterfactual model"
+    description = DESCRIPTION
     hparams_class = SERACHParams
     cached_scoring = False  # edits hook modules
     modes = ("single", "batch", "sequential")
@@ -248,8 +248,3 @@ class SERAC(LearnedMethod):
         edit = SeracEdit(handle, requests, hparams, editor)
         edit.info["checkpoint"] = hparams.checkpoint
         return edit
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(SERAC())

@@ -17,15 +17,15 @@ from typing import Sequence
 import torch
 
 import medit
-from medit import hookimpl
 from medit.core.edit import WeightEdit
 from medit.errors import HParamsError
 from medit.model.handle import ModelHandle
+from medit.model.layers import spread_layers
 from medit.core.hparams import HParams
 from medit.toolkit.spread import SpreadHParams, apply_spread
 from medit.core.method import Method
 from medit.core.requests import EditRequest
-from medit.plugins.methods.memit import pick_layers
+from medit.plugins.methods.alphaedit import DESCRIPTION
 
 CACHE = "alphaedit.preserved"
 
@@ -114,7 +114,7 @@ def null_space(handle: ModelHandle, layer: int, C: torch.Tensor, threshold: floa
 
 class AlphaEdit(Method):
     name = "alphaedit"
-    description = "AlphaEdit: MEMIT projected onto the null space of preserved knowledge, for sequential runs"
+    description = DESCRIPTION
     hparams_class = AlphaEditHParams
     modes = ("single", "batch", "sequential")
     unsupported_families = ("t5",)
@@ -124,7 +124,7 @@ class AlphaEdit(Method):
         handle.memo[CACHE] = {}
 
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: AlphaEditHParams) -> WeightEdit:  # type: ignore[override]
-        layers = pick_layers(handle, hparams.layers)
+        layers = spread_layers(handle, hparams.layers)
         stats, stats_s = hparams.stats(handle, layers)
         spaces = {layer: null_space(handle, layer, stats[layer], hparams.nullspace_threshold) for layer in layers}
         cache: dict[int, torch.Tensor] = handle.memo.setdefault(CACHE, {})
@@ -147,8 +147,3 @@ class AlphaEdit(Method):
         edit.added = added  # type: ignore[attr-defined]
         edit.info["nullspace_protected"] = {layer: ns.protected for layer, ns in spaces.items()}
         return edit
-
-
-@hookimpl
-def register_methods(register):  # type: ignore[no-untyped-def]
-    register(AlphaEdit())
