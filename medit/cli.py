@@ -100,23 +100,33 @@ def _root(ctx: typer.Context) -> None:
         typer.echo(ctx.get_help())
 
 # ---------------------------------------------------------------- shared options
-ModelOpt = typer.Option(..., "--model", "-m", metavar="MODEL", help="alias (see `medit list models`), hub id, local folder or .gguf file")
+ModelOpt = typer.Option(..., "--model", "-m", metavar="MODEL",
+                        help="alias (see `medit list models`), hub id, local folder or .gguf file")
 MethodOpt = typer.Option(..., "--method", metavar="NAME", help="editing method (see `medit list methods`)")
-HparamsOpt = typer.Option(None, "--hparams", metavar="FILE", help="YAML file of hyperparameters (default: the method's file for this model)")
+HparamsOpt = typer.Option(None, "--hparams", metavar="FILE",
+                          help="YAML file of hyperparameters (default: the method's file for this model)")
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="override one hyperparameter: key=value (repeatable)")
 DtypeOpt = typer.Option(None, "--dtype", metavar="DTYPE", help="float32 (default), float16 or bfloat16")
 DeviceOpt = typer.Option(None, "--device", metavar="DEVICE", help="cpu, cuda, cuda:N (default: cuda if available)")
 DeviceMapOpt = typer.Option(None, "--device-map", metavar="MAP", help="'auto' to shard a big model over devices")
-RandomOpt = typer.Option(False, "--random-init", help="random weights from the model's config (tests, speed benchmarks)")
+RandomOpt = typer.Option(False, "--random-init",
+                         help="random weights from the model's config (tests, speed benchmarks)")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="allow model code from the hub (off by default)")
-NoMemCheckOpt = typer.Option(False, "--no-memory-check", help="load the model even when its memory estimate exceeds the free memory")
-ProtoOpt = typer.Option(None, "--protocol", metavar="LIST", help="comma list of generate,token_acc,exact,prob (default: all)")
+NoMemCheckOpt = typer.Option(False, "--no-memory-check",
+                             help="load the model even when its memory estimate exceeds the free memory")
+ProtoOpt = typer.Option(None, "--protocol", metavar="LIST",
+                        help="comma list of generate,token_acc,exact,prob (default: all)")
 OutOpt = typer.Option(None, "--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
 GenOpt = typer.Option(8, "--gen-tokens", metavar="N", help="max new tokens for the generate protocol")
-CorpusOpt = typer.Option(None, "--stats-corpus", metavar="CORPUS", help="text/JSONL corpus (or HF dataset name[:config]) for covariance statistics (default: the WikiText-2 text medit ships)")
-CheckpointOpt = typer.Option(None, "--checkpoint", metavar="DIR", help="trained editor folder from `medit train` (mend, ke, serac)")
+CorpusOpt = typer.Option(None, "--stats-corpus", metavar="CORPUS",
+                         help="text/JSONL corpus (or HF dataset name[:config]) for covariance statistics (default: "
+                         "the WikiText-2 text medit ships)")
+CheckpointOpt = typer.Option(None, "--checkpoint", metavar="DIR",
+                             help="trained editor folder from `medit train` (mend, ke, serac)")
 ChatOpt = typer.Option(False, "--chat-template", help="wrap in-context edits in the tokenizer's chat template (ike)")
-SkipInvalidOpt = typer.Option(False, "--skip-invalid", help="leave invalid dataset records out (one warning counts them) instead of stopping at one the selection includes")
+SkipInvalidOpt = typer.Option(False, "--skip-invalid",
+                              help="leave invalid dataset records out (one warning counts them) instead of stopping "
+                              "at one the selection includes")
 
 
 def _route(method: Any, overrides: dict[str, Any], field: str, value: Any, flag: str, unused: str) -> dict[str, Any]:
@@ -197,11 +207,14 @@ def _report(summary: dict[str, Any], out: Path) -> None:
 
 # ---------------------------------------------------------------- commands
 @app.command(cls=_Command)
-def edit(file: str = typer.Argument(..., metavar="FILE", help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
+def edit(file: str = typer.Argument(..., metavar="FILE",
+                                    help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
          method: str = MethodOpt, model: str = ModelOpt, hparams: Optional[str] = HparamsOpt,
          set_: Optional[list[str]] = SetOpt,
-         mode: Optional[str] = typer.Option(None, "--mode", metavar="MODE", help="batch or sequential (default: batch when the method can)"),
-         save_patch: Optional[str] = typer.Option(None, "--save-patch", metavar="DIR", help="write the edit as a patch folder"),
+         mode: Optional[str] = typer.Option(None, "--mode", metavar="MODE",
+                                            help="batch or sequential (default: batch when the method can)"),
+         save_patch: Optional[str] = typer.Option(None, "--save-patch", metavar="DIR",
+                                                  help="write the edit as a patch folder"),
          force: bool = typer.Option(False, "--force", help="let --save-patch replace an existing medit patch"),
          out: Optional[str] = OutOpt, protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt,
          stats_corpus: Optional[str] = CorpusOpt, checkpoint: Optional[str] = CheckpointOpt,
@@ -241,20 +254,29 @@ def edit(file: str = typer.Argument(..., metavar="FILE", help="edits: medit JSON
 
 @app.command("eval", cls=_Command)
 def eval_(method: str = MethodOpt, model: str = ModelOpt,
-          dataset: str = typer.Option(..., "--dataset", metavar="DATASET", help="PATH or FORMAT:PATH (e.g. counterfact:dev.json)"),
+          dataset: str = typer.Option(..., "--dataset", metavar="DATASET",
+                                      help="PATH or FORMAT:PATH (e.g. counterfact:dev.json)"),
           n: Optional[int] = typer.Option(None, "--n", metavar="N", help="number of cases"),
           offset: int = typer.Option(0, "--offset", metavar="N", help="skip this many cases first"),
-          seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="shuffle cases with this seed before selecting"),
+          seed: Optional[int] = typer.Option(None, "--seed", metavar="N",
+                                             help="shuffle cases with this seed before selecting"),
           mode: str = typer.Option("single", "--mode", metavar="MODE", help="single, batch or sequential"),
-          batch_size: int = typer.Option(0, "--batch-size", metavar="N", help="edits per batch: batch mode (0: all at once) or sequential mode (batches applied one after another; 0: one edit at a time)"),
+          batch_size: int = typer.Option(0, "--batch-size", metavar="N",
+                                         help="edits per batch: batch mode (0: all at once) or sequential mode "
+                                         "(batches applied one after another; 0: one edit at a time)"),
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
           protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt, stats_corpus: Optional[str] = CorpusOpt,
           checkpoint: Optional[str] = CheckpointOpt, chat_template: bool = ChatOpt, skip_invalid: bool = SkipInvalidOpt,
-          metrics: Optional[str] = typer.Option(None, "--metrics", metavar="LIST", help="comma list of metrics (default: all built-in)"),
-          out: Optional[str] = OutOpt, resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
-          also_immediate: bool = typer.Option(False, "--also-immediate", help="sequential mode: also score each case right after its own edit"),
-          score_batch_size: int = typer.Option(64, "--score-batch-size", metavar="N", help="most sequences per forward pass when scoring"),
-          no_score_cache: bool = typer.Option(False, "--no-score-cache", help="recompute pre-edit scores instead of reusing MEDIT_CACHE/scores"),
+          metrics: Optional[str] = typer.Option(None, "--metrics", metavar="LIST",
+                                                help="comma list of metrics (default: all built-in)"),
+          out: Optional[str] = OutOpt, resume: bool = typer.Option(False, "--resume",
+                                                                   help="continue an interrupted run in --out"),
+          also_immediate: bool = typer.Option(False, "--also-immediate",
+                                              help="sequential mode: also score each case right after its own edit"),
+          score_batch_size: int = typer.Option(64, "--score-batch-size", metavar="N",
+                                               help="most sequences per forward pass when scoring"),
+          no_score_cache: bool = typer.Option(False, "--no-score-cache",
+                                              help="recompute pre-edit scores instead of reusing MEDIT_CACHE/scores"),
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
           no_memory_check: bool = NoMemCheckOpt) -> None:
@@ -297,9 +319,13 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
 
 
 @app.command(cls=_Command)
-def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metavar="DIR", help="patch folder from --save-patch"),
-          prompt: Optional[list[str]] = typer.Option(None, "--prompt", metavar="TEXT", help="prompt to complete before/after (repeatable; default: the patch's edit prompts)"),
-          save: Optional[str] = typer.Option(None, "--save", metavar="DIR", help="write the edited model to this folder"),
+def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metavar="DIR",
+                                                           help="patch folder from --save-patch"),
+          prompt: Optional[list[str]] = typer.Option(None, "--prompt", metavar="TEXT",
+                                                     help="prompt to complete before/after (repeatable; default: "
+                                                     "the patch's edit prompts)"),
+          save: Optional[str] = typer.Option(None, "--save", metavar="DIR",
+                                             help="write the edited model to this folder"),
           gen_tokens: int = GenOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
           device_map: Optional[str] = DeviceMapOpt, random_init: bool = RandomOpt,
           trust_remote_code: bool = TrustOpt, no_memory_check: bool = NoMemCheckOpt) -> None:
@@ -333,11 +359,14 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metav
 
 @app.command(cls=_Command)
 def train(method: str = MethodOpt, model: str = ModelOpt,
-          data: str = typer.Option(..., "--data", metavar="DATASET", help="training edits: PATH or FORMAT:PATH (e.g. counterfact:train.json)"),
-          val: Optional[str] = typer.Option(None, "--val", metavar="DATASET", help="validation edits (default: the last val_n cases of --data)"),
+          data: str = typer.Option(..., "--data", metavar="DATASET",
+                                   help="training edits: PATH or FORMAT:PATH (e.g. counterfact:train.json)"),
+          val: Optional[str] = typer.Option(None, "--val", metavar="DATASET",
+                                            help="validation edits (default: the last val_n cases of --data)"),
           out: str = typer.Option(..., "--out", metavar="DIR", help="checkpoint folder to write"),
           resume: bool = typer.Option(False, "--resume", help="continue the training checkpointed in --out"),
-          max_steps: Optional[int] = typer.Option(None, "--max-steps", metavar="N", help="cap the total number of steps (smoke runs)"),
+          max_steps: Optional[int] = typer.Option(None, "--max-steps", metavar="N",
+                                                  help="cap the total number of steps (smoke runs)"),
           max_minutes: Optional[float] = typer.Option(None, "--max-minutes", metavar="MINUTES",
                                                       help="stop (validated and checkpointed) after this much wall time"),
           n: Optional[int] = typer.Option(None, "--n", metavar="N", help="use only the first N training cases"),
@@ -381,11 +410,14 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
 @app.command(cls=_Command)
 def stats(model: str = ModelOpt,
           layers: str = typer.Option(..., "--layers", metavar="LIST", help="comma list of layer indices, e.g. 4,5,6"),
-          corpus: str = typer.Option(..., "--corpus", metavar="CORPUS", help="text/JSONL file (one paragraph per line) or HF dataset name"),
+          corpus: str = typer.Option(..., "--corpus", metavar="CORPUS",
+                                     help="text/JSONL file (one paragraph per line) or HF dataset name"),
           samples: int = typer.Option(1000, "--samples", metavar="N", help="corpus paragraphs to use"),
           max_len: int = typer.Option(128, "--max-len", metavar="N", help="tokens per paragraph (truncation)"),
-          stats_dtype: str = typer.Option("float32", "--stats-dtype", metavar="DTYPE", help="accumulation dtype: float32 or float64"),
-          tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="on CUDA, TF32 matrix products for the corpus pass"),
+          stats_dtype: str = typer.Option("float32", "--stats-dtype", metavar="DTYPE",
+                                          help="accumulation dtype: float32 or float64"),
+          tf32: bool = typer.Option(True, "--tf32/--no-tf32",
+                                    help="on CUDA, TF32 matrix products for the corpus pass"),
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
           no_memory_check: bool = NoMemCheckOpt) -> None:
@@ -405,14 +437,19 @@ def stats(model: str = ModelOpt,
 
 
 @app.command(cls=_Command)
-def corpus(facts: str = typer.Option(..., "--facts", metavar="DATASET", help="dataset whose true facts to add (FORMAT:PATH), "
+def corpus(facts: str = typer.Option(..., "--facts", metavar="DATASET",
+                                     help="dataset whose true facts to add (FORMAT:PATH), "
                                      "e.g. counterfact:train.json"),
-           out: str = typer.Option(..., "--out", metavar="FILE", help="the corpus file to write (one sample per line)"),
-           exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="DATASET", help="dataset you will evaluate on: "
+           out: str = typer.Option(..., "--out", metavar="FILE",
+                                   help="the corpus file to write (one sample per line)"),
+           exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="DATASET",
+                                                       help="dataset you will evaluate on: "
                                                        "cases sharing a subject with it are left out (repeatable)"),
-           text: Optional[str] = typer.Option(None, "--text", metavar="FILE", help="text corpus whose paragraphs come first"),
+           text: Optional[str] = typer.Option(None, "--text", metavar="FILE",
+                                              help="text corpus whose paragraphs come first"),
            text_n: int = typer.Option(1000, "--text-n", metavar="N", help="paragraphs of --text to take"),
-           facts_n: Optional[int] = typer.Option(None, "--facts-n", metavar="N", help="most fact lines to take (default all)")) -> None:
+           facts_n: Optional[int] = typer.Option(None, "--facts-n", metavar="N",
+                                                 help="most fact lines to take (default all)")) -> None:
     """Write a statistics corpus: text paragraphs, then true facts from a dataset's training split."""
     from medit.toolkit.fact_corpus import build_corpus, write_corpus
 
@@ -423,7 +460,8 @@ def corpus(facts: str = typer.Option(..., "--facts", metavar="DATASET", help="da
 
 
 @app.command(cls=_Command)
-def locate(data: str = typer.Argument(..., metavar="DATASET", help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
+def locate(data: str = typer.Argument(..., metavar="DATASET",
+                                      help="edits: medit JSONL or any registered dataset format (FORMAT:PATH)"),
            method: str = MethodOpt, model: str = ModelOpt,
            n: Optional[int] = typer.Option(None, "--n", metavar="N", help="number of cases"),
            offset: int = typer.Option(0, "--offset", metavar="N", help="skip this many cases first"),
@@ -488,9 +526,12 @@ def list_(kind: str = typer.Argument(..., metavar="KIND", help="methods, models,
 
 
 @app.command(cls=_Command)
-def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR", help="run folders written by `medit eval/edit --out`"),
-           out: Optional[str] = typer.Option(None, "--out", metavar="DIR", help="write report.md, report.json and report.png here"),
-           fmt: str = typer.Option("table", "--format", metavar="FORMAT", help="what to print: table, markdown or json"),
+def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR",
+                                                help="run folders written by `medit eval/edit --out`"),
+           out: Optional[str] = typer.Option(None, "--out", metavar="DIR",
+                                             help="write report.md, report.json and report.png here"),
+           fmt: str = typer.Option("table", "--format", metavar="FORMAT",
+                                   help="what to print: table, markdown or json"),
            misses: bool = typer.Option(False, "--misses", help="list each run's cases that score below 1 on a "
                                        "check, with what the method reported about their edit"),
            miss_on: Optional[list[str]] = typer.Option(None, "--miss-on", metavar="METRIC.PROTOCOL",

@@ -1,6 +1,7 @@
 """The house's dependency contract: packages form layers and import only downwards.
 
-    medit.errors, medit (the package: version and hookimpl)  <  medit.plugin  <  medit.core  <  medit.model  <  medit.scoring  <  medit.toolkit
+    medit.errors, medit (the package: version and hookimpl)  <  medit.plugin  <  medit.core  <  medit.model
+    <  medit.scoring  <  medit.toolkit
     <  medit.evaluation  <  medit.plugins (built-ins)  <  medit.api, medit.testing  <  medit.cli
 
 ``medit/__init__.py`` is the public facade: it resolves its names lazily, so importing the package

@@ -131,7 +131,8 @@ def corpus_record(spec: str) -> dict[str, str | None]:
 
 def _cache_path(handle: "ModelHandle", corpus_fp: str, layer: int, n: int, max_len: int, dtype: str) -> Path:
     from medit.core.io import cache_dir
-    return cache_dir("stats") / handle.fingerprint() / corpus_fp / f"{handle.adapter.name}-mlp_out-L{layer}-n{n}-len{max_len}-{dtype}.safetensors"
+    name = f"{handle.adapter.name}-mlp_out-L{layer}-n{n}-len{max_len}-{dtype}.safetensors"
+    return cache_dir("stats") / handle.fingerprint() / corpus_fp / name
 
 
 _writes: dict[Path, threading.Thread] = {}

@@ -1,4 +1,6 @@
-"""AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of the preserved keys' covariance, so what the model knew is (to first order) untouched, plus a running cache of the keys edited earlier in the same sequential run.
+"""AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of the preserved keys'
+covariance, so what the model knew is (to first order) untouched, plus a running cache of the keys
+edited earlier in the same sequential run.
 
 Registration only: the implementation in :mod:`.method` is imported on first use."""
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The weights never change: every prompt scored while the edit is active is prefixed with k
 demonstrations and the new fact. Demonstrations come from a pool of edit cases (default: the
-first 2,000 cases of the CounterFact train split, shipped in the package) in three kinds, each written ``New Fact: <fact>\\nPrompt: <prompt> <answer>``:
+first 2,000 cases of the CounterFact train split, shipped in the package) in three kinds, each
+written ``New Fact: <fact>\\nPrompt: <prompt> <answer>``:
 *copy* (the fact's own prompt answered with its new target), *update* (a paraphrase answered with
 the new target) and *retain* (an unrelated prompt answered with its unchanged answer). The k
 demonstrations whose text is closest to the new fact (all-MiniLM-L6-v2 cosine similarity) are

@@ -1,4 +1,5 @@
-"""Knowledge Neurons (Dai et al. 2022): locate the FFN neurons that express a fact by integrated gradients, then edit their value vectors.
+"""Knowledge Neurons (Dai et al. 2022): locate the FFN neurons that express a fact by integrated
+gradients, then edit their value vectors.
 
 Registration only: the implementation in :mod:`.method` is imported on first use."""
 from __future__ import annotations
