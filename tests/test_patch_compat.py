@@ -1,0 +1,57 @@
+"""Patches saved by earlier medit versions still load, bit for bit.
+
+``tests/data/legacy-patches`` holds patches written before the patch kinds were registered in core
+(manifest versions 1 and 2, read back then by method-specific loaders), made on the tiny random
+models of ``conftest.py`` (same builder, same seed), and the teacher-forced log-probs the model
+gave with each patch applied as that code loaded it. Today's loader must give exactly those.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medit.core.edit import load_patch
+from medit.core.queries import TFQuery
+from medit.errors import PatchError
+from medit.scoring.engine import Scorer
+
+from conftest import TEST_DATA
+from snapshots import model_state
+
+LEGACY = TEST_DATA / "legacy-patches"
+EXPECTED = json.loads((LEGACY / "expected.json").read_text())
+QUERIES = [TFQuery(p, t) for p, t in EXPECTED["queries"]]
+
+
+def _hooks(handle) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in handle.model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED["cases"]))
+def test_legacy_patch_loads_bit_for_bit(tiny_handle, name):
+    case = EXPECTED["cases"][name]
+    handle = tiny_handle(case["family"], fresh=True)
+    before, hooks = model_state(handle), _hooks(handle)
+    edit = load_patch(handle, LEGACY / name)
+    manifest = json.loads((LEGACY / name / "manifest.json").read_text())
+    assert edit.kind == manifest["kind"] and edit.method == case["method"]
+    got = [list(r.logprobs) for r in Scorer(handle, use_cache=False).teacher_forced(QUERIES, edit.transform_prompts)]
+    assert got == case["loaded"], f"legacy {name} patch no longer loads to the same model"
+    edit.revert()
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())
+    assert _hooks(handle) == hooks
+
+
+@pytest.mark.parametrize("name", ["ft-l", "grace", "t-patcher", "ike"])
+def test_legacy_patch_on_another_model_is_refused(tiny_handle, name):
+    other = "llama" if EXPECTED["cases"][name]["family"] == "gpt2" else "gpt2"
+    handle = tiny_handle(other, fresh=True)
+    before = model_state(handle)
+    if name == "ike":  # an in-context patch recorded no model fingerprint before version 3
+        load_patch(handle, LEGACY / name).revert()
+        return
+    with pytest.raises(PatchError, match="made for"):
+        load_patch(handle, LEGACY / name)
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())
