@@ -50,11 +50,14 @@ COLUMNS = [
 
 
 def rel(path: Path) -> str:
-    """A path as written in a command line: relative to the repository root when it can be."""
-    try:
-        return os.path.relpath(path, ROOT) if path.is_absolute() else str(path)
-    except ValueError:
+    """A path as written in a command line: relative to the repository root when it is in the
+    repository or beside it (the benchmark data), else absolute."""
+    if not path.is_absolute():
         return str(path)
+    path = Path(os.path.abspath(path))
+    if path.is_relative_to(ROOT.parent):
+        return os.path.relpath(path, ROOT)
+    return str(path)
 
 
 def public(text: str) -> str:
@@ -70,7 +73,8 @@ def placeholders() -> dict[str, str]:
     return {"counterfact_dev": rel(dev)}
 
 
-def load_config(path: Path) -> list[dict]:
+def load_config(path: Path) -> tuple[list[dict], str]:
+    """The settings of the config file, and its page-level note (may be empty)."""
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     settings = data.get("settings")
     if not isinstance(settings, list) or not settings:
@@ -91,7 +95,7 @@ def load_config(path: Path) -> list[dict]:
             if r["id"] in ids:
                 sys.exit(f"Error: {path}: row id {r['id']!r} appears twice in setting {s['id']!r}")
             ids.add(r["id"])
-    return settings
+    return settings, " ".join(str(data.get("note") or "").split())
 
 
 def command(setting: dict, row: dict, out_dir: Path, threads: int) -> tuple[list[str], dict[str, str]]:
@@ -118,6 +122,18 @@ def machine(threads: int) -> dict:
     return {"cpus": os.cpu_count(), "threads": threads, "torch": torch_version,
             "python": platform.python_version(), "platform": platform.platform(),
             "machine": platform.machine(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def git_state() -> dict | None:
+    """The checkout the run used: commit, and whether the working tree had uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
 
 
 def medit_bin() -> str:
@@ -151,7 +167,7 @@ def run_row(setting: dict, row: dict, root: Path, threads: int, dry_run: bool) -
     wall = time.perf_counter() - t0
     attempts = previous.get("attempts", []) + [{
         "started": started, "wall_s": round(wall, 1), "rc": proc.returncode, "resume": resume,
-        "machine": machine(threads)}]
+        "machine": machine(threads), "git": git_state()}]
     record = {"command": line, "argv": ["medit", *args], "env": env, "attempts": attempts}
     record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     tail = "\n".join(proc.stdout.strip().splitlines()[-12:])
@@ -183,7 +199,7 @@ def read_run(root: Path, setting: dict, row: dict) -> dict | None:
     return {"summary": summary, "manifest": manifest, "record": record}
 
 
-def render(settings: list[dict], root: Path, threads: int) -> str:
+def render(settings: list[dict], root: Path, threads: int, note: str = "") -> str:
     out: list[str] = []
     w = out.append
     w("# Results")
@@ -195,15 +211,21 @@ def render(settings: list[dict], root: Path, threads: int) -> str:
     w("`bench/results.yaml`; the command under each table reproduces it from the repository root. Each")
     w("cell is the mean over the run's cases **after** the edit, under the protocol its column names")
     w("(see [metrics.md](metrics.md)); `loc kl` is in nats, lower is better. The \"unedited model\" row")
-    w("gives the same scores before any edit. Edit seconds are `edit_s_mean` (the method's edit alone,")
-    w("no one-time setup); run seconds are `eval_s_total` (the whole run in that process). Times")
-    w("depend on the machine and what else ran on it, so compare them within one table only.")
+    w("gives the same scores before any edit (shown when every run of the table measured the same")
+    w("ones; locality `agreement` and `kl` compare with it, so they have none). Edit seconds are")
+    w("`edit_s_mean` (the method's edit alone, no one-time setup); run seconds are `eval_s_total`")
+    w("(the whole run in that process). Times depend on the machine and what else ran on it, so")
+    w("compare them within one table only. One case moves a mean by 1/n, so a table of few cases is")
+    w("a smoke-level comparison.")
     w("")
     w("`$DATA` in the commands is the benchmark data folder (README, \"Benchmark data\"). Without it")
     w("the script reads the same cases from `tests/data/counterfact-dev-300.json` (its first 300")
     w("records). Rebuild: `.venv/bin/python bench/results.py` (runs only what is missing, then")
     w("rewrites this page); `--only-render` rewrites it from the existing run folders.")
     w("")
+    if note:
+        w(note)
+        w("")
     for setting in settings:
         runs = [(row, read_run(root, setting, row)) for row in setting["rows"]]
         w(f"## {setting['title']}")
@@ -279,11 +301,14 @@ def provenance(done: list) -> str:
     starts = sorted(r["manifest"].get("start_time", "") for _, r in done if r["manifest"].get("start_time"))
     ends = sorted(r["manifest"].get("end_time", "") for _, r in done if r["manifest"].get("end_time"))
     versions = sorted({r["manifest"].get("medit_version", "?") for _, r in done})
-    machines = []
+    machines, gits = [], []
     for _, r in done:
         attempts = r["record"].get("attempts") or []
         if attempts:
             machines.append(attempts[-1]["machine"])
+            if attempts[-1].get("git"):
+                g = attempts[-1]["git"]
+                gits.append(g["commit"] + (" with uncommitted changes" if g.get("dirty") else ""))
     devices = sorted({f"{r['manifest'].get('model', {}).get('device', '?')}, "
                       f"{r['manifest'].get('model', {}).get('dtype', '?').replace('torch.', '')}" for _, r in done})
     datasets = sorted({f"{r['manifest'].get('dataset', {}).get('path', '?')} "
@@ -291,7 +316,8 @@ def provenance(done: list) -> str:
     parts = []
     if starts and ends:
         parts.append(f"Ran {starts[0][:16].replace('T', ' ')} to {ends[-1][:16].replace('T', ' ')} UTC")
-    parts.append(f"medit {', '.join(versions)}; model on {'; '.join(devices)}")
+    parts.append(f"medit {', '.join(versions)}" + (f" (checkout {', '.join(sorted(set(gits)))})" if gits else "")
+                 + f"; model on {'; '.join(devices)}")
     if machines:
         cpus = sorted({str(x.get("cpus")) for x in machines})
         threads = sorted({str(x.get("threads")) for x in machines})
@@ -317,7 +343,7 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="print the command lines, run nothing, write nothing")
     args = ap.parse_args()
 
-    settings = load_config(args.config)
+    settings, note = load_config(args.config)
     root = args.root if args.root.is_absolute() else (Path.cwd() / args.root)
     wanted = set(args.rows.split(",")) if args.rows else None
     ok = True
@@ -330,7 +356,7 @@ def main() -> None:
     if args.dry_run:
         return
     args.page.parent.mkdir(parents=True, exist_ok=True)
-    args.page.write_text(render(settings, root, args.threads), encoding="utf-8")
+    args.page.write_text(render(settings, root, args.threads, note), encoding="utf-8")
     print(f"wrote {rel(args.page)}")
     if not ok:
         sys.exit("some runs failed (see above); rerun to continue them")
