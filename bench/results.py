@@ -246,7 +246,7 @@ def render(settings: list[dict], root: Path, threads: int, note: str = "") -> st
                 why = row.get("skip") or "not run yet"
                 w(f"| {row['method']} | | | | " + " | ".join([""] * len(COLUMNS)) + f" | | {why} |")
                 continue
-            s, m = r["summary"], r["manifest"]
+            s = r["summary"]
             cells = [s.get("method", row["method"]), s.get("model", ""), s.get("mode", ""), str(s.get("n", ""))]
             for metric, protocol, _ in COLUMNS:
                 digits = 4 if protocol == "kl" else 3
