@@ -1,8 +1,9 @@
 """The method contract: a typed hparams dataclass plus ``apply(handle, requests, hparams) -> Edit``."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Sequence, TypeVar, cast
 
 from medit.errors import MethodError, UnknownNameError
 from medit.core.hparams import HParams, read_yaml
@@ -14,17 +15,25 @@ if TYPE_CHECKING:
 
 MODES = ("single", "batch", "sequential")
 
+#: the hparams dataclass of a method: ``class ROME(Method[ROMEHParams])``.
+H = TypeVar("H", bound=HParams)
 
-class Method:
-    """Base class for editing methods. Subclasses set the class attributes and implement :meth:`apply`.
+
+class Method(Generic[H]):
+    """Base class for editing methods, generic in their hparams dataclass: a subclass declares
+    ``class MyMethod(Method[MyHParams])``, sets the class attributes (``hparams_class = MyHParams``)
+    and implements :meth:`apply`, which receives a ``MyHParams``.
 
     ``hparams_dir`` holds ``<family-or-model>.yaml`` files with default values; lookup order is
     the model alias (e.g. ``smollm2-135m.yaml``), then the family (``llama.yaml``), then ``default.yaml``.
+    Left unset, it is found by default: ``hparams/<name>/``, then ``hparams/``, beside the module
+    that defines the method class (see :meth:`hparams_dirs`).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    hparams_class: ClassVar[type[HParams]] = HParams
+    #: the dataclass of :meth:`apply`'s ``hparams`` (the base class, which takes none, has HParams).
+    hparams_class: type[H] = cast("type[H]", HParams)
     modes: ClassVar[tuple[str, ...]] = ("single", "sequential")
     #: families this method refuses (e.g. ROME on T5), by adapter registry name.
     unsupported_families: ClassVar[tuple[str, ...]] = ()
@@ -34,7 +43,8 @@ class Method:
     #: of prompts an edit leaves alone compare bit for bit.
     cached_scoring: ClassVar[bool] = True
 
-    def apply(self, handle: "ModelHandle", requests: Sequence["EditRequest"], hparams: HParams) -> "Edit":
+    def apply(self, handle: "ModelHandle", requests: Sequence["EditRequest"], hparams: H) -> "Edit":
+        """Edit ``handle``'s model for ``requests`` and return the Edit, which reverts exactly."""
         raise NotImplementedError
 
     def start_run(self, handle: "ModelHandle") -> None:
@@ -42,17 +52,30 @@ class Method:
         must be scoped to one run (e.g. AlphaEdit's cache of preserved keys)."""
 
     # ---------------------------------------------------------------- hparams resolution
+    def hparams_dirs(self) -> list[Path]:
+        """Folders searched for default hparams files: ``hparams_dir`` when the class sets it;
+        otherwise ``hparams/<name>/``, then ``hparams/``, beside the module defining the class (so a
+        plugin package finds ``my_plugin/hparams/default.yaml`` without setting anything)."""
+        if self.hparams_dir is not None:
+            return [Path(self.hparams_dir)]
+        file = getattr(sys.modules.get(type(self).__module__), "__file__", None)
+        if not file:
+            return []
+        base = Path(file).resolve().parent / "hparams"
+        return [base / self.name, base] if self.name else [base]
+
     def default_hparams_file(self, handle: "ModelHandle") -> Path | None:
-        if self.hparams_dir is None:
-            return None
-        for stem in (handle.model_id, handle.adapter.name, "default"):
-            p = self.hparams_dir / f"{stem}.yaml"
-            if p.is_file():
-                return p
+        """The first of ``<model alias>.yaml``, ``<family>.yaml``, ``default.yaml`` in the first of
+        :meth:`hparams_dirs` holding any of them; None when there is none (the dataclass defaults)."""
+        for folder in self.hparams_dirs():
+            for stem in (handle.model_id, handle.adapter.name, "default"):
+                p = folder / f"{stem}.yaml"
+                if p.is_file():
+                    return p
         return None
 
     def resolve_hparams(self, handle: "ModelHandle", hparams_file: str | Path | None = None,
-                        overrides: dict[str, Any] | None = None) -> HParams:
+                        overrides: dict[str, Any] | None = None) -> H:
         """Defaults for this model (or ``hparams_file``), then ``overrides`` (from ``--set``)."""
         values: dict[str, Any] = {}
         source = "defaults"
