@@ -1,10 +1,10 @@
-"""Seconds spent on one-time setup (covariance statistics, context templates), kept apart from
-edit times.
+"""Seconds spent on one-time setup (covariance statistics, context templates, retrieval pools),
+kept apart from edit times.
 
 The first edit of a run pays for work that later edits reuse. Code doing such work runs inside
 :func:`setup_phase`; the evaluation engine reads :func:`setup_totals` around each edit and
 subtracts what was spent there, so ``edit_s`` times the edit alone and the setup is reported in
-its own fields (``stats_s``, ``template_s``).
+its own fields (``stats_s``, ``template_s``, ``pool_s``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from typing import Iterator
 
 #: setup kinds and the efficiency field each is reported in.
-SETUP_FIELDS = {"stats": "stats_s", "templates": "template_s"}
+SETUP_FIELDS = {"stats": "stats_s", "templates": "template_s", "pool": "pool_s"}
 
 _totals: dict[str, float] = {kind: 0.0 for kind in SETUP_FIELDS}
 _active: list[str] = []

@@ -29,7 +29,7 @@ FORMATS = ("table", "markdown", "json")
 METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "fluency")
 PROTOCOL_ORDER = ("generate", "token_acc", "exact", "prob", "agreement", "generate_agreement", "kl",
                   "ngram_entropy")
-EFFICIENCY_KEYS = ("edit_s_mean", "edit_s_total", "eval_s_total", "stats_s", "template_s", "peak_rss_mb",
+EFFICIENCY_KEYS = ("edit_s_mean", "edit_s_total", "eval_s_total", "stats_s", "template_s", "pool_s", "peak_rss_mb",
                    "peak_gpu_mb")
 
 

@@ -1,6 +1,6 @@
 """Run folders (``--out``): what may be written where, checked before any model is loaded.
 
-A run folder holds ``manifest.json``, ``cases.jsonl`` and ``summary.json`` (see the README). medit
+A run folder holds ``manifest.json``, ``cases.jsonl`` and ``summary.json`` (see docs/outputs.md). medit
 writes into a new or empty folder, or continues a medit run folder with ``resume``; it never
 writes over results without ``resume``, never over a finished run, and never into a folder of
 someone else's files. A patch is never written over its own run folder or its results.

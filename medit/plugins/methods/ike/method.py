@@ -32,6 +32,7 @@ from medit.core.hparams import HParams
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.plugins.methods.ike import DESCRIPTION
+from medit.core.timing import setup_phase
 
 DEFAULT_POOL = COUNTERFACT_TRAIN
 
@@ -147,8 +148,9 @@ class IKE(Method):
         if cache is None:
             cache = self._pools = {}
         if key not in cache:
-            demos = pool_demos(hp)
-            cache[key] = (demos, embed(demos))
+            with setup_phase("pool"):  # built once per pool, reused by every later edit
+                demos = pool_demos(hp)
+                cache[key] = (demos, embed(demos))
         return cache[key]
 
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: IKEHParams) -> Edit:  # type: ignore[override]
