@@ -34,7 +34,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Sequence, TypeVar, cast
 
 import torch
 from torch import nn
@@ -98,33 +98,40 @@ class LearnedHParams(HParams):
             raise HParamsError(f"hparam 'lr' must be > 0, got {self.lr}")
 
 
-class LearnedMethod(Method):
-    """A method whose edits come from an editor trained once per base model (``medit train``)."""
+#: the hparams dataclass of a learned method.
+LH = TypeVar("LH", bound=LearnedHParams)
+#: the editor network of a learned method.
+E = TypeVar("E", bound=nn.Module)
+
+
+class LearnedMethod(Method[LH], Generic[LH, E]):
+    """A method whose edits come from an editor trained once per base model (``medit train``),
+    generic in its hparams and its editor network: ``class MEND(LearnedMethod[MENDHParams, MENDEditor])``."""
 
     trainable: ClassVar[bool] = True
-    hparams_class: ClassVar[type[HParams]] = LearnedHParams
+    hparams_class: type[LH] = cast("type[LH]", LearnedHParams)
 
-    def init_editor(self, handle: "ModelHandle", hparams: Any) -> nn.Module:
+    def init_editor(self, handle: "ModelHandle", hparams: LH) -> E:
         """A freshly initialised editor for ``handle``'s model (deterministic under the torch seed)."""
         raise NotImplementedError
 
-    def train_loss(self, handle: "ModelHandle", editor: nn.Module, batch: Sequence["EditRequest"],
-                   hparams: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def train_loss(self, handle: "ModelHandle", editor: E, batch: Sequence["EditRequest"],
+                   hparams: LH) -> tuple[torch.Tensor, dict[str, float]]:
         """(differentiable loss, scalar statistics) of one training batch."""
         raise NotImplementedError
 
-    def edit_with(self, handle: "ModelHandle", editor: nn.Module, requests: Sequence["EditRequest"],
-                  hparams: Any) -> "Edit":
+    def edit_with(self, handle: "ModelHandle", editor: E, requests: Sequence["EditRequest"],
+                  hparams: LH) -> "Edit":
         """Apply ``requests`` with a trained ``editor``; the Edit reverts exactly."""
         raise NotImplementedError
 
-    def param_groups(self, editor: nn.Module, hparams: Any) -> list[dict[str, Any]]:
+    def param_groups(self, editor: E, hparams: LH) -> list[dict[str, Any]]:
         return [{"params": [p for p in editor.parameters() if p.requires_grad], "lr": hparams.lr}]
 
-    def after_backward(self, editor: nn.Module, hparams: Any) -> None:
+    def after_backward(self, editor: E, hparams: LH) -> None:
         """Hook between ``backward`` and the optimiser step (e.g. gradient ascent on a multiplier)."""
 
-    def apply(self, handle: "ModelHandle", requests: Sequence["EditRequest"], hparams: Any) -> "Edit":  # type: ignore[override]
+    def apply(self, handle: "ModelHandle", requests: Sequence["EditRequest"], hparams: LH) -> "Edit":
         if not hparams.checkpoint:
             raise CheckpointError(f"method {self.name!r} needs a trained editor; train one with `medit train "
                                   f"--method {self.name} --model {handle.model_id} --data PATH --out DIR` and "
@@ -304,7 +311,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def check_checkpoint(handle: "ModelHandle", method: Method, manifest: dict[str, Any], path: str | Path) -> None:
+def check_checkpoint(handle: "ModelHandle", method: Method[Any], manifest: dict[str, Any], path: str | Path) -> None:
     """Refuse a checkpoint of another method or base model, in one sentence."""
     if manifest.get("method") != method.name:
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {manifest.get('method')!r} editor, not "
@@ -317,7 +324,7 @@ def check_checkpoint(handle: "ModelHandle", method: Method, manifest: dict[str, 
                               "with `medit train`")
 
 
-def load_editor(handle: "ModelHandle", method: LearnedMethod, path: str | Path) -> nn.Module:
+def load_editor(handle: "ModelHandle", method: LearnedMethod[Any, E], path: str | Path) -> E:
     """The trained editor in checkpoint ``path`` for ``handle`` (memoised on the handle)."""
     from safetensors.torch import load_file
 
@@ -350,7 +357,7 @@ def load_editor(handle: "ModelHandle", method: LearnedMethod, path: str | Path) 
 
 # ---------------------------------------------------------------------------------- validation
 
-def validate(handle: "ModelHandle", method: LearnedMethod, editor: nn.Module, hparams: Any,
+def validate(handle: "ModelHandle", method: LearnedMethod[Any, Any], editor: nn.Module, hparams: Any,
              requests: Sequence["EditRequest"], pre: dict | None = None) -> dict[str, float]:
     """Edit each request alone with ``editor`` and score it (teacher-forced ``token_acc``):
     ``edit_success`` on the prompt, ``generalization`` on rephrases, ``locality`` as token
@@ -413,7 +420,7 @@ def _data_record(info: Any, n: int) -> dict[str, Any]:
             "n_total": info.n_total, "n": n}
 
 
-def train(handle: "ModelHandle", method: LearnedMethod, hparams: Any, data: Sequence["EditRequest"],
+def train(handle: "ModelHandle", method: LearnedMethod[Any, Any], hparams: Any, data: Sequence["EditRequest"],
           out_dir: str | Path, *, val: Sequence["EditRequest"] | None = None, data_info: Any = None,
           val_info: Any = None, max_steps: int | None = None, max_minutes: float | None = None,
           resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -112,7 +112,7 @@ def null_space(handle: ModelHandle, layer: int, C: torch.Tensor, threshold: floa
     return handle.derived(C, ("alphaedit.P", layer, threshold), build)
 
 
-class AlphaEdit(Method):
+class AlphaEdit(Method[AlphaEditHParams]):
     name = "alphaedit"
     description = DESCRIPTION
     hparams_class = AlphaEditHParams
@@ -123,7 +123,7 @@ class AlphaEdit(Method):
     def start_run(self, handle: ModelHandle) -> None:
         handle.memo[CACHE] = {}
 
-    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: AlphaEditHParams) -> WeightEdit:  # type: ignore[override]
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: AlphaEditHParams) -> WeightEdit:
         layers = spread_layers(handle, hparams.layers)
         stats, stats_s = hparams.stats(handle, layers)
         spaces = {layer: null_space(handle, layer, stats[layer], hparams.nullspace_threshold) for layer in layers}

@@ -68,7 +68,7 @@ class CaliNETHParams(HParams):
                                f"got {self.context_templates!r}")
 
 
-class CaliNET(Method):
+class CaliNET(Method[CaliNETHParams]):
     name = "calinet"
     description = DESCRIPTION
     hparams_class = CaliNETHParams
@@ -76,7 +76,7 @@ class CaliNET(Method):
     modes = ("single", "batch", "sequential")
     hparams_dir = Path(medit.__file__).parent / "hparams" / "calinet"
 
-    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: CaliNETHParams) -> Edit:  # type: ignore[override]
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: CaliNETHParams) -> Edit:
         hp = hparams
         layers = resolve_layers(handle, hp.layers, auto=(1.0,))
         templates = ["{}"]

@@ -58,7 +58,7 @@ class FTHParams(HParams):
             raise HParamsError(f"hparam 'weight_decay' must be >= 0, got {self.weight_decay}")
 
 
-class FineTune(Method):
+class FineTune(Method[FTHParams]):
     """Constrained fine-tuning of one MLP projection per chosen layer."""
 
     hparams_class = FTHParams
@@ -69,7 +69,7 @@ class FineTune(Method):
         self.description = description  # type: ignore[misc]
         self.hparams_dir = HPARAMS / name  # type: ignore[misc]
 
-    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: FTHParams) -> WeightEdit:  # type: ignore[override]
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: FTHParams) -> WeightEdit:
         layers = resolve_layers(handle, hparams.layers, auto=(0.7,))
         names = [handle.param_name(hparams.module, layer) for layer in layers]
         scorer = Scorer(handle)

@@ -176,7 +176,7 @@ class GraceEdit(Edit):
         return extra, tensors
 
 
-class GRACE(Method):
+class GRACE(Method[GRACEHParams]):
     name = "grace"
     description = DESCRIPTION
     hparams_class = GRACEHParams
@@ -188,7 +188,7 @@ class GRACE(Method):
         return resolve_layers(handle, [hp.layer] if isinstance(hp.layer, int) else hp.layer,
                               auto=(AUTO_DEPTH,), what="layer")[0]
 
-    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: GRACEHParams) -> Edit:  # type: ignore[override]
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: GRACEHParams) -> Edit:
         layer = self.layer(handle, hparams)
         edit = GraceEdit(handle, self.name, requests, hparams.to_dict(), layer)
         try:

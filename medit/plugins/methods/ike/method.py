@@ -135,7 +135,7 @@ class IKEEdit(Edit):
                 "note": "in-context edit: the facts and their demonstrations; no weights are stored or changed"}, {}
 
 
-class IKE(Method):
+class IKE(Method[IKEHParams]):
     name = "ike"
     description = DESCRIPTION
     hparams_class = IKEHParams
@@ -153,7 +153,7 @@ class IKE(Method):
                 cache[key] = (demos, embed(demos))
         return cache[key]
 
-    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: IKEHParams) -> Edit:  # type: ignore[override]
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: IKEHParams) -> Edit:
         hp = hparams
         contexts = []
         if hp.k:

@@ -129,14 +129,14 @@ class KEEditor(nn.Module):
         return out
 
 
-class KE(LearnedMethod):
+class KE(LearnedMethod[KEHParams, KEEditor]):
     name = "ke"
     description = DESCRIPTION
     hparams_class = KEHParams
     modes = ("single", "batch", "sequential")
     hparams_dir = HPARAMS / "ke"
 
-    def init_editor(self, handle: ModelHandle, hparams: KEHParams) -> KEEditor:  # type: ignore[override]
+    def init_editor(self, handle: ModelHandle, hparams: KEHParams) -> KEEditor:
         names = edited_params(handle, hparams.modules, hparams.layers)
         params = dict(handle.model.named_parameters())
         norms = {n: float(params[n].detach().float().norm()) for n in names}
@@ -144,11 +144,11 @@ class KE(LearnedMethod):
         return KEEditor(emb_dim, hparams.hidden, {n: out_in_shape(handle, n) for n in names}, norms,
                         hparams.init_scale, hparams.token_attention)
 
-    def param_groups(self, editor: nn.Module, hparams: KEHParams) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self, editor: nn.Module, hparams: KEHParams) -> list[dict[str, Any]]:
         rest = [p for n, p in editor.named_parameters() if n != "rho"]
         return [{"params": rest, "lr": hparams.lr}, {"params": [editor.rho], "lr": hparams.lagrange_lr}]
 
-    def after_backward(self, editor: nn.Module, hparams: KEHParams) -> None:  # type: ignore[override]
+    def after_backward(self, editor: nn.Module, hparams: KEHParams) -> None:
         if editor.rho.grad is not None:
             editor.rho.grad.neg_()  # ascent on λ: it grows while the constraint is violated
 
@@ -176,7 +176,7 @@ class KE(LearnedMethod):
                 parts.setdefault(n, []).append(lr)
         return {n: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for n, ps in parts.items()}
 
-    def train_loss(self, handle: ModelHandle, editor: KEEditor, batch: Sequence[EditRequest],  # type: ignore[override]
+    def train_loss(self, handle: ModelHandle, editor: KEEditor, batch: Sequence[EditRequest],
                    hparams: KEHParams) -> tuple[torch.Tensor, dict[str, float]]:
         params = dict(handle.model.named_parameters())
         total = None
@@ -194,7 +194,7 @@ class KE(LearnedMethod):
         return total / len(batch), {"edit_nll": sum(nlls) / len(nlls), "loc_kl": sum(kls) / len(kls),
                                     "lambda": float(nn.functional.softplus(editor.rho.detach()))}
 
-    def edit_with(self, handle: ModelHandle, editor: KEEditor, requests: Sequence[EditRequest],  # type: ignore[override]
+    def edit_with(self, handle: ModelHandle, editor: KEEditor, requests: Sequence[EditRequest],
                   hparams: KEHParams) -> WeightEdit:
         editor.eval()
         with torch.no_grad():

@@ -96,7 +96,7 @@ def _old_answer(handle: ModelHandle, req: EditRequest) -> str:
     return Scorer(handle).generate([GenQuery(req.prompt, 1)])[0] or req.target_new
 
 
-class KnowledgeNeurons(Method):
+class KnowledgeNeurons(Method[KNHParams]):
     name = "kn"
     description = DESCRIPTION
     hparams_class = KNHParams
@@ -127,7 +127,7 @@ class KnowledgeNeurons(Method):
         kept.sort(key=lambda k: -score[k])
         return [Neuron(layer, i, score[(layer, i)]) for layer, i in kept[:hp.max_neurons]]
 
-    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: KNHParams) -> Edit:  # type: ignore[override]
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: KNHParams) -> Edit:
         edits = [self._one(handle, r, hparams) for r in requests]
         return edits[0] if len(edits) == 1 else CompositeEdit(handle, edits)
 

@@ -56,7 +56,7 @@ def least_squares_keys(handle: ModelHandle, C: torch.Tensor, lam: float, K: torc
     return torch.linalg.solve(small, AinvK.T).T.float()
 
 
-class MEMIT(Method):
+class MEMIT(Method[MEMITHParams]):
     name = "memit"
     description = DESCRIPTION
     hparams_class = MEMITHParams
@@ -64,7 +64,7 @@ class MEMIT(Method):
     unsupported_families = ("t5",)
     hparams_dir = Path(medit.__file__).parent / "hparams" / "memit"
 
-    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: MEMITHParams) -> WeightEdit:  # type: ignore[override]
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: MEMITHParams) -> WeightEdit:
         layers = spread_layers(handle, hparams.layers)
         stats, stats_s = hparams.stats(handle, layers)
         lam = hparams.mom2_update_weight

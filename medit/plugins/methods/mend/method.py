@@ -135,19 +135,19 @@ class MENDEditor(nn.Module):
         return z[:, out_dim:], z[:, :out_dim] * self.edit_lrs[i]
 
 
-class MEND(LearnedMethod):
+class MEND(LearnedMethod[MENDHParams, MENDEditor]):
     name = "mend"
     description = DESCRIPTION
     hparams_class = MENDHParams
     modes = ("single", "batch", "sequential")
     hparams_dir = HPARAMS / "mend"
 
-    def init_editor(self, handle: ModelHandle, hparams: MENDHParams) -> MENDEditor:  # type: ignore[override]
+    def init_editor(self, handle: ModelHandle, hparams: MENDHParams) -> MENDEditor:
         names = edited_params(handle, hparams.modules, hparams.layers)
         return MENDEditor({n: out_in_shape(handle, n) for n in names}, hparams.rank, hparams.n_blocks,
                           hparams.edit_lr)
 
-    def param_groups(self, editor: nn.Module, hparams: MENDHParams) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self, editor: nn.Module, hparams: MENDHParams) -> list[dict[str, Any]]:
         rest = [p for n, p in editor.named_parameters() if n != "edit_lrs"]
         return [{"params": rest, "lr": hparams.lr}, {"params": [editor.edit_lrs], "lr": hparams.lr_lr}]
 
@@ -161,7 +161,7 @@ class MEND(LearnedMethod):
             out[n] = (-d_t, u_t)  # gradient descent: W - η Σ δ̃ x̃ᵀ
         return out
 
-    def train_loss(self, handle: ModelHandle, editor: MENDEditor, batch: Sequence[EditRequest],  # type: ignore[override]
+    def train_loss(self, handle: ModelHandle, editor: MENDEditor, batch: Sequence[EditRequest],
                    hparams: MENDHParams) -> tuple[torch.Tensor, dict[str, float]]:
         params = dict(handle.model.named_parameters())
         weights = {n: params[n] + dense_update(handle, left, right).to(params[n].dtype)
@@ -170,7 +170,7 @@ class MEND(LearnedMethod):
         loss = hparams.c_edit * nll + hparams.c_loc * kl
         return loss, {"edit_nll": float(nll.detach()), "loc_kl": float(kl.detach())}
 
-    def edit_with(self, handle: ModelHandle, editor: MENDEditor, requests: Sequence[EditRequest],  # type: ignore[override]
+    def edit_with(self, handle: ModelHandle, editor: MENDEditor, requests: Sequence[EditRequest],
                   hparams: MENDHParams) -> WeightEdit:
         editor.eval()
         with torch.no_grad():  # token_grads enables autograd for the model's own backward pass

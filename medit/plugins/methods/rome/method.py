@@ -64,7 +64,7 @@ class ROMEHParams(LocateHParams, HParams):
                                f"got {self.v_negative_subjects!r}")
 
 
-class ROME(Method):
+class ROME(Method[ROMEHParams]):
     name = "rome"
     description = DESCRIPTION
     hparams_class = ROMEHParams
@@ -72,7 +72,7 @@ class ROME(Method):
     unsupported_families = ("t5",)
     hparams_dir = Path(medit.__file__).parent / "hparams" / "rome"
 
-    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: ROMEHParams) -> Edit:  # type: ignore[override]
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: ROMEHParams) -> Edit:
         edits = [self._one(handle, r, hparams) for r in requests]
         return edits[0] if len(edits) == 1 else CompositeEdit(handle, edits)
 

@@ -191,7 +191,7 @@ class SeracEdit(Edit):
         self.active = False
 
 
-class SERAC(LearnedMethod):
+class SERAC(LearnedMethod[SERACHParams, SERACEditor]):
     name = "serac"
     description = DESCRIPTION
     hparams_class = SERACHParams
@@ -199,14 +199,14 @@ class SERAC(LearnedMethod):
     modes = ("single", "batch", "sequential")
     hparams_dir = HPARAMS / "serac"
 
-    def init_editor(self, handle: ModelHandle, hparams: SERACHParams) -> SERACEditor:  # type: ignore[override]
+    def init_editor(self, handle: ModelHandle, hparams: SERACHParams) -> SERACEditor:
         from medit.toolkit.gradient_editors import out_in_shape
         n = handle.n_layers
         layers = list(range(n)) if hparams.cf_layers == "auto" else [x % n for x in hparams.cf_layers]
         shapes = {layer: out_in_shape(handle, handle.param_name("mlp_out", layer)) for layer in layers}
         return SERACEditor(get_embedder().dim, hparams.proj_dim, shapes, hparams.cf_rank)
 
-    def train_loss(self, handle: ModelHandle, editor: SERACEditor, batch: Sequence[EditRequest],  # type: ignore[override]
+    def train_loss(self, handle: ModelHandle, editor: SERACEditor, batch: Sequence[EditRequest],
                    hparams: SERACHParams) -> tuple[torch.Tensor, dict[str, float]]:
         emb = get_embedder()
         dev = editor.bias.device
@@ -238,12 +238,12 @@ class SERAC(LearnedMethod):
         loss = nll + hparams.c_cls * cls
         return loss, {"cf_nll": float(nll.detach()), "cls_bce": float(cls.detach())}
 
-    def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> SeracEdit:  # type: ignore[override]
+    def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> SeracEdit:
         hp = self.hparams_class.from_dict(manifest.get("hparams", {}), "patch manifest")
         reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
         return self.apply(handle, reqs, hp)  # type: ignore[return-value]
 
-    def edit_with(self, handle: ModelHandle, editor: SERACEditor, requests: Sequence[EditRequest],  # type: ignore[override]
+    def edit_with(self, handle: ModelHandle, editor: SERACEditor, requests: Sequence[EditRequest],
                   hparams: SERACHParams) -> SeracEdit:
         edit = SeracEdit(handle, requests, hparams, editor)
         edit.info["checkpoint"] = hparams.checkpoint

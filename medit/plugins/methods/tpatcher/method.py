@@ -97,7 +97,7 @@ def violated_mean(slack: torch.Tensor) -> torch.Tensor:
     return bad.mean() if bad.numel() else slack.new_zeros(())
 
 
-class TPatcher(Method):
+class TPatcher(Method[TPatcherHParams]):
     name = "t-patcher"
     description = DESCRIPTION
     hparams_class = TPatcherHParams
@@ -105,7 +105,7 @@ class TPatcher(Method):
     modes = ("single", "batch", "sequential")
     hparams_dir = Path(medit.__file__).parent / "hparams" / "t-patcher"
 
-    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: TPatcherHParams) -> Edit:  # type: ignore[override]
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: TPatcherHParams) -> Edit:
         layer = resolve_layers(handle, [hparams.layer], auto=(1.0,), what="layer")[0]
         edits: list[NeuronEdit] = []
         try:

@@ -295,7 +295,7 @@ class WiseEdit(Edit):
         return extra, tensors
 
 
-class WISE(Method):
+class WISE(Method[WISEHParams]):
     name = "wise"
     description = DESCRIPTION
     hparams_class = WISEHParams
@@ -303,7 +303,7 @@ class WISE(Method):
     modes = ("single", "batch", "sequential")
     hparams_dir = Path(medit.__file__).parent / "hparams" / "wise"
 
-    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: WISEHParams) -> Edit:  # type: ignore[override]
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: WISEHParams) -> Edit:
         hp = hparams
         layer = resolve_layers(handle, [hp.layer] if isinstance(hp.layer, int) else hp.layer,
                                auto=(AUTO_DEPTH,), what="layer")[0]
