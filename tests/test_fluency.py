@@ -105,4 +105,5 @@ def test_fluency_through_the_evaluator(tiny_handle, monkeypatch):
     expected = sum(ngram_entropy(p + g) for p, g in zip(req.generation_prompts, gens)) / 2
     assert vals["pre"] == pytest.approx(expected)
     assert isinstance(vals["post"], float) and vals["post"] >= 0.0
-    assert summary["cases"][0]["metrics"]["fluency"]["ngram_entropy"] == vals
+    assert summary["cases"][0]["metrics"]["fluency"]["ngram_entropy"] == {k: vals[k] for k in ("pre", "post")}
+    assert vals["n"] == 1 and "ci95" not in vals  # one case gives no interval

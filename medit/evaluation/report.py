@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from tabulate import tabulate
 
 from medit.errors import InputFileError, UnknownNameError
+from medit.evaluation.intervals import SUMMARY_FIELDS
 
 __all__ = ["FORMATS", "Run", "load_run", "load_runs", "build_report", "render", "write_chart",
            "write_report"]
@@ -145,7 +146,7 @@ def build_report(runs: Sequence[Run]) -> dict[str, Any]:
         for p in _order(protocols[m], PROTOCOL_ORDER):
             cells = {r.label: (r.summary["metrics"].get(m) or {}).get(p) for r in runs}
             cells = {k: v for k, v in cells.items() if isinstance(v, dict)}
-            stages = ["post"] + sorted({s for v in cells.values() for s in v} - {"pre", "post"})
+            stages = ["post"] + sorted({s for v in cells.values() for s in v} - {"pre", "post", *SUMMARY_FIELDS})
             for stage in stages:
                 values = {k: {"pre": _num(v.get("pre")), "post": _num(v.get(stage))} for k, v in cells.items()
                           if stage in v}
