@@ -12,10 +12,12 @@ import torch
 from medit.core.edit import load_patch
 from medit.errors import HParamsError, MethodError
 from medit.evaluation.engine import evaluate
+from medit.model.adaptors import Adaptors, installed
 from medit.plugin.manager import get_plugins
 from medit.core.requests import EditRequest, PromptAnswer
 from medit.scoring.engine import Scorer
 from medit.core.queries import TFQuery
+from medit.plugins.methods.wise.method import SideMemory
 
 from conftest import TEST_DATA, require_module
 from snapshots import model_state
@@ -49,7 +51,7 @@ def _main_routed_exact(handle, method, edit, pre_unrel, pre_single) -> int:
     if method == "grace":
         assert torch.equal(_logits(handle, UNRELATED, edit)[0], pre_unrel), "unrelated prompts changed"
         return len(UNRELATED)
-    sm = handle.memo[("wise", edit.layer)]
+    sm = installed(handle, SideMemory, edit.layer)
     n = 0
     for q, pre in zip(UNRELATED, pre_single):
         post, _ = _logits(handle, [q], edit)
@@ -210,7 +212,7 @@ def test_smollm2_sequential_counterfact(smollm2, method):
     summary = evaluate(smollm2, method, reqs, mode="sequential", protocols=("token_acc",), progress=False)
     assert summary["metrics"]["reliability"]["token_acc"]["post"] >= 0.9
     assert summary["metrics"]["locality"]["agreement"]["post"] >= 0.9
-    assert not any(k[0] in ("grace", "wise") for k in smollm2.memo if isinstance(k, tuple))
+    assert not smollm2.state(Adaptors).installed, "an adaptor outlived its edits"
 
 
 def test_wise_negatives_swap_the_subject(tiny_handle):
@@ -241,7 +243,7 @@ def test_wise_pool_negatives_and_replayed_negatives(tiny_handle, pool):
         assert set(subjects[1:]) <= pool_subjects and REQS[0].subject not in subjects
         assert subjects == m._negative_subjects(REQS[0], hp, index)
     first = m.apply(handle, REQS[:1], hp)
-    sm = handle.memo[("wise", first.layer)]
+    sm = installed(handle, SideMemory, first.layer)
     assert [len(rows) for rows in sm.current.replay_neg] == [2]
     before = (sm.current.delta.clone(), list(sm.current.replay_neg))
     second = m.apply(handle, REQS[1:2], hp)
@@ -264,7 +266,7 @@ def test_wise_subject_gate(tiny_handle, tmp_path):
     m = get_plugins().methods.get("wise")
     hp = m.resolve_hparams(handle, overrides={**TINY["wise"], "steps": "2"})
     edit = m.apply(handle, REQS[:1], hp)
-    sm = handle.memo[("wise", edit.layer)]
+    sm = installed(handle, SideMemory, edit.layer)
     mem = sm.memories()[0]
     assert mem.keys is not None and mem.keys.shape[0] == len(m._templates(handle, hp)[0])
     torch.testing.assert_close(mem.keys.norm(dim=-1), torch.ones(mem.keys.shape[0]))
@@ -286,7 +288,7 @@ def test_wise_subject_gate(tiny_handle, tmp_path):
     assert sm.gates(x, tmask, [gated]).all()
     fresh = tiny_handle("llama", fresh=True)
     applied = load_patch(fresh, edit.save(tmp_path / "p.patch"))
-    assert torch.equal(fresh.memo[("wise", edit.layer)].memories()[0].keys, mem.keys)
+    assert torch.equal(installed(fresh, SideMemory, edit.layer).memories()[0].keys, mem.keys)
     applied.revert()
     edit.revert()
     with pytest.raises(HParamsError, match="key_gate"):

@@ -14,7 +14,7 @@ from medit.core.requests import EditRequest
 from medit.toolkit.target_vectors import DeltaSpec, compute_keys, delta_row_keys, negative_rows, optimise_deltas
 from medit.scoring.engine import Scorer
 from medit.core.queries import TFQuery
-from medit.toolkit.stats import second_moments, wait_for_writes
+from medit.toolkit.stats import SecondMoments, second_moments, wait_for_writes
 from medit.model.tracing import capture, layers_above
 
 from snapshots import model_state
@@ -172,25 +172,25 @@ def test_one_pass_statistics_equal_per_layer_and_cache(tiny_handle, tmp_path, mo
     both, secs = second_moments(h, [0, 1], str(CORPUS), n_samples=30, max_len=32, progress=False)
     assert secs > 0
     for layer in (0, 1):
-        h.memo.clear()
+        h.reset_state(SecondMoments)
         wait_for_writes()  # files are written in the background
         for f in tmp_path.rglob("*.safetensors"):
             f.unlink()
         alone, _ = second_moments(h, [layer], str(CORPUS), n_samples=30, max_len=32, progress=False)
         torch.testing.assert_close(alone[layer], both[layer], atol=1e-5, rtol=1e-5)
-    # hit: from disk (memo cleared), no computation; only the missing layer is recomputed
-    h.memo.clear()
+    # hit: from disk (state reset), no computation; only the missing layer is recomputed
+    h.reset_state(SecondMoments)
     _, secs = second_moments(h, [0, 1], str(CORPUS), n_samples=30, max_len=32, progress=False)
     assert secs > 0
-    h.memo.clear()
+    h.reset_state(SecondMoments)
     again, secs = second_moments(h, [0, 1], str(CORPUS), n_samples=30, max_len=32, progress=False)
     assert secs == 0.0 and torch.equal(again[0].cpu(), both[0].cpu())
     # miss: different sample count
-    h.memo.clear()
+    h.reset_state(SecondMoments)
     _, secs = second_moments(h, [0], str(CORPUS), n_samples=20, max_len=32, progress=False)
     assert secs > 0
     # corrupt file: recomputed, not reused
-    h.memo.clear()
+    h.reset_state(SecondMoments)
     wait_for_writes()
     files = sorted(tmp_path.rglob("*L0-n30-len32*.safetensors"))
     files[0].write_bytes(b"garbage")
@@ -200,7 +200,7 @@ def test_one_pass_statistics_equal_per_layer_and_cache(tiny_handle, tmp_path, mo
     # different corpus content: different key
     other = tmp_path / "other.txt"
     other.write_text("A completely different corpus line.\nAnd another one here.\n")
-    h.memo.clear()
+    h.reset_state(SecondMoments)
     diff, secs = second_moments(h, [0], str(other), n_samples=30, max_len=32, progress=False)
     assert secs > 0 and not torch.allclose(diff[0], both[0])
 
@@ -235,7 +235,7 @@ def test_default_corpus_is_the_packaged_text_from_any_directory(tiny_handle, tmp
     assert corpus_record("wikitext:wikitext-103-raw-v1")["path"] is None
     h = tiny_handle("gpt2", fresh=True)
     packaged, _ = second_moments(h, [0], PACKAGED_CORPUS, n_samples=20, max_len=16, progress=False)
-    h.memo.clear()
+    h.reset_state(SecondMoments)
     by_path, secs = second_moments(h, [0], str(CORPUS), n_samples=20, max_len=16, progress=False)
     assert secs == 0.0 and torch.equal(packaged[0].cpu(), by_path[0].cpu())  # same cache entry
     summary, _ = api.run(h, "rome", [EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=" the", case_id="r1")],
@@ -292,7 +292,7 @@ def test_locate_methods_take_revert_and_patch(tiny_handle, tmp_path, method, fam
 def test_alphaedit_key_cache_keeps_keys_and_reverts(tiny_handle):
     """The run's preserved-key cache holds Σ K Kᵀ of the active edits; each edit keeps only its
     keys K [d_in, n] (not a d_in² matrix), and its revert withdraws exactly its own share."""
-    from medit.plugins.methods.alphaedit.method import CACHE
+    from medit.plugins.methods.alphaedit.method import PreservedKeys
 
     h = tiny_handle("llama")
     m = get_plugins().methods.get("alphaedit")
@@ -303,23 +303,23 @@ def test_alphaedit_key_cache_keeps_keys_and_reverts(tiny_handle):
     first = m.apply(h, [req], hp)
     K1 = first.added[0]
     assert K1.shape == (h.weight_out_in("mlp_out", 0).shape[1], 1)
-    torch.testing.assert_close(h.memo[CACHE][0], K1 @ K1.T)
+    torch.testing.assert_close(h.state(PreservedKeys).by_layer[0], K1 @ K1.T)
     second = m.apply(h, [EditRequest(prompt="The river bank", subject="river", target_new=" is", case_id="r2")], hp)
     K2 = second.added[0]
-    torch.testing.assert_close(h.memo[CACHE][0], K1 @ K1.T + K2 @ K2.T)
+    torch.testing.assert_close(h.state(PreservedKeys).by_layer[0], K1 @ K1.T + K2 @ K2.T)
     second.revert()
-    torch.testing.assert_close(h.memo[CACHE][0], K1 @ K1.T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.state(PreservedKeys).by_layer[0], K1 @ K1.T, rtol=1e-5, atol=1e-6)
     first.revert()
-    assert h.memo[CACHE][0].abs().max() < 1e-5
+    assert h.state(PreservedKeys).by_layer[0].abs().max() < 1e-5
     m.start_run(h)
-    assert h.memo[CACHE] == {}
+    assert h.state(PreservedKeys).by_layer == {}
 
 
 def test_alphaedit_cache_weight_sets_how_firmly_earlier_edits_are_kept(tiny_handle):
     """A later edit moves an earlier edit's key output less the heavier the cache weighs; weight 0
     is the update without the cache."""
     from medit.errors import HParamsError
-    from medit.plugins.methods.alphaedit.method import CACHE
+    from medit.plugins.methods.alphaedit.method import PreservedKeys
 
     h = tiny_handle("llama")
     m = get_plugins().methods.get("alphaedit")
@@ -333,12 +333,12 @@ def test_alphaedit_cache_weight_sets_how_firmly_earlier_edits_are_kept(tiny_hand
         K1 = first.added[0]
         W = h.weight_out_in("mlp_out", 0).detach().clone()
         if weight == "1":  # the same edit with the cache emptied must equal weight 0
-            saved = h.memo[CACHE]
-            h.memo[CACHE] = {}
+            saved = h.state(PreservedKeys).by_layer
+            h.state(PreservedKeys).by_layer = {}
             blind = m.apply(h, [later], hp)
             factors["emptied"] = blind.factors
             blind.revert()
-            h.memo[CACHE] = saved
+            h.state(PreservedKeys).by_layer = saved
         second = m.apply(h, [later], hp)
         factors[weight] = second.factors
         moved[weight] = float(((h.weight_out_in("mlp_out", 0) - W) @ K1).norm())
@@ -357,7 +357,7 @@ def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
     residual change, the factors hold both passes' columns, AlphaEdit's cache counts the edit's
     keys once, and revert is still exact."""
     from medit.errors import HParamsError
-    from medit.plugins.methods.alphaedit.method import CACHE
+    from medit.plugins.methods.alphaedit.method import PreservedKeys
 
     h = tiny_handle("llama")
     m = get_plugins().methods.get(method)
@@ -374,7 +374,7 @@ def test_more_spread_passes_realise_more_of_the_target(tiny_handle, method):
         realised.append(edit.info["realised"][0])
         if method == "alphaedit":
             K = edit.added[0]
-            torch.testing.assert_close(h.memo[CACHE][0], K @ K.T)
+            torch.testing.assert_close(h.state(PreservedKeys).by_layer[0], K @ K.T)
         assert all(f[0].shape[1] == passes for f in edit.factors.values())
         edit.revert()
     assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items()), "revert not bit-exact"

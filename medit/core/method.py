@@ -28,6 +28,11 @@ class Method(Generic[H]):
     the model alias (e.g. ``smollm2-135m.yaml``), then the family (``llama.yaml``), then ``default.yaml``.
     Left unset, it is found by default: ``hparams/<name>/``, then ``hparams/``, beside the module
     that defines the method class (see :meth:`hparams_dirs`).
+
+    A method instance serves every model, so what it keeps about one model (statistics,
+    projections, installed hooks, caches of a run) lives in that model's typed run state:
+    ``handle.state(MyState)``, the one instance of the dataclass ``MyState`` for that handle (see
+    :mod:`medit.core.state`); :meth:`start_run` drops what must not outlive a run.
     """
 
     name: ClassVar[str] = ""
@@ -48,8 +53,9 @@ class Method(Generic[H]):
         raise NotImplementedError
 
     def start_run(self, handle: "ModelHandle") -> None:
-        """Called by the evaluation engine before the first edit of a run: reset any state that
-        must be scoped to one run (e.g. AlphaEdit's cache of preserved keys)."""
+        """Called by the evaluation engine before the first edit of a run: drop the run state
+        that must be scoped to one run with ``handle.reset_state(MyState)`` (AlphaEdit drops its
+        keys of earlier edits, ``PreservedKeys``)."""
 
     # ---------------------------------------------------------------- hparams resolution
     def hparams_dirs(self) -> list[Path]:

@@ -2,13 +2,15 @@
 weights (GRACE's codebook, WISE's side memory, ...), and :class:`LayerwiseLM`, the teacher-forced
 target loss recomputed only from one layer upwards (what such methods train against).
 
-An adaptor is shared by every active edit of one method at one module: it is installed by the
+An adaptor is shared by every active edit of one method at one layer: it is installed by the
 first edit (:func:`attach`) and removed when the last one leaves (:func:`release`), so a model
-with no active edit carries no hook at all.
+with no active edit carries no hook at all. The installed adaptors are the model's
+:class:`Adaptors` state, keyed by adaptor class and layer.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 import torch
 from torch import nn
@@ -87,16 +89,33 @@ class Adaptor:
         self._hooks = []
 
 
-def attach(handle: "ModelHandle", key: Any, factory: Callable[[], Adaptor]) -> Adaptor:
-    """The adaptor stored under ``key`` in the handle's memo, created by ``factory`` if absent."""
-    if key not in handle.memo:
-        handle.memo[key] = factory()
-    return handle.memo[key]
+A = TypeVar("A", bound=Adaptor)
 
 
-def release(handle: "ModelHandle", key: Any) -> None:
-    """Remove the adaptor under ``key`` (and its hooks) once it holds nothing."""
-    ad = handle.memo.get(key)
+@dataclass
+class Adaptors:
+    """Run state: the adaptors installed on one model, by (adaptor class, layer)."""
+
+    installed: dict[tuple[type[Adaptor], int], Adaptor] = field(default_factory=dict)
+
+
+def attach(handle: "ModelHandle", cls: type[A], layer: int, factory: Callable[[], A]) -> A:
+    """The ``cls`` adaptor installed at ``layer`` of ``handle``'s model, installed with ``factory``
+    if there is none."""
+    installed = handle.state(Adaptors).installed
+    if (cls, layer) not in installed:
+        installed[cls, layer] = factory()
+    return cast(A, installed[cls, layer])  # stored under its own class
+
+
+def installed(handle: "ModelHandle", cls: type[A], layer: int) -> A | None:
+    """The ``cls`` adaptor installed at ``layer``, or None."""
+    return cast("A | None", handle.state(Adaptors).installed.get((cls, layer)))
+
+
+def release(handle: "ModelHandle", cls: type[Adaptor], layer: int) -> None:
+    """Remove the ``cls`` adaptor at ``layer`` (and its hooks) once it holds nothing."""
+    ad = installed(handle, cls, layer)
     if ad is not None and ad.empty():
         ad.remove()
-        del handle.memo[key]
+        del handle.state(Adaptors).installed[cls, layer]

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import torch
 from torch import nn
 
 from medit.core.adapter import ModelAdapter
+from medit.core.state import RunState
 from medit.errors import MethodError
 
-T = TypeVar("T")
+S = TypeVar("S")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -20,7 +21,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 @dataclass
 class ModelHandle:
     """A loaded model with its tokenizer and family adapter. Methods address modules by standard
-    name through :meth:`module`, never by hard-coded paths."""
+    name through :meth:`module`, never by hard-coded paths.
+
+    What methods and toolkit helpers keep about this model (statistics, context templates,
+    projections, the hooks of edits that keep the weights, per-run caches) lives in typed state
+    objects: ``handle.state(MyState)`` is the one instance of the dataclass ``MyState`` for this
+    handle, created on first use, never shared with another handle; ``handle.reset_state(MyState)``
+    drops it (see :mod:`medit.core.state`).
+    """
 
     model: nn.Module
     tokenizer: Any
@@ -29,19 +37,16 @@ class ModelHandle:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     _base_fingerprint: str = field(default="", repr=False)
-    #: per-model memo for derived data (context templates, statistics, projections); never a
-    #: module-level global, so two loaded models never share it.
-    memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _state: RunState = field(default_factory=RunState, repr=False)
 
-    def derived(self, source: Any, key: tuple, build: Callable[[], T]) -> T:
-        """``build()``, computed once per ``source`` object and ``key`` and kept in :attr:`memo`.
-        Keyed on ``id(source)`` with the object itself kept beside the result, so a later object
-        that reuses the id never gets a stale hit."""
-        full = (*key, id(source))
-        hit = self.memo.get(full)
-        if hit is None or hit[0] is not source:
-            hit = self.memo[full] = (source, build())
-        return hit[1]
+    def state(self, cls: type[S]) -> S:
+        """The one instance of state class ``cls`` (a dataclass with defaults) for this model,
+        created on first use (see :mod:`medit.core.state`)."""
+        return self._state.get(cls)
+
+    def reset_state(self, cls: type[Any]) -> None:
+        """Drop this model's instance of ``cls``; the next :meth:`state` call creates a fresh one."""
+        self._state.reset(cls)
 
     @property
     def config(self) -> Any:

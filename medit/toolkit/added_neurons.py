@@ -4,13 +4,14 @@ A :class:`NeuronGroup` is ``n`` key/bias/value triples; attached at layer ``l`` 
 ``act(x @ keysᵀ + bias) @ values`` to the output of that layer's ``mlp_out``, where ``x`` is the
 FFN input (the input of ``mlp_in``, i.e. the normalised residual stream). The base weights are
 never touched: one :class:`NeuronBank` per (model, layer) holds the two hooks and every attached
-group, and removes its hooks when its last group is detached, so the model is exactly as before.
+group, and removes its hooks when its last group is detached, so the model is exactly as before
+(the banks are the model's :class:`NeuronBanks` state).
 :class:`NeuronEdit` is the Edit (and patch) holding one or more groups.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from medit.core.requests import EditRequest
 
 ACTIVATIONS = ("relu", "gelu")
-_BANKS = "neurons.banks"
 
 
 def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -98,12 +98,26 @@ class NeuronBank:
                 h.remove()
             self._hooks = []
             self._x = None
-            self.handle.memo.get(_BANKS, {}).pop(self.layer, None)
+            self.handle.state(NeuronBanks).by_layer.pop(self.layer, None)
+
+
+@dataclass
+class NeuronBanks:
+    """Run state: the neuron banks of one model, by layer."""
+
+    by_layer: dict[int, NeuronBank] = field(default_factory=dict)
+
+
+@dataclass
+class MemoryInputs:
+    """Run state: :func:`memory_inputs` of one model, by (layer, corpus, texts, max length)."""
+
+    by_key: dict[tuple[int, str, int, int], torch.Tensor] = field(default_factory=dict)
 
 
 def bank(handle: "ModelHandle", layer: int) -> NeuronBank:
     """The (possibly new, hook-less) bank of ``layer`` on ``handle``'s model."""
-    banks = handle.memo.setdefault(_BANKS, {})
+    banks = handle.state(NeuronBanks).by_layer
     if layer not in banks:
         banks[layer] = NeuronBank(handle, layer)
     return banks[layer]
@@ -111,7 +125,7 @@ def bank(handle: "ModelHandle", layer: int) -> NeuronBank:
 
 def attached_groups(handle: "ModelHandle", layer: int) -> list[NeuronGroup]:
     """Groups currently active at ``layer`` (e.g. earlier patches of a sequential run)."""
-    b = handle.memo.get(_BANKS, {}).get(layer)
+    b = handle.state(NeuronBanks).by_layer.get(layer)
     return list(b.groups) if b is not None else []
 
 
@@ -275,18 +289,18 @@ def memory_inputs(handle: "ModelHandle", layer: int, corpus: str, n_texts: int, 
     ``corpus`` is ``generated`` (texts sampled from the model itself with a fixed seed, so no data
     is needed), an edit dataset ``FORMAT:PATH`` (its prompts followed by their true answers and its
     locality prompts followed by theirs: in-distribution text, as the T-Patcher paper's memory of
-    training inputs; use a split other than the one evaluated) or a local text/JSONL file. Cached
-    in the handle's memo.
+    training inputs; use a split other than the one evaluated) or a local text/JSONL file. Kept
+    in the model's :class:`MemoryInputs` state.
     """
-    key = ("neurons.memory", layer, corpus, n_texts, max_len)
-    if key in handle.memo:
-        return handle.memo[key]
+    kept = handle.state(MemoryInputs).by_key
+    if (layer, corpus, n_texts, max_len) in kept:
+        return kept[layer, corpus, n_texts, max_len]
     if corpus == "generated":
         seqs = _sampled(handle, n_texts, max_len)
     else:
         seqs = [handle.tokenizer(t).input_ids[:max_len] for t in _memory_texts(corpus, n_texts)]
     x = torch.cat(ffn_inputs(handle, layer, [s for s in seqs if s]))
-    handle.memo[key] = x
+    kept[layer, corpus, n_texts, max_len] = x
     return x
 
 

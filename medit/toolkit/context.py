@@ -2,11 +2,12 @@
 
 Templates are short generated prefixes ("The team said that. {}") that make keys and target
 vectors robust to what precedes the prompt. They are generated once per model with a fixed seed
-and cached on disk by model fingerprint, and in the handle's memo.
+and cached on disk by model fingerprint, and in the model's :class:`ContextTemplates` state.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -30,13 +31,21 @@ def swapped_prompts(prompt: str, subject: str, subjects: Sequence[str]) -> list[
     return [prompt.replace(subject, s) for s in subjects if s != subject]
 
 
+@dataclass
+class ContextTemplates:
+    """Run state: one model's context templates, by (spec, seed)."""
+
+    by_spec: dict[tuple[tuple[tuple[int, ...], ...], int], list[str]] = field(default_factory=dict)
+
+
 def context_templates(handle: "ModelHandle", spec: Sequence[Sequence[int]] = ((5, 10),),
                       seed: int = 0) -> list[str]:
     """``["{}"]`` plus, for each (length, count) in ``spec``, ``count`` sampled prefixes of
     ``length`` new tokens, each ending in ``. {}``. Deterministic for a model and seed."""
-    key = ("context_templates", tuple(map(tuple, spec)), seed)
-    if key in handle.memo:
-        return handle.memo[key]
+    kept = handle.state(ContextTemplates).by_spec
+    key = (tuple(map(tuple, spec)), seed)
+    if key in kept:
+        return kept[key]
     from medit.core.io import cache_dir
     path = cache_dir("templates") / f"{handle.fingerprint()}-{seed}-{'_'.join(f'{a}x{b}' for a, b in spec)}.json"
     templates: list[str] | None = None
@@ -49,7 +58,7 @@ def context_templates(handle: "ModelHandle", spec: Sequence[Sequence[int]] = ((5
         with setup_phase("templates"):
             templates = ["{}"] + [t for length, count in spec for t in _generate(handle, length, count, seed)]
         atomic_write_json(path, templates)
-    handle.memo[key] = templates
+    kept[key] = templates
     return templates
 
 

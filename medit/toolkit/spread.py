@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from medit.core.state import IdentityCache
 from medit.toolkit.context import context_templates
 from medit.errors import HParamsError
 from medit.toolkit.target_vectors import DeltaSpec, compute_keys, optimise_deltas
@@ -137,13 +138,21 @@ class CovarianceSolver:
         return torch.linalg.solve(self.matrix, B.double())
 
 
+@dataclass
+class CovarianceSolvers:
+    """Run state: the solvers built from one model's statistics, by (scale, ridge)."""
+
+    cache: IdentityCache[tuple[float, float], CovarianceSolver] = field(default_factory=IdentityCache)
+
+
 def covariance_solver(handle: "ModelHandle", C: torch.Tensor, scale: float = 1.0, ridge: float = 0.0
                       ) -> CovarianceSolver:
     """The :class:`CovarianceSolver` for these statistics, kept on the handle: every later edit
     against the same statistics costs a triangular solve (O(d²) per column) instead of a fresh
     O(d³) factorisation. The factor costs d²·8 bytes per layer for the handle's life (about 1 GB
     per layer of LLaMA-2-7B)."""
-    return handle.derived(C, ("cov_factor", float(scale), float(ridge)), lambda: CovarianceSolver(C, scale, ridge))
+    return handle.state(CovarianceSolvers).cache.get(C, (float(scale), float(ridge)),
+                                                     lambda: CovarianceSolver(C, scale, ridge))
 
 
 def storage_factors(handle: "ModelHandle", out_vecs: torch.Tensor, in_vecs: torch.Tensor

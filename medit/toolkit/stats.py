@@ -20,7 +20,7 @@ import json
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -207,6 +207,14 @@ def second_moments(handle: "ModelHandle", layers: Sequence[int], corpus: str, n_
         return _second_moments(handle, layers, corpus, n_samples, max_len, dtype, batch_size, progress, tf32)
 
 
+@dataclass
+class SecondMoments:
+    """Run state: one model's statistics on its device, by (layer, corpus fingerprint, samples,
+    max length, dtype), so a run reads each cache file once."""
+
+    by_key: dict[tuple[int, str, int, int, str], torch.Tensor] = field(default_factory=dict)
+
+
 def _second_moments(handle: "ModelHandle", layers: Sequence[int], corpus: str, n_samples: int,
                     max_len: int, dtype: str, batch_size: int, progress: bool,
                     tf32: bool) -> tuple[dict[int, torch.Tensor], float]:
@@ -218,18 +226,18 @@ def _second_moments(handle: "ModelHandle", layers: Sequence[int], corpus: str, n
         handle.check_layer(layer, what="statistics layer")
     c = Corpus(corpus)
     cfp = c.fingerprint()
+    kept = handle.state(SecondMoments).by_key
     result: dict[int, torch.Tensor] = {}
     missing: list[int] = []
     for layer in sorted(set(layers)):
-        memo_key = ("mom2", layer, cfp, n_samples, max_len, dtype)
-        if memo_key in handle.memo:
-            result[layer] = handle.memo[memo_key]
+        if (layer, cfp, n_samples, max_len, dtype) in kept:
+            result[layer] = kept[layer, cfp, n_samples, max_len, dtype]
             continue
         expect = {"model": handle.fingerprint(), "corpus": cfp, "layer": str(layer), "n_samples": str(n_samples),
                   "max_len": str(max_len), "dtype": dtype}
         cached = _load_cached(_cache_path(handle, cfp, layer, n_samples, max_len, dtype), expect)
         if cached is not None:
-            result[layer] = handle.memo[memo_key] = cached.to(handle.device)
+            result[layer] = kept[layer, cfp, n_samples, max_len, dtype] = cached.to(handle.device)
         else:
             missing.append(layer)
     if not missing:
@@ -243,7 +251,7 @@ def _second_moments(handle: "ModelHandle", layers: Sequence[int], corpus: str, n
                 "n_samples": str(n_samples), "max_len": str(max_len), "dtype": dtype, "tokens": str(count),
                 "seconds": f"{seconds:.3f}"}
         _save_later(_cache_path(handle, cfp, layer, n_samples, max_len, dtype), mat, meta)
-        result[layer] = handle.memo[("mom2", layer, cfp, n_samples, max_len, dtype)] = mat
+        result[layer] = kept[layer, cfp, n_samples, max_len, dtype] = mat
     return result, seconds
 
 

@@ -324,8 +324,15 @@ def check_checkpoint(handle: "ModelHandle", method: Method[Any], manifest: dict[
                               "with `medit train`")
 
 
+@dataclasses.dataclass
+class LoadedEditors:
+    """Run state: the editors one model loaded, by (checkpoint folder, editor file's mtime)."""
+
+    by_checkpoint: dict[tuple[str, int], nn.Module] = dataclasses.field(default_factory=dict)
+
+
 def load_editor(handle: "ModelHandle", method: LearnedMethod[Any, E], path: str | Path) -> E:
-    """The trained editor in checkpoint ``path`` for ``handle`` (memoised on the handle)."""
+    """The trained editor in checkpoint ``path`` for ``handle`` (kept in its :class:`LoadedEditors`)."""
     from safetensors.torch import load_file
 
     p = Path(path)
@@ -334,9 +341,10 @@ def load_editor(handle: "ModelHandle", method: LearnedMethod[Any, E], path: str 
     if not (p / EDITOR).is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} has no {EDITOR} yet (training stopped before its first "
                               "validation); continue it with `medit train --resume`")
-    key = ("medit-editor", str(p.resolve()), (p / EDITOR).stat().st_mtime_ns)
-    if key in handle.memo:
-        return handle.memo[key]
+    kept = handle.state(LoadedEditors).by_checkpoint
+    key = (str(p.resolve()), (p / EDITOR).stat().st_mtime_ns)
+    if key in kept:
+        return cast(E, kept[key])  # one checkpoint holds one method's editor
     hp = method.hparams_class.from_dict(manifest["hparams"], f"checkpoint {p}")
     torch.manual_seed(0)
     editor = method.init_editor(handle, hp).to(handle.device)
@@ -351,7 +359,7 @@ def load_editor(handle: "ModelHandle", method: LearnedMethod[Any, E], path: str 
         raise CheckpointError(f"checkpoint {str(p)!r} does not fit this version's {method.name} editor "
                               f"({str(exc).splitlines()[0]}); train again") from None
     editor.eval()
-    handle.memo[key] = editor
+    kept[key] = editor
     return editor
 
 

@@ -4,13 +4,13 @@ the keys edited earlier in the same sequential run.
 
 ΔW = R Xᵀ with X = (P (K Kᵀ + w K_p K_pᵀ) + λ I)⁻¹ P K, where P projects onto the eigenvectors of
 C = E[k kᵀ] whose eigenvalues are below ``nullspace_threshold`` × its largest and w is
-``cache_weight`` (1 in the paper). The cache K_p K_pᵀ lives in the model handle's memo, is reset
-at the start of every run, and an edit removes its keys on revert.
+``cache_weight`` (1 in the paper). The cache K_p K_pᵀ is the model's :class:`PreservedKeys` run
+state, reset at the start of every run; an edit removes its keys on revert.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -24,11 +24,9 @@ from medit.model.layers import spread_layers
 from medit.core.hparams import HParams
 from medit.toolkit.spread import SpreadHParams, apply_spread
 from medit.core.method import Method
+from medit.core.state import IdentityCache
 from medit.core.requests import EditRequest
 from medit.plugins.methods.alphaedit import DESCRIPTION
-
-CACHE = "alphaedit.preserved"
-
 
 @dataclass
 class AlphaEditHParams(SpreadHParams, HParams):
@@ -53,6 +51,13 @@ class AlphaEditHParams(SpreadHParams, HParams):
             raise HParamsError(f"hparam 'cache_weight' must be >= 0, got {self.cache_weight}")
 
 
+@dataclass
+class PreservedKeys:
+    """Run state: K_p K_pᵀ of the keys edited earlier in this run, by layer."""
+
+    by_layer: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 class AlphaEditEdit(WeightEdit):
     """A WeightEdit that also withdraws its keys from the run's preserved-key cache on revert.
 
@@ -64,7 +69,7 @@ class AlphaEditEdit(WeightEdit):
     def revert(self) -> None:
         if self.active:
             self._whole_only("revert")  # before touching the cache: a refused revert changes nothing
-            cache = self.handle.memo.get(CACHE, {})
+            cache = self.handle.state(PreservedKeys).by_layer
             for layer, K in getattr(self, "added", {}).items():
                 if layer in cache:
                     cache[layer] -= K @ K.T
@@ -97,6 +102,13 @@ def null_space_projector(C: torch.Tensor, threshold: float) -> NullSpace:
     return NullSpace((keep @ keep.T).float(), int((~small).sum()), share)
 
 
+@dataclass
+class NullSpaces:
+    """Run state: the projectors built from one model's statistics, by (layer, threshold)."""
+
+    cache: IdentityCache[tuple[int, float], NullSpace] = field(default_factory=IdentityCache)
+
+
 def null_space(handle: ModelHandle, layer: int, C: torch.Tensor, threshold: float) -> NullSpace:
     """:func:`null_space_projector` of these statistics, kept on the handle, with a one-line
     warning (once per layer and statistics) when one direction dominates C."""
@@ -108,8 +120,8 @@ def null_space(handle: ModelHandle, layer: int, C: torch.Tensor, threshold: floa
                   f"{ns.protected} of {ns.P.shape[0]} directions; edit other layers.", file=sys.stderr)
         return ns
 
-    # keyed on the statistics tensor itself, which is memoised per corpus, samples, length and dtype
-    return handle.derived(C, ("alphaedit.P", layer, threshold), build)
+    # keyed on the statistics tensor itself, kept per corpus, samples, length and dtype (SecondMoments)
+    return handle.state(NullSpaces).cache.get(C, (layer, threshold), build)
 
 
 class AlphaEdit(Method[AlphaEditHParams]):
@@ -121,13 +133,13 @@ class AlphaEdit(Method[AlphaEditHParams]):
     hparams_dir = Path(medit.__file__).parent / "hparams" / "alphaedit"
 
     def start_run(self, handle: ModelHandle) -> None:
-        handle.memo[CACHE] = {}
+        handle.reset_state(PreservedKeys)
 
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: AlphaEditHParams) -> WeightEdit:
         layers = spread_layers(handle, hparams.layers)
         stats, stats_s = hparams.stats(handle, layers)
         spaces = {layer: null_space(handle, layer, stats[layer], hparams.nullspace_threshold) for layer in layers}
-        cache: dict[int, torch.Tensor] = handle.memo.setdefault(CACHE, {})
+        cache = handle.state(PreservedKeys).by_layer
         added: dict[int, torch.Tensor] = {}
 
         def solve(layer: int, K: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import medit
 from medit.core.edit import Edit
 from medit.errors import HParamsError, PatchError
 from medit.model.handle import ModelHandle
-from medit.model.adaptors import Adaptor, attach, release
+from medit.model.adaptors import Adaptor, attach, installed, release
 from medit.toolkit.layerwise import LayerwiseLM
 from medit.core.hparams import HParams
 from medit.model.layers import resolve_layers
@@ -130,12 +130,11 @@ class GraceEdit(Edit):
         GraceEdit._next_id += 1
         self.id = GraceEdit._next_id
         self.layer = layer
-        self.key = ("grace", layer)
         self.added: list[_Entry] = []
         self.changed: list[tuple[_Entry, float]] = []  # (entry, radius before this edit)
 
     def codebook(self) -> Codebook:
-        return attach(self.handle, self.key, lambda: Codebook(self.handle, self.layer))  # type: ignore[return-value]
+        return attach(self.handle, Codebook, self.layer, lambda: Codebook(self.handle, self.layer))
 
     def add(self, entry: _Entry) -> None:
         cb = self.codebook()
@@ -151,14 +150,14 @@ class GraceEdit(Edit):
     def revert(self) -> None:
         if not self.active:
             return
-        cb = self.handle.memo.get(self.key)
+        cb = installed(self.handle, Codebook, self.layer)
         if cb is not None:
             for entry, old in reversed(self.changed):
                 entry.radius = old
             ids = {id(e) for e in self.added}
             cb.entries = [e for e in cb.entries if id(e) not in ids]
             cb.changed()
-            release(self.handle, self.key)
+            release(self.handle, Codebook, self.layer)
         self.active = False
 
     def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -250,7 +249,7 @@ def _key_and_output(handle: ModelHandle, lm: LayerwiseLM, layer: int, pos: int) 
     ids = torch.tensor([ctx], device=handle.device)
     with torch.no_grad(), capture(handle, "layers", [layer], what="input") as kin, \
             capture(handle, "layers", [layer], what="output") as kout:
-        cb = handle.memo.get(("grace", layer))
+        cb = installed(handle, Codebook, layer)
         saved = None
         if cb is not None:  # the key must not see earlier entries' replacements at this block
             saved, cb.entries = cb.entries, []

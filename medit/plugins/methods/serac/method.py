@@ -35,7 +35,6 @@ from medit.plugins.methods.serac import DESCRIPTION
 
 HPARAMS = Path(medit.__file__).parent / "hparams"
 MARKER = "[edit]"
-MEMO_KEY = "serac-router"
 
 
 @dataclass
@@ -141,13 +140,20 @@ class Router:
         return hook
 
 
+@dataclass
+class SeracRouter:
+    """Run state: the router of one model's SERAC edits (None before the first)."""
+
+    router: Router | None = None
+
+
 def _router(handle: ModelHandle, editor: SERACEditor) -> Router:
-    r = handle.memo.get(MEMO_KEY)
+    state = handle.state(SeracRouter)
+    r = state.router
     if r is None or r.editor is not editor:
         if r is not None and r.edits:
             raise HParamsError("SERAC edits from another checkpoint are still active on this model; revert them first")
-        r = Router(handle, editor)
-        handle.memo[MEMO_KEY] = r
+        r = state.router = Router(handle, editor)
     return r
 
 

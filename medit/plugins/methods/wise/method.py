@@ -43,7 +43,7 @@ from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged
 from medit.core.edit import Edit
 from medit.errors import HParamsError, MethodError, PatchError
 from medit.model.handle import ModelHandle
-from medit.model.adaptors import Adaptor, attach, release
+from medit.model.adaptors import Adaptor, attach, installed, release
 from medit.toolkit.layerwise import LayerwiseLM
 from medit.core.hparams import HParams
 from medit.model.layers import resolve_layers
@@ -257,14 +257,13 @@ class WiseEdit(Edit):
                  hparams: dict[str, Any], layer: int) -> None:
         super().__init__(handle, method, requests, hparams)
         self.layer = layer
-        self.key = ("wise", layer)
         self.before: tuple | None = None
         self.after: int | None = None  # memory's edit count once this edit was complete
 
     def revert(self) -> None:
         if not self.active:
             return
-        sm: SideMemory | None = self.handle.memo.get(self.key)
+        sm = installed(self.handle, SideMemory, self.layer)
         if sm is not None and self.before is not None:
             if self.after is not None and sm.total != self.after:
                 raise MethodError("WISE edits must be reverted last-first; revert the later WISE edits first")
@@ -277,11 +276,11 @@ class WiseEdit(Edit):
                 current.keys = keys
             if total == 0:
                 sm.closed, sm.current = [], None
-            release(self.handle, self.key)
+            release(self.handle, SideMemory, self.layer)
         self.active = False
 
     def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        sm: SideMemory | None = self.handle.memo.get(self.key)
+        sm = installed(self.handle, SideMemory, self.layer)
         if sm is None or self.before is None or self.before[-1] != 0:
             raise PatchError("only WISE edits made on an unedited model can be saved; save the edits "
                              "together (medit edit --mode batch)")
@@ -307,7 +306,7 @@ class WISE(Method[WISEHParams]):
         hp = hparams
         layer = resolve_layers(handle, [hp.layer] if isinstance(hp.layer, int) else hp.layer,
                                auto=(AUTO_DEPTH,), what="layer")[0]
-        sm: SideMemory = attach(handle, ("wise", layer), lambda: SideMemory(handle, layer, hp))  # type: ignore[assignment]
+        sm = attach(handle, SideMemory, layer, lambda: SideMemory(handle, layer, hp))
         sm.hp = hp
         edit = WiseEdit(handle, self.name, requests, hp.to_dict(), layer)
         cur = sm.current
@@ -477,9 +476,9 @@ class WISE(Method[WISEHParams]):
                              f"{manifest.get('base_fingerprint')}) but {handle.model_id!r} has fingerprint {fp}; "
                              "apply it to the model it was made for")
         hp = WISEHParams.from_dict(manifest.get("hparams", {}), "patch manifest")
-        if ("wise", layer) in handle.memo:
+        if installed(handle, SideMemory, layer) is not None:
             raise PatchError(f"the model already holds WISE edits at layer {layer}; revert them before applying a patch")
-        sm: SideMemory = attach(handle, ("wise", layer), lambda: SideMemory(handle, layer, hp))  # type: ignore[assignment]
+        sm = attach(handle, SideMemory, layer, lambda: SideMemory(handle, layer, hp))
         reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
         edit = WiseEdit(handle, self.name, reqs, hp.to_dict(), layer)
         edit.before = ([], None, None, 0)
