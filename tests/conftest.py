@@ -1,6 +1,7 @@
 """Shared fixtures: offline tiny tokenizers, tiny random models of every family, SmolLM2.
 
-Everything here is built offline in a few seconds and cached for the session:
+Everything here is built offline in a few seconds and cached for the session, by the builders
+of medit's conformance kit (:mod:`medit.testing`, which a plugin's own tests use too):
 
 - ``tiny_tokenizers``: dict style -> ``PreTrainedTokenizerFast`` (``gpt2``: byte-level BPE, no
   BOS; ``llama``: adds ``<s>`` in front, eos ``</s>``; ``t5``: appends ``</s>``, pad ``<pad>``).
@@ -35,22 +36,21 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from medit import testing
+
 # Tests never touch the network: set before transformers / huggingface_hub are imported, so an
 # online machine behaves like this offline one (hub ids fail at once with ModelError).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _HERE = Path(__file__).resolve()
-# The WikiText-2 validation text the package ships (medit/datasets/DATA.md).
-WIKITEXT = _HERE.parents[1] / "medit" / "datasets" / "wikitext-2-valid.txt"
 #: real CounterFact / zsRE slices the tests own (tests/data/README.md)
 TEST_DATA = _HERE.parent / "data"
-TOKENIZER_LINES = 400
-TOKENIZER_VOCAB = 512
-FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5")
-# Which tokenizer style each tiny family uses.
-TOKENIZER_STYLE = {"gpt2": "gpt2", "gptj": "gpt2", "gptneox": "gpt2", "llama": "llama", "t5": "t5"}
-SEED = 1234
-LOGIT_SCALE = 10.0
+# The tiny tokenizers and models come from medit's conformance kit (medit.testing): the same
+# builders, seeds and corpus a plugin's tests use.
+FAMILIES = testing.FAMILIES
+TOKENIZER_STYLE = testing.TOKENIZER_STYLE
+SEED = testing.SEED
+build_tiny_model = testing.build_tiny_model
 
 
 # ------------------------------------------------------------------------------ environment
@@ -99,127 +99,19 @@ def _threads(request: pytest.FixtureRequest) -> Any:
     torch.set_num_threads(old)
 
 
-# ------------------------------------------------------------------------------ tokenizers
-
-def _training_lines() -> list[str]:
-    lines: list[str] = []
-    with open(WIKITEXT, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("="):
-                lines.append(line)
-            if len(lines) >= TOKENIZER_LINES:
-                break
-    assert len(lines) == TOKENIZER_LINES, f"{WIKITEXT} holds fewer than {TOKENIZER_LINES} paragraphs"
-    # The sentences tests like to use, so their words are in the corpus.
-    lines += ["The capital of France is Paris. The mother tongue of Danielle Darrieux is French."] * 20
-    return lines
-
-
-def _train_tokenizer(style: str, lines: list[str]) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = {
-        "gpt2": ["<|endoftext|>"],
-        "llama": ["<unk>", "<s>", "</s>"],
-        "t5": ["<pad>", "</s>", "<unk>"],
-    }[style]
-    tok = Tokenizer(models.BPE(unk_token=None if style == "gpt2" else "<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(lines, trainer=trainer)
-    if style == "gpt2":
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                       eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                                       pad_token="<|endoftext|>")
-    if style == "llama":
-        bos = tok.token_to_id("<s>")
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                       unk_token="<unk>", pad_token="</s>")
-    eos = tok.token_to_id("</s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-
+# ------------------------------------------------------------------------------ tiny models
 
 @pytest.fixture(scope="session")
 def tiny_tokenizers() -> dict[str, Any]:
     """Style (gpt2, llama, t5) -> a tiny offline tokenizer (vocab ~512)."""
-    lines = _training_lines()
-    return {style: _train_tokenizer(style, lines) for style in ("gpt2", "llama", "t5")}
-
-
-# ------------------------------------------------------------------------------ tiny models
-
-def _tiny_config(family: str, tok: Any) -> Any:
-    """A tiny config of each family: 2 layers, hidden 32, intermediate 80 (never equal to hidden)."""
-    from transformers import AutoConfig
-
-    v = len(tok)
-    if family == "gpt2":
-        eos = tok.eos_token_id
-        return AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, n_inner=80,
-                                    n_positions=128, vocab_size=v, bos_token_id=eos, eos_token_id=eos)
-    if family == "gptj":
-        eos = tok.eos_token_id
-        return AutoConfig.for_model("gptj", n_layer=2, n_embd=32, n_head=2, n_inner=80, rotary_dim=8,
-                                    n_positions=128, vocab_size=v, bos_token_id=eos, eos_token_id=eos,
-                                    tie_word_embeddings=False)
-    if family == "gptneox":
-        eos = tok.eos_token_id
-        return AutoConfig.for_model("gpt_neox", num_hidden_layers=2, hidden_size=32,
-                                    num_attention_heads=2, intermediate_size=80, rotary_pct=0.25,
-                                    max_position_embeddings=128, vocab_size=v, bos_token_id=eos,
-                                    eos_token_id=eos, tie_word_embeddings=False)
-    if family == "llama":
-        return AutoConfig.for_model("llama", num_hidden_layers=2, hidden_size=32, intermediate_size=80,
-                                    num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=128, vocab_size=v,
-                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                    pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    if family == "t5":
-        return AutoConfig.for_model("t5", num_layers=3, num_decoder_layers=2, d_model=32, d_ff=80,
-                                    num_heads=2, d_kv=16, vocab_size=v, feed_forward_proj="relu",
-                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                    decoder_start_token_id=tok.pad_token_id)
-    raise KeyError(family)
-
-
-def build_tiny_model(family: str, tok: Any, folder: Path, seed: int = SEED) -> Path:
-    """Build a tiny random model of ``family`` and save it with ``tok`` into ``folder``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    config = _tiny_config(family, tok)
-    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    torch.manual_seed(seed)
-    model = cls.from_config(config)
-    with torch.no_grad():
-        # (T5's tied, d_model-rescaled head is peaked enough already.)
-        # Default init gives near-uniform next-token distributions (logits ~0.1) that no edit of
-        # a hidden state can make confident; a larger output embedding makes the tiny models
-        # behave like trained ones in that respect (peaked predictions, edits that can take).
-        if not config.is_encoder_decoder:
-            model.get_output_embeddings().weight.mul_(LOGIT_SCALE)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return testing.tiny_tokenizers()
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dirs(tiny_tokenizers: dict[str, Any],
-                    tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Family -> folder with a tiny random model and its tokenizer (``load_model(str(folder))``)."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    return {f: build_tiny_model(f, tiny_tokenizers[TOKENIZER_STYLE[f]], root / f) for f in FAMILIES}
+def tiny_model_dirs(tiny_tokenizers: dict[str, Any]) -> dict[str, Path]:
+    """Family -> folder with a tiny random model and its tokenizer (``load_model(str(folder))``);
+    built once per process by the kit, so :func:`medit.testing.check_method` uses the same ones."""
+    return {f: testing.tiny_model_dir(f) for f in FAMILIES}
 
 
 def _foreign_hooks(module: torch.nn.Module) -> list[str]:
