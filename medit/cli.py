@@ -330,7 +330,7 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metav
           device_map: Optional[str] = DeviceMapOpt, random_init: bool = RandomOpt,
           trust_remote_code: bool = TrustOpt, no_memory_check: bool = NoMemCheckOpt) -> None:
     """Apply a saved patch to a fresh model and show its effect."""
-    from medit.core.edit import apply_patch
+    from medit.core.edit import apply_patch, patch_class
     from medit.core.patchfile import read_patch
     from medit.core.queries import GenQuery
     from medit.scoring.engine import Scorer
@@ -340,6 +340,7 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metav
         _check_new_folder(save, "--save")
     manifest, tensors = read_patch(patch)  # verified before the model loads
     get_plugins().methods.get(manifest["method"])
+    patch_class(manifest)  # a kind this medit cannot read is refused before the model loads
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code, no_memory_check)
     scorer = Scorer(handle)
     prompts = list(prompt or [r.get("prompt", "") for r in manifest.get("requests", []) if isinstance(r, dict)])

@@ -100,7 +100,7 @@ def test_llama_2_7b_is_refused_before_allocating(small_memory, never_build):
 def test_every_loading_command_has_the_guard_and_the_bypass_flag(command, small_memory, never_build, tmp_path,
                                                                  monkeypatch):
     import medit.core.patchfile as patchfile
-    monkeypatch.setattr(patchfile, "read_patch", lambda path: ({"method": "ft-l"}, {}))  # a patch that checks out
+    monkeypatch.setattr(patchfile, "read_patch", lambda path: ({"method": "ft-l", "kind": "weights"}, {}))  # checks out
     data = _write_jsonl(tmp_path / "d.jsonl", CASE.to_dict())
     args = {"edit": ["edit", str(data), "--method", "ft-l"],
             "eval": ["eval", "--method", "ft-l", "--dataset", str(data), "--out", str(tmp_path / "run")],

@@ -1,4 +1,13 @@
-"""Edits: what applying a method produced. They revert exactly and save as patches."""
+"""Edits: what applying a method produced. They revert exactly and save as patches.
+
+A patch is symmetric: :meth:`Edit.payload` gives the manifest fields and tensors of an edit, and
+the classmethod :meth:`Edit.from_payload` of the same class rebuilds the edit from them on a
+model. Each Edit class that can be saved sets its own ``kind``, which registers it, and
+:func:`apply_patch` finds the class by the manifest's ``kind``. The base model's fingerprint is
+written by :meth:`Edit.save` and checked by :func:`apply_patch`, before ``from_payload`` runs, for
+every kind: the whole model as loaded, or for an edit that changed weights only the original
+values of those weights (see :meth:`Edit.base_params`).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from medit.errors import EditError, PatchError
+from medit.errors import EditError, PatchError, UnknownNameError
 from medit.core.patchfile import MANIFEST, PATCH_FORMAT, PATCH_VERSION, TENSORS, read_patch, write_patch
 
 if TYPE_CHECKING:
@@ -16,7 +25,14 @@ if TYPE_CHECKING:
     from medit.core.requests import EditRequest
 
 __all__ = ["Edit", "WeightEdit", "CompositeEdit", "share_originals", "load_patch", "apply_patch",
-           "MANIFEST", "PATCH_FORMAT", "PATCH_VERSION", "TENSORS"]
+           "patch_class", "patch_kinds", "patch_requests", "MANIFEST", "PATCH_FORMAT", "PATCH_VERSION",
+           "TENSORS"]
+
+#: patch kind -> the Edit class that reads it (filled as Edit classes are defined).
+_KINDS: dict[str, type["Edit"]] = {}
+#: manifest fields :meth:`Edit.save` writes itself; a payload cannot set them.
+CORE_FIELDS = ("format", "version", "files", "medit_version", "kind", "method", "model", "base_fingerprint",
+               "hparams", "requests", "created")
 
 
 class Edit:
@@ -25,9 +41,24 @@ class Edit:
     Methods that keep the weights (IKE, GRACE, ...) subclass this and may override
     :meth:`transform_prompts` (e.g. to prepend demonstrations); the evaluation engine calls it on
     every prompt it scores while the edit is active, so it sees one scoring interface for all edits.
+
+    To be saved, a subclass sets ``kind`` (a name no other Edit class uses) and implements
+    :meth:`payload` and its inverse :meth:`from_payload`; see the module docstring.
     """
 
-    kind = "weights"
+    #: the patch kind; a class that sets it in its own body is registered as its reader.
+    kind: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if not isinstance(kind, str) or not kind:
+            return
+        old = _KINDS.get(kind)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"patch kind {kind!r} of {cls.__module__}.{cls.__qualname__} is already the kind of "
+                            f"{old.__module__}.{old.__qualname__}; give the class another kind")
+        _KINDS[kind] = cls
 
     def __init__(self, handle: "ModelHandle", method: str, requests: Sequence["EditRequest"],
                  hparams: dict[str, Any]) -> None:
@@ -46,24 +77,64 @@ class Edit:
         self.active = False
 
     def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """(extra manifest fields, tensors) describing this edit; subclasses implement it."""
+        """(manifest fields, tensors) describing this edit beyond what :meth:`save` writes itself
+        (kind, method, model, base fingerprint, hparams, requests); subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} cannot be saved")
+
+    @classmethod
+    def from_payload(cls, handle: "ModelHandle", manifest: dict[str, Any],
+                     tensors: dict[str, torch.Tensor]) -> "Edit":
+        """The inverse of :meth:`payload`: the edit rebuilt (and active) on ``handle``'s model from
+        a patch's manifest and tensors. :func:`apply_patch` has checked the base fingerprint."""
+        raise NotImplementedError(f"{cls.__name__} cannot be loaded from a patch")
+
+    @classmethod
+    def base_params(cls, handle: "ModelHandle", manifest: dict[str, Any]) -> list[str] | None:
+        """The parameters whose original values a patch's ``base_fingerprint`` covers: None (the
+        default) for every parameter, i.e. the whole model as loaded (``handle.fingerprint()``,
+        pinned before its first change, so a patch also applies on top of other edits). An edit
+        that changed weights names them (see :class:`WeightEdit`). Raises PatchError when the
+        patch does not fit ``handle``'s model."""
+        return None
+
+    def base_model_fingerprint(self) -> str:
+        """The fingerprint :meth:`save` records, scoped as :meth:`base_params` says."""
+        return self.handle.fingerprint()
+
+    def _saved_as(self) -> "Edit":
+        """The edit whose payload a patch of this edit holds (a sequence saves as one edit)."""
+        return self
 
     def save(self, path: str | Path, force: bool = False) -> Path:
         """Write a patch folder (``manifest.json`` and ``tensors.safetensors``), atomically. An
         existing ``path`` is replaced only if it is empty, or a medit patch and ``force`` is set."""
         from medit import __version__
 
-        extra, tensors = self.payload()
+        edit = self._saved_as()
+        reader = _KINDS.get(edit.kind)
+        if reader is None or not _reads_patches(reader):
+            raise NotImplementedError(f"{type(edit).__name__} cannot be saved: a saveable Edit class sets its own "
+                                      "kind and implements payload() and from_payload()")
+        extra, tensors = edit.payload()
+        taken = sorted(set(extra) & set(CORE_FIELDS))
+        if taken:
+            raise EditError(f"{type(edit).__name__}.payload() sets manifest field(s) {', '.join(taken)} that "
+                            "Edit.save writes itself; rename them")
         manifest = {
-            "medit_version": __version__, "kind": self.kind, "method": self.method,
+            "medit_version": __version__, "kind": edit.kind, "method": edit.method,
             "model": {"id": self.handle.model_id, "model_type": self.handle.config.model_type,
                       "family": self.handle.adapter.name},
-            "hparams": self.hparams, "requests": [r.to_dict() for r in self.requests],
+            "base_fingerprint": edit.base_model_fingerprint(),
+            "hparams": edit.hparams, "requests": [r.to_dict() for r in edit.requests],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **extra,
         }
         return write_patch(path, manifest, tensors, force=force)
+
+
+def _reads_patches(cls: type[Edit]) -> bool:
+    """Whether ``cls`` (or a base class below Edit) implements :meth:`Edit.from_payload`."""
+    return any("from_payload" in vars(k) for k in cls.__mro__ if k is not Edit)
 
 
 class WeightEdit(Edit):
@@ -75,7 +146,12 @@ class WeightEdit(Edit):
     In a sequence of edits (see :func:`share_originals`) a later edit of a parameter that an
     earlier one already changed does not keep its own copy of the original (``shared`` names
     those parameters); such an edit reverts and saves only as part of its whole sequence.
+
+    Its patch's base fingerprint covers only the edited parameters' original values
+    (``base_fingerprint``), so the patch applies to any model whose those parameters are as they were.
     """
+
+    kind = "weights"
 
     def __init__(self, handle: "ModelHandle", method: str, requests: Sequence["EditRequest"],
                  hparams: dict[str, Any], originals: dict[str, torch.Tensor],
@@ -124,7 +200,30 @@ class WeightEdit(Edit):
             else:
                 tensors[name] = dense[name]
                 params[name] = {"shape": list(orig.shape), "storage": "dense"}
-        return {"base_fingerprint": self.base_fingerprint, "params": params}, tensors
+        return {"params": params}, tensors
+
+    def base_model_fingerprint(self) -> str:
+        return self.base_fingerprint
+
+    @classmethod
+    def base_params(cls, handle: "ModelHandle", manifest: dict[str, Any]) -> list[str]:
+        specs = manifest.get("params") or {}
+        model_params = dict(handle.model.named_parameters())
+        for name, spec in specs.items():
+            if name not in model_params or list(model_params[name].shape) != list(spec["shape"]):
+                raise PatchError(f"patch parameter {name!r} does not exist with shape {spec['shape']} in "
+                                 f"{handle.model_id}; apply the patch to the model it was made for "
+                                 f"({manifest['model']['id']})")
+        return list(specs)
+
+    @classmethod
+    def from_payload(cls, handle: "ModelHandle", manifest: dict[str, Any],
+                     tensors: dict[str, torch.Tensor]) -> "WeightEdit":
+        specs = manifest.get("params") or {}
+        dense = {n: tensors[n] for n, s in specs.items() if s["storage"] == "dense"}
+        factors = {n: (tensors[f"{n}::u"], tensors[f"{n}::v"]) for n, s in specs.items() if s["storage"] == "lowrank"}
+        return cls.from_deltas(handle, manifest["method"], patch_requests(manifest), manifest.get("hparams", {}),
+                               dense, factors)
 
     @classmethod
     @contextlib.contextmanager
@@ -159,26 +258,6 @@ class WeightEdit(Edit):
             edit.factors = {n: (u.detach().cpu(), v.detach().cpu()) for n, (u, v) in (factors or {}).items()}
         return edit
 
-    @classmethod
-    def from_patch(cls, handle: "ModelHandle", manifest: dict[str, Any],
-                   tensors: dict[str, torch.Tensor]) -> "WeightEdit":
-        specs = manifest.get("params") or {}
-        model_params = dict(handle.model.named_parameters())
-        for name, spec in specs.items():
-            if name not in model_params or list(model_params[name].shape) != list(spec["shape"]):
-                raise PatchError(f"patch parameter {name!r} does not exist with shape {spec['shape']} in "
-                                 f"{handle.model_id}; apply the patch to the model it was made for "
-                                 f"({manifest['model']['id']})")
-        fp = handle.fingerprint(list(specs))
-        if fp != manifest.get("base_fingerprint"):
-            raise PatchError(f"patch was made for model {manifest['model']['id']!r} (fingerprint "
-                             f"{manifest.get('base_fingerprint')}) but {handle.model_id!r} has fingerprint {fp}; "
-                             "apply it to the unedited model it was made for")
-        dense = {n: tensors[n] for n, s in specs.items() if s["storage"] == "dense"}
-        factors = {n: (tensors[f"{n}::u"], tensors[f"{n}::v"]) for n, s in specs.items() if s["storage"] == "lowrank"}
-        from medit.core.requests import EditRequest
-        reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
-        return cls.from_deltas(handle, manifest["method"], reqs, manifest.get("hparams", {}), dense, factors)
 
 
 class CompositeEdit(Edit):
@@ -204,14 +283,17 @@ class CompositeEdit(Edit):
             e.revert()
         self.active = False
 
-    def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def _saved_as(self) -> Edit:
         if len(self.edits) == 1:
-            return self.edits[0].payload()
-        if not all(isinstance(e, WeightEdit) for e in self.edits):
+            return self.edits[0]._saved_as()
+        weights = [e for e in self.edits if isinstance(e, WeightEdit)]
+        if len(weights) != len(self.edits):
             raise PatchError(f"cannot combine {len(self.edits)} {self.method} edits into one patch; "
                              "save them one at a time")
-        merged = _merge_weight_edits(self.handle, self.edits)  # type: ignore[arg-type]
-        return merged.payload()
+        return _merge_weight_edits(self.handle, weights)
+
+    def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return self._saved_as().payload()
 
 
 def share_originals(edits: Sequence[Edit]) -> None:
@@ -262,13 +344,89 @@ def load_patch(handle: "ModelHandle", path: str | Path) -> Edit:
 
 def apply_patch(handle: "ModelHandle", manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
                 where: str = "patch") -> Edit:
-    """Apply a patch already read with :func:`~medit.core.patchfile.read_patch`."""
-    from medit.plugin.manager import get_plugins
-
-    method = get_plugins().methods.get(manifest["method"])
+    """Apply a patch already read with :func:`~medit.core.patchfile.read_patch`: the Edit class
+    registered for its ``kind`` (:func:`patch_class`) is found, the base fingerprint checked, then
+    the class's :meth:`~Edit.from_payload` rebuilds the edit."""
     try:
-        return method.load_patch(handle, manifest, tensors)
+        legacy = _legacy_loader(manifest)
+        if legacy is not None:
+            edit: Edit = legacy(handle, manifest, tensors)
+            return edit
+        cls = patch_class(manifest)
+        _check_base(handle, cls, manifest)
+        return cls.from_payload(handle, manifest, tensors)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         # the manifest is input from a file: a field of the wrong shape is the file's fault
         raise PatchError(f"patch {where!r} is malformed ({type(exc).__name__}: {exc}); re-create the patch "
                          "with `medit edit --save-patch`") from None
+
+
+def patch_requests(manifest: dict[str, Any]) -> list["EditRequest"]:
+    """The edit requests a patch manifest lists (for :meth:`Edit.from_payload`)."""
+    from medit.core.requests import EditRequest
+    return [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
+
+
+def patch_class(manifest: dict[str, Any]) -> type[Edit]:
+    """The Edit class that reads patches of the manifest's ``kind``; a one-line PatchError naming
+    the known kinds when there is none. An Edit class registers when its module is imported: the
+    manifest's method is imported first, then every registered method, until one defines the kind."""
+    kind, method = manifest["kind"], manifest.get("method")
+    if kind not in _KINDS:
+        _import_methods(kind, method)
+    cls = _KINDS.get(kind)
+    if cls is None or not _reads_patches(cls):
+        known = ", ".join(patch_kinds())
+        raise PatchError(f"patch kind {kind!r} (method {method!r}) is not one this medit reads (known kinds: "
+                         f"{known}); install the plugin that made it or upgrade medit")
+    return cls
+
+
+def patch_kinds() -> list[str]:
+    """Every patch kind some Edit class reads, once every registered method is imported."""
+    _import_methods(None, None)
+    return sorted(k for k, cls in _KINDS.items() if _reads_patches(cls))
+
+
+def _import_methods(kind: str | None, first: str | None) -> None:
+    from medit.errors import MeditError
+    from medit.plugin.manager import get_plugins
+
+    methods = get_plugins().methods
+    for name in ([first] if first is not None and first in methods else []) + methods.names():
+        if kind is not None and kind in _KINDS:
+            return
+        try:
+            methods.get(name)
+        except (MeditError, ImportError):  # a plugin that does not import holds no kind we can read
+            continue
+
+
+def _legacy_loader(manifest: dict[str, Any]) -> Any:
+    """Before patch version 3, a patch was read by its method's ``load_patch(handle, manifest,
+    tensors)``, and an Edit class that set no kind saved as ``weights``. A plugin method that
+    still defines ``load_patch`` keeps reading its old patches that way (keyed on the method name,
+    since the kind may not tell); built-in methods define none."""
+    from medit.plugin.manager import get_plugins
+
+    version = manifest.get("version", PATCH_VERSION)
+    if not isinstance(version, int) or version >= 3:
+        return None
+    try:
+        method = get_plugins().methods.get(manifest["method"])
+    except UnknownNameError:
+        return None
+    return getattr(method, "load_patch", None)
+
+
+def _check_base(handle: "ModelHandle", cls: type[Edit], manifest: dict[str, Any]) -> None:
+    """Refuse a patch made for another base model (see :meth:`Edit.base_params`)."""
+    names = cls.base_params(handle, manifest)
+    want = manifest.get("base_fingerprint")
+    if want is None and manifest.get("version", PATCH_VERSION) < 3:
+        return  # version 1-2 in-context and SERAC patches recorded none
+    have = handle.fingerprint(names)
+    if have != want:
+        raise PatchError(f"patch was made for model {manifest['model']['id']!r} (fingerprint {want}) but "
+                         f"{handle.model_id!r} has fingerprint {have}; apply it to the unedited model it was "
+                         "made for")

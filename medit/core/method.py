@@ -116,9 +116,3 @@ class Method(Generic[H]):
         if mode not in self.modes:
             raise MethodError(f"method {self.name!r} cannot run in {mode!r} mode; use --mode "
                               f"{' or --mode '.join(self.modes)}")
-
-    def load_patch(self, handle: "ModelHandle", manifest: dict[str, Any], tensors: dict[str, Any]) -> "Edit":
-        """Rebuild an Edit from a saved patch. Weight patches are handled here; methods that keep
-        the weights override this."""
-        from medit.core.edit import WeightEdit
-        return WeightEdit.from_patch(handle, manifest, tensors)

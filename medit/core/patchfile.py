@@ -23,8 +23,10 @@ from medit.errors import PatchError
 from medit.core.io import apply_umask, atomic_write_text, sha256_file
 
 PATCH_FORMAT = "medit-patch"
-#: 2: the manifest records each data file's SHA-256 and size (version 1 patches still load).
-PATCH_VERSION = 2
+#: 2: the manifest records each data file's SHA-256 and size; 3: every patch records the base
+#: model's fingerprint (``base_fingerprint``), which medit checks for every kind (versions 1 and 2
+#: still load).
+PATCH_VERSION = 3
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 PATCH_FILES = (MANIFEST, TENSORS)
@@ -170,6 +172,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     _need(manifest, "hparams", dict, where)
     if not isinstance(manifest.get("requests", []), list):
         raise PatchError(f"patch manifest {where!r} has no valid 'requests' list; re-create the patch")
+    if version >= 3:
+        _need(manifest, "base_fingerprint", str, where)
     if version >= 2:
         files = _need(manifest, "files", dict, where)
         spec = files.get(TENSORS)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from medit.core.edit import Edit
+from medit.core.edit import Edit, patch_requests
 from medit.errors import HParamsError, PatchError
 from medit.model.tracing import capture
 
@@ -204,7 +204,10 @@ class NeuronEdit(Edit):
                 tensors[f"group{i}.{part}"] = getattr(g, part)
             groups.append({"layer": layer, "size": g.size, "activation": g.activation,
                            "d_in": int(g.keys.shape[1]), "d_out": int(g.values.shape[1])})
-        return {"base_fingerprint": self.base_fingerprint, "groups": groups}, tensors
+        return {"groups": groups}, tensors
+
+    def base_model_fingerprint(self) -> str:
+        return self.base_fingerprint
 
     @classmethod
     def merge(cls, edits: Sequence["NeuronEdit"]) -> "NeuronEdit":
@@ -219,11 +222,10 @@ class NeuronEdit(Edit):
         return merged
 
     @classmethod
-    def from_patch(cls, handle: "ModelHandle", manifest: dict[str, Any],
-                   tensors: dict[str, torch.Tensor]) -> "NeuronEdit":
-        from medit.core.requests import EditRequest
-        groups = []
-        for i, spec in enumerate(manifest.get("groups") or []):
+    def base_params(cls, handle: "ModelHandle", manifest: dict[str, Any]) -> list[str]:
+        """The FFN weights of the layers the groups attach to (what their outputs depend on)."""
+        layers = set()
+        for spec in manifest.get("groups") or []:
             layer = int(spec["layer"])
             if not 0 <= layer < handle.n_layers:
                 raise PatchError(f"patch attaches neurons at layer {layer} but {handle.model_id} has "
@@ -235,17 +237,20 @@ class NeuronEdit(Edit):
                 raise PatchError(f"patch neurons expect FFN width {spec['d_in']}->{spec['d_out']} at layer "
                                  f"{layer}, but {handle.model_id} has {w_in.shape[1]}->{w_out.shape[0]}; "
                                  f"apply it to {manifest['model']['id']}")
+            layers.add(layer)
+        return [handle.param_name(std, layer) for layer in sorted(layers) for std in ("mlp_in", "mlp_out")]
+
+    @classmethod
+    def from_payload(cls, handle: "ModelHandle", manifest: dict[str, Any],
+                     tensors: dict[str, torch.Tensor]) -> "NeuronEdit":
+        groups = []
+        for i, spec in enumerate(manifest.get("groups") or []):
+            layer = int(spec["layer"])
+            w_out = handle.weight_out_in("mlp_out", layer)
             dev, dt = w_out.device, w_out.dtype
             groups.append((layer, NeuronGroup(*(tensors[f"group{i}.{p}"].to(dev, dt) for p in ("keys", "bias", "values")),
                                               activation=spec.get("activation", "relu"))))
-        reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
-        edit = cls(handle, manifest["method"], reqs, manifest.get("hparams", {}), groups)
-        if edit.base_fingerprint != manifest.get("base_fingerprint"):
-            edit.revert()
-            raise PatchError(f"patch was made for model {manifest['model']['id']!r} (fingerprint "
-                             f"{manifest.get('base_fingerprint')}) but {handle.model_id!r} has fingerprint "
-                             f"{edit.base_fingerprint}; apply it to the unedited model it was made for")
-        return edit
+        return cls(handle, manifest["method"], patch_requests(manifest), manifest.get("hparams", {}), groups)
 
 
 # ------------------------------------------------------------------------------ training

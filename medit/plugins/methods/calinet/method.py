@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -109,6 +109,3 @@ class CaliNET(Method[CaliNETHParams]):
         edit = NeuronEdit(handle, self.name, requests, hp.to_dict(), groups)
         edit.info.update(layers=layers, **info)
         return edit
-
-    def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> Edit:
-        return NeuronEdit.from_patch(handle, manifest, tensors)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 import medit
-from medit.core.edit import Edit
+from medit.core.edit import Edit, patch_requests
 from medit.errors import HParamsError, PatchError
 from medit.model.handle import ModelHandle
 from medit.model.adaptors import Adaptor, attach, installed, release
@@ -170,9 +170,20 @@ class GraceEdit(Edit):
                        "values": torch.stack([e.value for e in self.added]),
                        "radii": torch.tensor([e.radius for e in self.added])}
         extra = {"layer": self.layer, "labels": [e.label for e in self.added],
-                 "base_fingerprint": self.handle.fingerprint(),
                  "note": "GRACE codebook: keys, values and radii at one block's output; the weights are unchanged"}
         return extra, tensors
+
+    @classmethod
+    def from_payload(cls, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "GraceEdit":
+        layer = int(manifest.get("layer", -1))
+        if not 0 <= layer < handle.n_layers:
+            raise PatchError(f"GRACE patch layer {layer} does not exist in {handle.model_id}; apply the patch "
+                             f"to the model it was made for ({manifest['model']['id']})")
+        edit = cls(handle, manifest["method"], patch_requests(manifest), manifest.get("hparams", {}), layer)
+        for i, label in enumerate(manifest.get("labels", [])):
+            edit.add(_Entry(tensors["keys"][i].to(handle.device), tensors["values"][i].to(handle.device),
+                            float(tensors["radii"][i]), label, edit.id))
+        return edit
 
 
 class GRACE(Method[GRACEHParams]):
@@ -222,24 +233,6 @@ class GRACE(Method[GRACEHParams]):
         edit.add(_Entry(key, value, radius, req.target_new, edit.id))
         info.update(steps=steps, nll=nll)
         return info
-
-    def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> Edit:
-        layer = int(manifest.get("layer", -1))
-        if not 0 <= layer < handle.n_layers:
-            raise PatchError(f"GRACE patch layer {layer} does not exist in {handle.model_id}; apply the patch "
-                             f"to the model it was made for ({manifest['model']['id']})")
-        fp = handle.fingerprint()
-        if fp != manifest.get("base_fingerprint"):
-            raise PatchError(f"patch was made for model {manifest['model']['id']!r} (fingerprint "
-                             f"{manifest.get('base_fingerprint')}) but {handle.model_id!r} has fingerprint {fp}; "
-                             "apply it to the model it was made for")
-        reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
-        edit = GraceEdit(handle, self.name, reqs, manifest.get("hparams", {}), layer)
-        labels = manifest.get("labels", [])
-        for i, label in enumerate(labels):
-            edit.add(_Entry(tensors["keys"][i].to(handle.device), tensors["values"][i].to(handle.device),
-                            float(tensors["radii"][i]), label, edit.id))
-        return edit
 
 
 def _key_and_output(handle: ModelHandle, lm: LayerwiseLM, layer: int, pos: int) -> tuple[torch.Tensor, torch.Tensor]:

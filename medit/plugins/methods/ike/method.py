@@ -24,7 +24,7 @@ import torch
 
 import medit
 from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged_spec
-from medit.core.edit import Edit
+from medit.core.edit import Edit, patch_requests
 from medit.toolkit.embeddings import embed
 from medit.errors import HParamsError, MethodError, PatchError
 from medit.model.handle import ModelHandle
@@ -134,6 +134,13 @@ class IKEEdit(Edit):
         return {"facts": self.facts, "contexts": self.contexts,
                 "note": "in-context edit: the facts and their demonstrations; no weights are stored or changed"}, {}
 
+    @classmethod
+    def from_payload(cls, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "IKEEdit":
+        contexts = manifest.get("contexts")
+        if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
+            raise PatchError("IKE patch manifest has no list of 'contexts'; re-create the patch with medit edit --save-patch")
+        return cls(handle, manifest["method"], patch_requests(manifest), manifest.get("hparams", {}), contexts)
+
 
 class IKE(Method[IKEHParams]):
     name = "ike"
@@ -168,10 +175,3 @@ class IKE(Method[IKEHParams]):
             edit.wrap(contexts[0], requests[0].prompt)  # fail now, not at scoring time
         edit.info["context_chars"] = sum(map(len, contexts)) / len(contexts)
         return edit
-
-    def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> Edit:
-        contexts = manifest.get("contexts")
-        if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
-            raise PatchError("IKE patch manifest has no list of 'contexts'; re-create the patch with medit edit --save-patch")
-        reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
-        return IKEEdit(handle, self.name, reqs, manifest.get("hparams", {}), contexts)

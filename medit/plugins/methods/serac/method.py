@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
 
 import medit
-from medit.core.edit import Edit
+from medit.core.edit import Edit, patch_requests
 from medit.toolkit.embeddings import get_embedder
 from medit.model.adaptors import call_cache
 from medit.errors import HParamsError
@@ -186,7 +186,13 @@ class SeracEdit(Edit):
     def payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         # The edit is its requests plus the trained editor: the patch names the checkpoint
         # (hparams) and lists the requests; applying it reloads the checkpoint.
-        return {"checkpoint_fingerprint": self.handle.fingerprint()}, {}
+        return {"note": "SERAC edits: the requests; applying the patch loads the editor in hparams.checkpoint"}, {}
+
+    @classmethod
+    def from_payload(cls, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "SeracEdit":
+        method = SERAC()
+        hp = method.hparams_class.from_dict(manifest.get("hparams", {}), "patch manifest")
+        return cast(SeracEdit, method.apply(handle, patch_requests(manifest), hp))  # SERAC edits are SeracEdits
 
     def revert(self) -> None:
         if not self.active:
@@ -243,11 +249,6 @@ class SERAC(LearnedMethod[SERACHParams, SERACEditor]):
             router.remove()
         loss = nll + hparams.c_cls * cls
         return loss, {"cf_nll": float(nll.detach()), "cls_bce": float(cls.detach())}
-
-    def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> SeracEdit:
-        hp = self.hparams_class.from_dict(manifest.get("hparams", {}), "patch manifest")
-        reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
-        return self.apply(handle, reqs, hp)  # type: ignore[return-value]
 
     def edit_with(self, handle: ModelHandle, editor: SERACEditor, requests: Sequence[EditRequest],
                   hparams: SERACHParams) -> SeracEdit:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -139,6 +139,3 @@ class TPatcher(Method[TPatcherHParams]):
         edit = NeuronEdit(handle, self.name, [req], hp.to_dict(), [(layer, group)])
         edit.info.update(layer=layer, **info)
         return edit
-
-    def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> Edit:
-        return NeuronEdit.from_patch(handle, manifest, tensors)

@@ -40,7 +40,7 @@ import torch
 import medit
 from medit.toolkit.context import NEGATIVE_SUBJECTS, context_templates, fill, swapped_prompts
 from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged_spec
-from medit.core.edit import Edit
+from medit.core.edit import Edit, patch_requests
 from medit.errors import HParamsError, MethodError, PatchError
 from medit.model.handle import ModelHandle
 from medit.model.adaptors import Adaptor, attach, installed, release
@@ -288,10 +288,30 @@ class WiseEdit(Edit):
         tensors = {f"delta.{i}": m.delta for i, m in enumerate(mems)}
         tensors.update({f"keys.{i}": m.keys for i, m in enumerate(mems) if m.keys is not None})
         extra = {"layer": self.layer, "min_act": [m.min_act for m in mems], "counts": [m.count for m in mems],
-                 "base_fingerprint": self.handle.fingerprint(),
                  "note": "WISE side memories: weight deltas of one MLP output projection, routed per sequence; "
                          "the model's weights are unchanged"}
         return extra, tensors
+
+    @classmethod
+    def from_payload(cls, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "WiseEdit":
+        layer = int(manifest.get("layer", -1))
+        if not 0 <= layer < handle.n_layers:
+            raise PatchError(f"WISE patch layer {layer} does not exist in {handle.model_id}; apply the patch "
+                             f"to the model it was made for ({manifest['model']['id']})")
+        hp = WISEHParams.from_dict(manifest.get("hparams", {}), "patch manifest")
+        if installed(handle, SideMemory, layer) is not None:
+            raise PatchError(f"the model already holds WISE edits at layer {layer}; revert them before applying a patch")
+        sm = attach(handle, SideMemory, layer, lambda: SideMemory(handle, layer, hp))
+        reqs = patch_requests(manifest)
+        edit = cls(handle, manifest["method"], reqs, hp.to_dict(), layer)
+        edit.before = ([], None, None, 0)
+        edit.after = len(reqs)
+        for i, (min_act, count) in enumerate(zip(manifest["min_act"], manifest["counts"])):
+            keys = tensors.get(f"keys.{i}")
+            sm.closed.append(Memory(tensors[f"delta.{i}"].to(handle.device).float(), None, float(min_act), int(count),
+                                    None if keys is None else keys.to(handle.device).float()))
+        sm.total = len(reqs)
+        return edit
 
 
 class WISE(Method[WISEHParams]):
@@ -467,25 +487,3 @@ class WISE(Method[WISEHParams]):
                 sm.closed = [m for m in sm.closed if m.mask is None] + [merged]
                 info["merged"] = len(shards)
         return info
-
-    def load_patch(self, handle: ModelHandle, manifest: dict[str, Any], tensors: dict[str, Any]) -> Edit:
-        layer = int(manifest.get("layer", -1))
-        fp = handle.fingerprint()
-        if not 0 <= layer < handle.n_layers or fp != manifest.get("base_fingerprint"):
-            raise PatchError(f"patch was made for model {manifest['model']['id']!r} (fingerprint "
-                             f"{manifest.get('base_fingerprint')}) but {handle.model_id!r} has fingerprint {fp}; "
-                             "apply it to the model it was made for")
-        hp = WISEHParams.from_dict(manifest.get("hparams", {}), "patch manifest")
-        if installed(handle, SideMemory, layer) is not None:
-            raise PatchError(f"the model already holds WISE edits at layer {layer}; revert them before applying a patch")
-        sm = attach(handle, SideMemory, layer, lambda: SideMemory(handle, layer, hp))
-        reqs = [EditRequest.from_dict(r, where="patch manifest") for r in manifest.get("requests", [])]
-        edit = WiseEdit(handle, self.name, reqs, hp.to_dict(), layer)
-        edit.before = ([], None, None, 0)
-        edit.after = len(reqs)
-        for i, (min_act, count) in enumerate(zip(manifest["min_act"], manifest["counts"])):
-            keys = tensors.get(f"keys.{i}")
-            sm.closed.append(Memory(tensors[f"delta.{i}"].to(handle.device).float(), None, float(min_act), int(count),
-                                    None if keys is None else keys.to(handle.device).float()))
-        sm.total = len(reqs)
-        return edit
