@@ -26,11 +26,12 @@ for the process) and raises :class:`AssertionError` naming the broken rule unles
     not saveable (the check is skipped, with that reason, in the report);
 (e) an unknown hparam (``{"no_such_hparam": 1}``) is refused with :class:`medit.HParamsError`.
 
-It returns a :class:`CheckReport` saying what passed, what was skipped and why. A family the
-method lists in ``unsupported_families`` is checked for a clean refusal (a
-:class:`medit.MethodError`) instead. Learned methods (``trainable = True``) given no
-``checkpoint`` get a throwaway editor trained for ``train_steps`` steps first (so the edit
-mechanics are checked, not the quality of a real editor; the report says so).
+It returns a :class:`CheckReport` saying what passed, what was skipped and why. On a family the
+method lists in ``unsupported_families`` only the contract and (e) are checked, and that the
+method refuses the family with a :class:`medit.MethodError`. Learned methods
+(``trainable = True``) given no ``checkpoint`` get a throwaway editor trained for
+``train_steps`` steps first (10 by default, a second or two on a tiny model), so the edit
+mechanics are checked, not the quality of a real editor; the report says so.
 
 The tiny models: :func:`tiny_tokenizer` trains a byte-level BPE tokenizer (vocabulary ~512) on the
 WikiText-2 text medit ships; :func:`build_tiny_model` builds a two-layer random model of a family
@@ -246,10 +247,14 @@ def tiny_model(family: str) -> "ModelHandle":
 
 def default_requests() -> list["EditRequest"]:
     """The edit :func:`check_method` makes unless given others: one fact whose words are in the
-    tiny tokenizers' vocabulary, with a rephrase and an unrelated (locality) prompt."""
+    tiny tokenizers' training text, with a rephrase and an unrelated (locality) prompt.
+
+    The prompt ends with the subject: on random weights information barely flows between
+    positions, so methods that rewrite the subject's representation (ROME, MEMIT, AlphaEdit) move
+    the next token only when it follows the subject directly. The text is otherwise arbitrary."""
     from medit.core.requests import EditRequest, PromptAnswer
 
-    return [EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
+    return [EditRequest(prompt="The mother tongue of Danielle Darrieux", subject="Danielle Darrieux",
                         target_new="Paris", target_true="French", case_id="conformance-0",
                         rephrase=("Danielle Darrieux speaks the language",),
                         locality=(PromptAnswer("The capital of France is", "Paris"),))]
@@ -321,17 +326,36 @@ def _fail(report: CheckReport, check: str, message: str) -> None:
 def check_method(method: "Method[Any] | str", family: str = "llama", hparams: Mapping[str, Any] | None = None,
                  requests: Sequence["EditRequest"] | None = None, *, expect_success: bool = True,
                  min_gain: float = 1e-3, atol: float = 1e-4, model: str | None = None,
-                 train_steps: int = 2) -> CheckReport:
+                 train_steps: int = 10) -> CheckReport:
     """Check ``method`` (an instance, or a registered name) against medit's contract on the tiny
     random model of ``family`` (or on ``model``, any spec :func:`medit.load_model` takes); see the
     module documentation for the checks. ``hparams`` are overrides on the method's defaults for
     the model (as ``--set`` gives them); ``requests`` default to :func:`default_requests` and are
     applied together in one ``apply`` call (several need ``"batch"`` in the method's modes).
 
-    Returns a :class:`CheckReport`; raises :class:`AssertionError` naming the broken rule.
+    Returns a :class:`CheckReport`; raises :class:`AssertionError` naming the broken rule. On a
+    tiny model the check runs on one CPU thread (thousands of tiny operations gain nothing from
+    intra-op threads, and on a busy machine their barriers make each one wait).
     """
+    with _one_thread() if model is None else contextlib.nullcontext():
+        return _check_method(method, family, hparams, requests, expect_success, min_gain, atol, model, train_steps)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
     import torch
 
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _check_method(method: "Method[Any] | str", family: str, hparams: Mapping[str, Any] | None,
+                  requests: Sequence["EditRequest"] | None, expect_success: bool, min_gain: float, atol: float,
+                  model: str | None, train_steps: int) -> CheckReport:
     from medit.core.method import MODES, Method
     from medit.plugin.manager import get_plugins
 
@@ -361,19 +385,6 @@ def check_method(method: "Method[Any] | str", family: str = "llama", hparams: Ma
     handle = medit.load_model(model, device="cpu") if model else tiny_model(family)
     family = report.family = handle.adapter.name
 
-    # ---- a family the method refuses is refused cleanly, and nothing else is checked
-    if family in m.unsupported_families:
-        try:
-            m.check_supported(handle, "single")
-        except MethodError as exc:
-            reason = f"the method refuses the {family} family (unsupported_families): {exc}"
-            for check in ("bad hparams", "edit takes", "revert", "hooks", "patch"):
-                report.checks[check] = f"skipped: {reason}"
-            report.seconds = time.perf_counter() - start
-            return report
-        _fail(report, "contract", f"{family} is in unsupported_families but check_supported() accepts it")
-    m.check_supported(handle, "batch" if len(reqs) > 1 else "single")
-
     # ---- (e) an unknown hparam is refused, with and without a model
     for where, call in (("resolve_hparams", lambda: m.resolve_hparams(handle, overrides={"no_such_hparam": 1})),
                         ("precheck_hparams", lambda: m.precheck_hparams(overrides={"no_such_hparam": 1}))):
@@ -385,6 +396,19 @@ def check_method(method: "Method[Any] | str", family: str = "llama", hparams: Ma
         else:
             _fail(report, "bad hparams", f"{where} accepted the unknown hparam 'no_such_hparam'")
     report.checks["bad hparams"] = "ok: an unknown hparam is refused with HParamsError"
+
+    # ---- a family the method refuses is refused cleanly, and nothing else is checked on it
+    if family in m.unsupported_families:
+        try:
+            m.check_supported(handle, "single")
+        except MethodError as exc:
+            for check in ("edit takes", "revert", "hooks", "patch"):
+                report.checks[check] = f"skipped: the method refuses the {family} family (unsupported_families)"
+            report.notes.append(f"refused with MethodError: {exc}")
+            report.seconds = time.perf_counter() - start
+            return report
+        _fail(report, "contract", f"{family} is in unsupported_families but check_supported() accepts it")
+    m.check_supported(handle, "batch" if len(reqs) > 1 else "single")
 
     hp = m.resolve_hparams(handle, overrides=overrides)
     if not isinstance(hp, m.hparams_class):
@@ -540,7 +564,7 @@ def _check_edit(m: "Method[Any]", handle: "ModelHandle", hp: Any, reqs: list["Ed
         live = _logits(handle, edit, pairs)
         patch: Path | None = scratch / "patch"
         try:
-            edit.save(patch)
+            edit.save(scratch / "patch")
         except NotImplementedError as exc:
             report.checks["patch"] = f"skipped: the edit cannot be saved ({type(edit).__name__}.payload: {exc})"
             patch = None

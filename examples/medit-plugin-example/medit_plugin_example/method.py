@@ -46,7 +46,8 @@ class RankOneExample(Method[RankOneHParams]):
         name = handle.param_name("mlp_out", handle.check_layer(layer))
         weight = dict(handle.model.named_parameters())[name]
         step_size = hparams.scale * float(weight.detach().norm())
-        us, vs = [], []
+        us: list[torch.Tensor] = []
+        vs: list[torch.Tensor] = []
         # recording() keeps the original weight, so the edit reverts bit for bit (and the weight is
         # restored if this block raises).
         with WeightEdit.recording(handle, [name], self.name, requests, hparams.to_dict()) as edit:
