@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Sequence, TypeVar, cast
@@ -42,8 +39,10 @@ from torch import nn
 from medit.errors import CheckpointError, HParamsError, MeditError
 from medit.model.guards import check_lengths
 from medit.core.hparams import HParams
-from medit.core.io import atomic_write_json, atomic_write_text
+from medit.core.io import atomic_write_json
 from medit.core.method import Method
+from medit.toolkit.checkpoint import (CHECKPOINT_VERSION, LAST, LAST_JSON, STATE_FORMAT,  # noqa: F401 (re-exported)
+                                      first_line, save_editor, load_training_state, save_training_state)
 from medit.scoring.engine import Scorer
 from medit.core.queries import TFQuery
 
@@ -53,15 +52,10 @@ if TYPE_CHECKING:
     from medit.core.requests import EditRequest
 
 CHECKPOINT_FORMAT = "medit-checkpoint"
-#: 2: the resume state is safetensors + JSON (``last.safetensors``, ``last.json``), not ``torch.save``.
-CHECKPOINT_VERSION = 2
 MANIFEST = "manifest.json"
 EDITOR = "editor.safetensors"
-LAST = "last.safetensors"
-LAST_JSON = "last.json"
 #: the ``torch.save`` resume state of checkpoint version 1: refused, never loaded.
 LEGACY_LAST = "last.pt"
-STATE_FORMAT = "medit-training-state"
 #: hparams that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("steps", "patience", "checkpoint", "val_every")
 
@@ -142,155 +136,6 @@ class LearnedMethod(Method[LH], Generic[LH, E]):
 
 # ---------------------------------------------------------------------------------- checkpoints
 
-def _atomic_save(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _save_editor(path: Path, editor: nn.Module) -> None:
-    from safetensors.torch import save_file
-    state = {k: v.detach().contiguous().cpu().clone() for k, v in editor.state_dict().items()}
-
-    def write(tmp: str) -> None:
-        save_file(state, tmp)
-        _fsync(tmp)
-    _atomic_save(path, write)
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# Training state as JSON + named tensors. Tensors become {"__tensor__": name} (stored in the
-# safetensors file), tuples {"__tuple__": [...]}, dicts with non-string keys (the optimiser's
-# per-parameter state) {"__items__": [[key, value], ...]}; plain JSON values stay as they are.
-# Decoding builds only tensors, lists, tuples, dicts and JSON scalars: nothing is executed.
-_TAGS = ("__tensor__", "__tuple__", "__items__")
-
-
-def _join(name: str, key: Any) -> str:
-    return f"{name}/{key}" if name else str(key)
-
-
-def _encode(obj: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        key = name if name not in tensors else f"{name}#{len(tensors)}"
-        tensors[key] = obj.detach().cpu().contiguous().clone()
-        return {"__tensor__": key}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, _join(name, i), tensors) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, _join(name, i), tensors) for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and k not in _TAGS for k in obj):
-            return {k: _encode(v, _join(name, k), tensors) for k, v in obj.items()}
-        return {"__items__": [[_encode(k, _join(name, f"key{i}"), tensors), _encode(v, _join(name, k), tensors)]
-                              for i, (k, v) in enumerate(obj.items())]}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store a {type(obj).__name__} in the training state ({name})")
-
-
-def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if len(obj) == 1 and next(iter(obj)) in _TAGS:
-            tag, value = next(iter(obj.items()))
-            if tag == "__tensor__":
-                return tensors[value]
-            if tag == "__tuple__":
-                return tuple(_decode(v, tensors) for v in value)
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    return obj
-
-
-def save_training_state(folder: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` (nested dicts, lists, tuples, tensors and JSON scalars) as
-    ``folder/last.safetensors`` + ``folder/last.json``, each atomically, the tensors first."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    doc = _encode(payload, "", tensors)
-    digest: list[str] = []
-
-    def write(tmp: str) -> None:
-        save_file(tensors, tmp)
-        _fsync(tmp)
-        digest.append(_sha256(tmp))
-    _atomic_save(folder / LAST, write)
-    meta = {"format": STATE_FORMAT, "version": CHECKPOINT_VERSION, "tensors": LAST, "sha256": digest[0],
-            "payload": doc}
-    atomic_write_text(folder / LAST_JSON, json.dumps(meta) + "\n")
-
-
-def load_training_state(folder: Path) -> dict[str, Any]:
-    """The payload written by :func:`save_training_state`; a one-line CheckpointError naming the
-    file when one is missing, damaged or does not match the other. Never runs code from them."""
-    from safetensors.torch import load_file
-
-    jpath, tpath = folder / LAST_JSON, folder / LAST
-    for p in (jpath, tpath):
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint {str(folder)!r} has no {p.name}, so it cannot be resumed; "
-                                  "train again into a new --out (its editor.safetensors, if any, still edits)")
-    try:
-        meta = json.loads(jpath.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"training state {str(jpath)!r} is unreadable ({_first_line(exc)}); it cannot be "
-                              "resumed: train again into a new --out") from None
-    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or "payload" not in meta:
-        raise CheckpointError(f"{str(jpath)!r} is not a medit training state; it cannot be resumed: train again "
-                              "into a new --out")
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"training state {str(jpath)!r} has version {meta.get('version')!r}, this medit "
-                              f"resumes version {CHECKPOINT_VERSION}; resume it with the medit that wrote it or "
-                              "train again")
-    if _sha256(tpath) != meta.get("sha256"):
-        raise CheckpointError(f"training state {str(tpath)!r} does not match the SHA-256 recorded in "
-                              f"{LAST_JSON} (damaged, altered or cut short by an interrupted save); it cannot "
-                              "be resumed: train again into a new --out")
-    try:
-        tensors = load_file(str(tpath))
-    except Exception as exc:  # SafetensorError, OSError...: the file is not a safetensors file
-        raise CheckpointError(f"training state {str(tpath)!r} is not a readable safetensors file "
-                              f"({_first_line(exc)}); it cannot be resumed: train again into a new --out") from None
-    try:
-        payload = _decode(meta["payload"], tensors)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"training state {str(jpath)!r} is inconsistent ({_first_line(exc)}); it cannot "
-                              "be resumed: train again into a new --out") from None
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"{str(jpath)!r} is not a medit training state; it cannot be resumed: train again "
-                              "into a new --out")
-    return payload
-
-
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of checkpoint folder ``path``; CheckpointError when it is not one."""
     p = Path(path)
@@ -351,7 +196,7 @@ def load_editor(handle: "ModelHandle", method: LearnedMethod[Any, E], path: str 
     try:
         weights = load_file(str(p / EDITOR))
     except Exception as exc:  # SafetensorError, OSError: damaged or cut short
-        raise CheckpointError(f"editor weights {str(p / EDITOR)!r} are unreadable ({_first_line(exc)}); "
+        raise CheckpointError(f"editor weights {str(p / EDITOR)!r} are unreadable ({first_line(exc)}); "
                               "train again") from None
     try:
         editor.load_state_dict(weights)
@@ -505,7 +350,7 @@ def train(handle: "ModelHandle", method: LearnedMethod[Any, Any], hparams: Any, 
                 raise ValueError("the loop state lacks fields")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"training state in {str(out)!r} does not fit this run's {method.name} editor "
-                                  f"({_first_line(exc)}); train again into a new --out") from None
+                                  f"({first_line(exc)}); train again into a new --out") from None
         state.update(saved["state"])
         if state["stopped"] != "early_stop":  # a step or time cap, or a raised `steps`, lets training go on
             state["stopped"] = None
@@ -563,7 +408,7 @@ def train(handle: "ModelHandle", method: LearnedMethod[Any, Any], hparams: Any, 
                 if state["best_score"] is None or (not math.isnan(score) and score > state["best_score"]):
                     state["best_score"], state["best_step"], state["best"] = score, state["step"], metrics
                     state["bad"] = 0
-                    _save_editor(out / EDITOR, editor)
+                    save_editor(out / EDITOR, editor)
                 else:
                     state["bad"] += 1
                     if hparams.patience and state["bad"] >= hparams.patience:
