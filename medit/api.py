@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from medit.core.dataset import load_dataset
 from medit.core.edit import Edit, load_patch
 from medit.errors import MeditError, UnknownNameError
-from medit.evaluation.engine import EvalConfig, Evaluator
+from medit.evaluation.engine import DEFAULT_METRICS, EvalConfig, Evaluator
 from medit.model.guards import check_lengths
 from medit.model.handle import ModelHandle
 from medit.model.loading import load_model
@@ -49,12 +49,17 @@ def run(handle: ModelHandle, method: str | Method, requests: Sequence[EditReques
         hparams: HParams | None = None, hparams_file: str | None = None,
         overrides: dict[str, Any] | None = None, n: int | None = None, offset: int = 0,
         seed: int | None = None, keep_edit: bool = False, dataset_info: Any = None,
-        skip_invalid: bool = False, **cfg: Any) -> tuple[dict[str, Any], Edit | None]:
+        skip_invalid: bool = False, attribute_pool: Sequence[str] | Any = None,
+        **cfg: Any) -> tuple[dict[str, Any], Edit | None]:
     """Evaluate ``method`` on requests (a list or a dataset spec such as ``counterfact:PATH``).
 
     Returns (summary with per-case records under ``cases``, the kept edit or None). Pass
     ``dataset_info`` with already-selected requests to record where they came from. With a spec,
     ``skip_invalid`` leaves invalid records out (see :func:`~medit.core.dataset.load_dataset`).
+
+    With the ``attribute`` metric, requests without ``attribute`` prompts get them from
+    ``attribute_pool`` (dataset specs, or an :class:`~medit.plugins.metrics.attribute.AttributePool`;
+    default: the whole dataset file ``requests`` names, else the requests themselves).
     """
     m = get_method(method) if isinstance(method, str) else method
     if isinstance(requests, str):
@@ -68,6 +73,21 @@ def run(handle: ModelHandle, method: str | Method, requests: Sequence[EditReques
                    "offset": dataset_info.offset, "seed": dataset_info.seed,
                    "skipped": getattr(dataset_info, "skipped", 0), "invalid": getattr(dataset_info, "invalid", 0),
                    "source": getattr(dataset_info, "source", "file")}
+    metrics = cfg.get("metrics") or DEFAULT_METRICS
+    if "attribute" in metrics:
+        from medit.plugins.metrics.attribute import AttributePool, attribute_from_pool, load_attribute_pool
+        if attribute_pool is None:
+            attribute_pool = ([requests] if isinstance(requests, str)
+                              else AttributePool(reqs, {"specs": [], "fingerprints": [], "n": len(reqs)}))
+        if isinstance(attribute_pool, (str, Path)):
+            attribute_pool = [attribute_pool]
+        pool = (attribute_pool if isinstance(attribute_pool, AttributePool)
+                else load_attribute_pool([str(s) for s in attribute_pool]))
+        reqs = attribute_from_pool(reqs, pool.requests)
+        dataset["attribute_pool"] = {**pool.info, "cases_with_attribute": sum(1 for r in reqs if r.attribute)}
+    elif attribute_pool is not None:
+        raise MeditError("an attribute pool is for the attribute metric, which this run does not evaluate; add "
+                         "attribute to the metrics (--metrics) or drop --attribute-pool")
     check_lengths(handle, reqs)  # an over-long prompt or target: one line now, not an OOM kill later
     hp = hparams if hparams is not None else m.resolve_hparams(handle, hparams_file, overrides)
     ev = Evaluator(handle, m, hp, EvalConfig(dataset=dataset, keep_edit=keep_edit,

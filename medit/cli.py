@@ -124,6 +124,15 @@ CorpusOpt = typer.Option(None, "--stats-corpus", metavar="CORPUS",
 CheckpointOpt = typer.Option(None, "--checkpoint", metavar="DIR",
                              help="trained editor folder from `medit train` (mend, ke, serac)")
 ChatOpt = typer.Option(False, "--chat-template", help="wrap in-context edits in the tokenizer's chat template (ike)")
+AttrPoolOpt = typer.Option(None, "--attribute-pool", metavar="DATASET",
+                           help="attribute metric: dataset file (FORMAT:PATH) whose other records of an edited "
+                           "subject give its other facts (repeatable; default: the evaluated file)")
+OtherTextOpt = typer.Option(None, "--other-task-text", metavar="FILE",
+                            help="other_task metric: held-out text for perplexity, one paragraph per line "
+                            "(default: the WikiText-2 test sample medit ships)")
+OtherMcOpt = typer.Option(None, "--other-task-mc", metavar="FILE",
+                          help="other_task metric: two-choice task in PIQA's JSONL format (goal, sol1, sol2, "
+                          "label) to score accuracy on")
 SkipInvalidOpt = typer.Option(False, "--skip-invalid",
                               help="leave invalid dataset records out (one warning counts them) instead of stopping "
                               "at one the selection includes")
@@ -146,6 +155,30 @@ def _method_flags(method: Any, overrides: dict[str, Any], corpus: Optional[str],
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise MeditError(f"checkpoint folder {checkpoint!r} does not exist; pass the --out folder of `medit train`")
     return _route(method, overrides, "chat_template", chat or None, "--chat-template", "builds no in-context prompt")
+
+
+def _metric_flags(metrics: tuple[str, ...], pool: Optional[list[str]], text: Optional[str], mc: Optional[str],
+                  default_pool: str, implied: bool = False) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """--attribute-pool / --other-task-text / --other-task-mc as (metrics, api.run keywords),
+    checked (files read) before the model loads. With ``implied`` (``medit edit``, which has no
+    --metrics) a flag adds its metric; otherwise the metric must be among ``metrics``."""
+    kw: dict[str, Any] = {}
+    for flag, given, metric in (("--attribute-pool", pool, "attribute"), ("--other-task-text", text, "other_task"),
+                                ("--other-task-mc", mc, "other_task")):
+        if given and metric not in metrics:
+            if not implied:
+                raise MeditError(f"{flag} is an option of the {metric} metric, which this run does not evaluate; "
+                                 f"add {metric} to --metrics or drop {flag}")
+            metrics = metrics + (metric,)
+    if "other_task" in metrics:
+        opts = {k: v for k, v in (("text", text), ("mc", mc)) if v}
+        get_plugins().metrics.get("other_task").configure(**opts)  # a bad file fails here
+        if opts:
+            kw["metric_options"] = {"other_task": opts}
+    if "attribute" in metrics:
+        from medit.plugins.metrics.attribute import load_attribute_pool
+        kw["attribute_pool"] = load_attribute_pool(pool or [default_pool])
+    return metrics, kw
 
 
 def _at_least(value: Optional[float], minimum: float, flag: str, example: Any) -> None:
@@ -219,10 +252,13 @@ def edit(file: str = typer.Argument(..., metavar="FILE",
          out: Optional[str] = OutOpt, protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt,
          stats_corpus: Optional[str] = CorpusOpt, checkpoint: Optional[str] = CheckpointOpt,
          chat_template: bool = ChatOpt, skip_invalid: bool = SkipInvalidOpt,
+         attribute_pool: Optional[list[str]] = AttrPoolOpt, other_task_text: Optional[str] = OtherTextOpt,
+         other_task_mc: Optional[str] = OtherMcOpt,
          dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
          random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
          no_memory_check: bool = NoMemCheckOpt) -> None:
-    """Apply the edits in FILE, show before/after completions and metrics, optionally save a patch."""
+    """Apply the edits in FILE, show before/after completions and metrics, optionally save a patch.
+    --attribute-pool, --other-task-text and --other-task-mc add the attribute / other_task metric."""
     from medit import api
     from medit.core.dataset import load_dataset
     from medit.core.hparams import parse_sets
@@ -238,6 +274,11 @@ def edit(file: str = typer.Argument(..., metavar="FILE",
     elif force:
         raise MeditError("--force lets --save-patch replace an existing patch; add --save-patch DIR or drop --force")
     requests, info = load_dataset(file, skip_invalid=skip_invalid)
+    from medit.evaluation.engine import DEFAULT_METRICS
+    metrics, extra = _metric_flags(DEFAULT_METRICS, attribute_pool, other_task_text, other_task_mc, file,
+                                   implied=True)
+    if metrics != DEFAULT_METRICS:
+        extra["metrics"] = metrics
     meth = api.get_method(method)
     if mode:
         meth.check_mode(mode)
@@ -245,7 +286,8 @@ def edit(file: str = typer.Argument(..., metavar="FILE",
     meth.precheck_hparams(hparams, overrides)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code, no_memory_check)
     summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, force=force,
-                          hparams_file=hparams, overrides=overrides, out_dir=run_dir, gen_tokens=gen_tokens, **protos)
+                          hparams_file=hparams, overrides=overrides, out_dir=run_dir, gen_tokens=gen_tokens, **protos,
+                          **extra)
     _print_completions(summary)
     _report(summary, run_dir)
     if save_patch:
@@ -268,7 +310,11 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
           protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt, stats_corpus: Optional[str] = CorpusOpt,
           checkpoint: Optional[str] = CheckpointOpt, chat_template: bool = ChatOpt, skip_invalid: bool = SkipInvalidOpt,
           metrics: Optional[str] = typer.Option(None, "--metrics", metavar="LIST",
-                                                help="comma list of metrics (default: all built-in)"),
+                                                help="comma list of metrics (default: reliability, generalization, "
+                                                "locality, portability, efficiency; opt-in: fluency, attribute, "
+                                                "distracting, other_task)"),
+          attribute_pool: Optional[list[str]] = AttrPoolOpt, other_task_text: Optional[str] = OtherTextOpt,
+          other_task_mc: Optional[str] = OtherMcOpt,
           out: Optional[str] = OutOpt, resume: bool = typer.Option(False, "--resume",
                                                                    help="continue an interrupted run in --out"),
           also_immediate: bool = typer.Option(False, "--also-immediate",
@@ -307,14 +353,18 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
         for name in (m.strip() for m in metrics.split(",")):
             get_plugins().metrics.get(name)
         cfg["metrics"] = tuple(m.strip() for m in metrics.split(","))
-    from medit.evaluation.engine import EvalConfig, check_batched
+    from medit.evaluation.engine import DEFAULT_METRICS, EvalConfig, check_batched
+    _, extra = _metric_flags(cfg.get("metrics", DEFAULT_METRICS), attribute_pool, other_task_text, other_task_mc,
+                             dataset)
+    cfg.update({k: v for k, v in extra.items() if k != "attribute_pool"})
     EvalConfig(**cfg)  # bad settings fail here, before the model is loaded
     meth.check_mode(mode)
     check_batched(meth, mode, batch_size)
     meth.precheck_hparams(hparams, overrides)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code, no_memory_check)
     summary, _ = api.run(handle, meth, requests, dataset_info=info, seed=seed, hparams_file=hparams,
-                         overrides=overrides, out_dir=run_dir, resume=resume, **cfg)
+                         overrides=overrides, out_dir=run_dir, resume=resume,
+                         attribute_pool=extra.get("attribute_pool"), **cfg)
     _report(summary, run_dir)
 
 

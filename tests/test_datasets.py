@@ -1,6 +1,7 @@
 """Dataset formats (medit-jsonl, counterfact, zsre) and load_dataset."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -140,13 +141,15 @@ def test_counterfact_rome_layout(tmp_path):
     assert (r.target_new, r.target_true) == ("English", "French")
     assert r.rephrase == ("Danielle Darrieux speaks",)
     assert r.locality == (PromptAnswer("Michel Rocard is a native speaker of", "French"),)
-    assert r.attribute == (PromptAnswer("J. R. R. Tolkien is a native speaker of", "English"),)
+    # ROME's attribute prompts are about other subjects, not the subject's other facts: not read
+    assert r.attribute == ()
     assert r.generation_prompts == tuple(rec["generation_prompts"])
     assert reqs[1].attribute == () and reqs[1].generation_prompts == ()
     # the optional fields survive the medit JSONL round trip, and are left out when empty
+    reqs[0] = r = dataclasses.replace(r, attribute=(PromptAnswer("Danielle Darrieux was born in", "Paris"),))
     d = r.to_dict()
     assert d["generation_prompts"] == rec["generation_prompts"]
-    assert d["attribute"] == [{"prompt": "J. R. R. Tolkien is a native speaker of", "answer": "English"}]
+    assert d["attribute"] == [{"prompt": "Danielle Darrieux was born in", "answer": "Paris"}]
     assert "attribute" not in reqs[1].to_dict() and "generation_prompts" not in reqs[1].to_dict()
     f2 = write_jsonl(tmp_path / "round.jsonl", [x.to_dict() for x in reqs])
     back, info2 = load_dataset(str(f2))

@@ -1,6 +1,17 @@
 """The metric contract. A metric declares the queries it needs for a request; the evaluation
 engine scores the queries of many cases in shared batches, pre- and post-edit, and hands each
-metric its results. Every value a metric returns is keyed by the protocol that produced it."""
+metric its results. Every value a metric returns is keyed by the protocol that produced it.
+
+A *run-level* metric (``other_task``) measures the model as a whole rather than a case: it
+declares :meth:`Metric.run_queries` instead of per-case queries. The engine scores those once
+before editing and, after editing, with the edits of a sample of cases (``run_sample`` evenly
+spaced cases in single mode, as many batches in batch mode, once after the last edit in sequential
+mode); only the sampled cases' results hold them, so :meth:`Metric.compute` returns values for
+those cases alone and the run's mean is over the sampled edits.
+
+A metric that takes options (files, sizes) gets them through :meth:`Metric.configure`, which
+returns a configured copy (``EvalConfig.metric_options``, CLI flags such as ``--other-task-text``).
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Mapping
@@ -22,8 +33,22 @@ class Metric:
     #: protocols this metric can report (besides the metric-specific ones such as ``agreement``).
     protocols: ClassVar[tuple[str, ...]] = ("generate", "token_acc", "exact")
 
+    #: run-level metrics: how many edits (single mode) or batches (batch mode) to measure after.
+    run_sample: int = 10
+
     def queries(self, req: EditRequest, protocols: tuple[str, ...], gen_tokens: int) -> list[Any]:
         return []
+
+    def run_queries(self, protocols: tuple[str, ...], gen_tokens: int) -> list[Any]:
+        """Queries about the model as a whole, the same for every case (run-level metrics only)."""
+        return []
+
+    def configure(self, **options: Any) -> "Metric":
+        """A copy of this metric with ``options`` applied; the base class takes none."""
+        if options:
+            from medit.errors import ValidationError
+            raise ValidationError(f"metric {self.name!r} takes no options; got {', '.join(sorted(options))}")
+        return self
 
     def compute(self, req: EditRequest, pre: Results | None, post: Results,
                 protocols: tuple[str, ...], ctx: dict[str, Any]) -> Values:

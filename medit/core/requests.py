@@ -26,8 +26,10 @@ class EditRequest:
     ``rephrase`` prompts measure generalization, ``locality`` prompts what must not change,
     ``portability`` prompts the consequences of the edit. Two optional fields come from ROME's
     CounterFact layout: ``generation_prompts`` (open-ended prompts about the subject, used by the
-    ``fluency`` metric) and ``attribute`` (prompts about other subjects that truly have
-    ``target_new``, answered with it). Validated on construction.
+    ``fluency`` metric). ``attribute`` holds prompts about the edited subject's *other* relations,
+    each answered with its true answer (the ``attribute`` metric checks they keep it; KnowEdit's
+    ``Relation_Specificity`` prompts, or other records of the subject, see
+    :mod:`medit.plugins.metrics.attribute`). Validated on construction.
     """
 
     prompt: str

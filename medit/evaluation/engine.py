@@ -55,6 +55,9 @@ class EvalConfig:
     also_immediate: bool = False
     #: reuse pre-edit scores cached on disk under ``$MEDIT_CACHE/scores`` (and store new ones).
     score_cache: bool = True
+    #: options of metrics that take some, by metric name (e.g. ``{"other_task": {"text": FILE}}``);
+    #: see :meth:`medit.core.metric.Metric.configure`.
+    metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -77,6 +80,15 @@ class EvalConfig:
         if self.score_batch_size < 1:
             raise MeditError(f"score batch size {self.score_batch_size!r} must be at least 1; pass e.g. "
                              "--score-batch-size 32")
+        unused = sorted(set(self.metric_options) - set(self.metrics))
+        if unused:
+            raise MeditError(f"options are given for metric {unused[0]!r}, which this run does not evaluate; add "
+                             f"{unused[0]} to the metrics (--metrics) or drop its options")
+
+    def configured_metrics(self) -> list[Metric]:
+        """The run's metrics, each configured with its options (files are read and checked here)."""
+        registry = get_plugins().metrics
+        return [registry.get(m).configure(**self.metric_options.get(m, {})) for m in self.metrics]
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -98,8 +110,9 @@ class Evaluator:
 
     def __init__(self, handle: ModelHandle, method: Method, hparams: HParams, cfg: EvalConfig) -> None:
         self.handle, self.method, self.hparams, self.cfg = handle, method, hparams, cfg
-        registry = get_plugins().metrics
-        self.metrics: list[Metric] = [registry.get(m) for m in cfg.metrics]
+        self.metrics: list[Metric] = cfg.configured_metrics()
+        #: run-level metrics (other_task): scored before editing and after a sample of edits
+        self.run_metrics = [m for m in self.metrics if m.run_queries(cfg.protocols, cfg.gen_tokens)]
         self.scorer = Scorer(handle, cfg.score_batch_size, use_cache=method.cached_scoring)
         method.check_supported(handle, cfg.mode)
         check_batched(method, cfg.mode, cfg.batch_size)
@@ -108,6 +121,43 @@ class Evaluator:
     # ------------------------------------------------------------------ scoring helpers
     def _queries(self, reqs: Sequence[EditRequest]) -> list[Any]:
         return [q for r in reqs for m in self.metrics for q in m.queries(r, self.cfg.protocols, self.cfg.gen_tokens)]
+
+    def _run_queries(self) -> list[Any]:
+        return [q for m in self.run_metrics for q in m.run_queries(self.cfg.protocols, self.cfg.gen_tokens)]
+
+    def _run_scores(self, edit: Edit) -> dict:
+        """Run-level metrics' queries scored with ``edit`` active (empty without such metrics)."""
+        qs = self._run_queries()
+        return self.scorer.run(qs, edit.transform_prompts) if qs else {}
+
+    def _check_run_lengths(self) -> None:
+        """Refuse a run-level text (a paragraph, a two-choice item) longer than the model's context,
+        before any work."""
+        from medit.core.queries import TFQuery
+        from medit.model.guards import context_limit
+        limit = context_limit(self.handle)
+        for m in self.run_metrics:
+            qs = [q for q in m.run_queries(self.cfg.protocols, self.cfg.gen_tokens) if isinstance(q, TFQuery)]
+            if not qs:
+                continue
+            texts = [q.prompt + " " + q.target for q in qs]
+            for text, ids in zip(texts, self.handle.tokenizer(texts, verbose=False)["input_ids"]):
+                if len(ids) > limit:
+                    raise MeditError(f"metric {m.name!r}: the text {text[:50]!r}... is {len(ids):,} tokens long, longer "
+                                     f"than the model's context of {limit:,} tokens; give it shorter paragraphs or "
+                                     "items")
+
+    def _sampled(self, count: int) -> set[int]:
+        """Indices (of ``count`` edits) after which run-level metrics are measured: ``run_sample``
+        evenly spaced ones, the first and the last among them."""
+        k = max((m.run_sample for m in self.run_metrics), default=0)
+        if not k or not count:
+            return set()
+        if k >= count:
+            return set(range(count))
+        if k == 1:
+            return {count - 1}
+        return {round(i * (count - 1) / (k - 1)) for i in range(k)}
 
     def _score(self, reqs: Sequence[EditRequest], edit: Edit | None = None, desc: str = "") -> dict:
         """Score the queries of ``reqs`` with ``edit`` active; with ``desc``, behind a progress bar."""
@@ -130,7 +180,7 @@ class Evaluator:
         settings = {"protocols": list(self.cfg.protocols), "gen_tokens": self.cfg.gen_tokens}
         bar = _progress(len(reqs), f"{self.method.name} pre-edit scoring", self.cfg.progress)
         try:
-            res, hit = cached_run(self.handle, self.scorer, self._queries(reqs), settings,
+            res, hit = cached_run(self.handle, self.scorer, self._queries(reqs) + self._run_queries(), settings,
                                   progress=_case_progress(bar, len(reqs)), enabled=self.cfg.score_cache,
                                   model_fp=self.base_fingerprint)
         finally:
@@ -181,6 +231,7 @@ class Evaluator:
         from medit.scoring.cache import model_fingerprint
         self.base_fingerprint = model_fingerprint(self.handle)  # of the weights as they are now
         self.pre_from_cache = False
+        self._check_run_lengths()
         self.method.start_run(self.handle)
         start = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest = self._manifest(requests, start, None)
@@ -242,44 +293,57 @@ class Evaluator:
 
     def _chunk_records(self, chunk: Sequence[EditRequest], edit: Edit, seconds: float, pre: dict, post: dict,
                        rss_mb: float | None = None, immediate: dict | None = None,
-                       wanted: set[str] | None = None) -> Any:
+                       wanted: set[str] | None = None, run_post: dict | None = None,
+                       run_case: str | None = None) -> Any:
         """Records of the cases of one edit applied to ``chunk`` (those in ``wanted``, if given):
-        each gets an equal share of the edit's time, and its statistics time counts once."""
+        each gets an equal share of the edit's time, and its statistics time counts once. The
+        run-level scores ``run_post`` go to one case only (``run_case``, default the chunk's first),
+        so that they count once in the run's mean."""
+        target = run_case if run_case is not None else (chunk[0].case_id if chunk else None)
         for j, req in enumerate(chunk):
             if wanted is not None and req.case_id not in wanted:
                 continue
             ctx = self._ctx(seconds / len(chunk), edit, rss_mb)
             if j:  # the setup happened once, for the whole chunk
                 ctx.update({f: None for f in SETUP_FIELDS.values()})
-            yield self._case_record(req, pre, post, ctx, immediate, edit=edit_record(edit, j, len(chunk)))
+            scores = {**post, **run_post} if run_post and req.case_id == target else post
+            yield self._case_record(req, pre, scores, ctx, immediate, edit=edit_record(edit, j, len(chunk)))
 
     def _run_mode(self, todo: list[EditRequest], pre: dict, bar: Any, sequence: Sequence[EditRequest]) -> Any:
         """Records for the ``todo`` cases. In sequential mode every case of ``sequence`` is edited,
         in order, so a resumed run scores its remaining cases after the same edits as the first try."""
         mode = self.cfg.mode
         if mode == "single":
+            index = {r.case_id: i for i, r in enumerate(sequence)}
+            sampled = self._sampled(len(sequence))
             for req in todo:
                 edit, s = self._apply([req])
                 try:
                     post = self._score([req], edit)
+                    if index[req.case_id] in sampled:
+                        post.update(self._run_scores(edit))
                 finally:
                     edit.revert()
                 yield self._case_record(req, pre, post, self._ctx(s, edit), edit=edit_record(edit, 0, 1))
                 bar.update(1)
         elif mode == "batch":
             size = self.cfg.batch_size or len(todo)
+            sampled = self._sampled(-(-len(todo) // size))
             for i in range(0, len(todo), size):
                 chunk = todo[i:i + size]
                 edit, s = self._apply(chunk)
                 keep = self.cfg.keep_edit and size >= len(todo)
+                run_post: dict = {}
                 try:
                     post = self._score(chunk, edit)
+                    if i // size in sampled:
+                        run_post = self._run_scores(edit)
                 finally:
                     if keep:
                         self.final_edit = edit
                     else:
                         edit.revert()
-                yield from self._chunk_records(chunk, edit, s, pre, post)
+                yield from self._chunk_records(chunk, edit, s, pre, post, run_post=run_post)
                 bar.update(len(chunk))
         else:  # sequential: every case is scored after the last edit (retention)
             size = max(1, self.cfg.batch_size)
@@ -302,8 +366,12 @@ class Evaluator:
                 bar.close()
                 whole = CompositeEdit(self.handle, edits)
                 post = self._score(todo, whole, desc=f"{self.method.name} post-edit scoring")
+                # run-level metrics once, after the last edit, on the sequence's last case
+                last = sequence[-1].case_id if sequence and sequence[-1].case_id in wanted else None
+                run_post = self._run_scores(whole) if last is not None else {}
                 for chunk, edit, s, mb, now in steps:
-                    yield from self._chunk_records(chunk, edit, s, pre, post, mb, now, wanted)
+                    yield from self._chunk_records(chunk, edit, s, pre, post, mb, now, wanted,
+                                                   run_post=run_post, run_case=last)
                 ok = True
             finally:
                 if ok and self.cfg.keep_edit:
@@ -324,6 +392,7 @@ class Evaluator:
                 "also_immediate": self.cfg.also_immediate, "pre_scores_cached": self.pre_from_cache,
                 "batch_size": self.cfg.batch_size, "protocols": list(self.cfg.protocols),
                 "metrics": list(self.cfg.metrics), "gen_tokens": self.cfg.gen_tokens,
+                "metric_options": self.cfg.metric_options,
                 "dataset": self.cfg.dataset, "n": len(requests),
                 "offset": self.cfg.dataset.get("offset", 0), "seed": self.cfg.seed,
                 "start_time": start, "end_time": end}

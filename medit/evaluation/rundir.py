@@ -93,7 +93,7 @@ def check_patch_path(patch: str | Path, out: str | Path | None, force: bool) -> 
 
 #: manifest entries a resumed run must share with the run it continues (model: id, weights, dtype)
 RESUME_KEYS = ("method", "hparams", "mode", "batch_size", "also_immediate", "protocols", "metrics",
-               "gen_tokens", "dataset", "n", "offset", "seed")
+               "metric_options", "gen_tokens", "dataset", "n", "offset", "seed")
 
 
 def _resume_view(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -11,9 +11,11 @@ Two layouts are read:
   "subject", "target_new": {"str"}, "target_true": {"str"}}, "paraphrase_prompts",
   "neighborhood_prompts", "attribute_prompts", "generation_prompts"}``. ``{}`` in the prompt is
   replaced by the subject; paraphrase prompts become ``rephrase``; neighborhood prompts become
-  ``locality`` answered with the true target; attribute prompts (other subjects that truly have
-  the new target) become ``attribute`` answered with ``target_new``; generation prompts are kept
-  as ``generation_prompts`` (the ``fluency`` metric generates from them).
+  ``locality`` answered with the true target; generation prompts are kept as
+  ``generation_prompts`` (the ``fluency`` metric generates from them). ROME's
+  ``attribute_prompts`` (other subjects that truly have the new target) are not read: a request's
+  ``attribute`` prompts are the edited subject's *other* facts, which the ``attribute`` metric
+  takes from the other records of the same subject (``--attribute-pool``).
 
 Required (EasyEdit layout): prompt, subject, target_new, ground_truth; the other fields are
 optional, a missing ``case_id`` defaults to the record's index, unknown fields are ignored.
@@ -100,14 +102,12 @@ class CounterFact(DatasetFormat):
         target_true = obj_str(rr.get("target_true"), "target_true", False)
         target_new: str = obj_str(rr["target_new"], "target_new", True)  # type: ignore[assignment]
         neighborhood = str_list(rec.data.get("neighborhood_prompts"), origin, "neighborhood_prompts")
-        attribute = str_list(rec.data.get("attribute_prompts"), origin, "attribute_prompts")
         return EditRequest(
             prompt=prompt, subject=subject, target_new=target_new, target_true=target_true,
             rephrase=tuple(str_list(rec.data.get("paraphrase_prompts"), origin, "paraphrase_prompts")),
             locality=tuple(PromptAnswer(p, target_true or "") for p in neighborhood),
             case_id=case_id, where=rec.where,
-            generation_prompts=tuple(str_list(rec.data.get("generation_prompts"), origin, "generation_prompts")),
-            attribute=tuple(PromptAnswer(p, target_new) for p in attribute))
+            generation_prompts=tuple(str_list(rec.data.get("generation_prompts"), origin, "generation_prompts")))
 
 
 @hookimpl

@@ -14,6 +14,9 @@ are not kept). A ``ground_truth`` may be a string, a list of aliases or a list o
 first string is the answer. WikiBio's ``text`` / ``labels`` / ``concept`` stand for ``prompt`` /
 ``target_new`` / ``subject``. ``ground_truth`` of the record (first alias) becomes ``target_true``.
 
+The ``Relation_Specificity`` locality items (prompts about the edited subject's other relations)
+are also the request's ``attribute`` prompts (the ``attribute`` metric); they stay in ``locality``.
+
 The subject must occur in the prompt; when it does only up to letter case, it is taken as it occurs
 there. ``case_id`` is the record's index unless the record has one.
 """
@@ -30,6 +33,8 @@ from medit.core.requests import EditRequest, PromptAnswer
 
 #: (field, WikiBio's name for it)
 REQUIRED = (("subject", "concept"), ("prompt", "text"), ("target_new", "labels"))
+#: the locality category whose prompts ask about the edited subject's other relations
+ATTRIBUTE_CATEGORY = "Relation_Specificity"
 
 
 class KnowEdit(DatasetFormat):
@@ -75,7 +80,13 @@ class KnowEdit(DatasetFormat):
             rephrase=tuple(str_list(d.get(rephrase_key), origin, rephrase_key)),
             locality=tuple(_categories(d.get("locality"), origin, "locality")),
             portability=tuple(_categories(d.get("portability"), origin, "portability")),
-            case_id=case_id, where=rec.where)
+            case_id=case_id, where=rec.where,
+            attribute=tuple(_categories(_only(d.get("locality"), ATTRIBUTE_CATEGORY), origin, "locality")))
+
+
+def _only(value: Any, category: str) -> Any:
+    """``{category: items}`` of a category dict that has it, else None."""
+    return {category: value[category]} if is_category_dict(value) and category in value else None
 
 
 def _categories(value: Any, origin: str, field_name: str) -> list[PromptAnswer]:
