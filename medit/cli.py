@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from tabulate import tabulate
 from typer.core import TyperCommand, TyperGroup
 
 try:  # typer >= 0.2x carries its own copy of click
@@ -18,7 +17,23 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from medit import __version__
 from medit.errors import MeditError, UnknownNameError, ValidationError
 from medit.plugin.manager import KINDS, get_plugins
-from medit.evaluation.rundir import check_out_dir, check_patch_path
+
+
+# Imported on use, so `medit --help` and `medit version` start without them (tabulate
+# alone costs ~20 ms; tests/test_startup.py keeps torch out of every metadata command).
+def tabulate(*args: Any, **kw: Any) -> str:
+    from tabulate import tabulate as _tabulate
+    return str(_tabulate(*args, **kw))
+
+
+def check_out_dir(*args: Any, **kw: Any) -> Any:
+    from medit.evaluation.rundir import check_out_dir as _check
+    return _check(*args, **kw)
+
+
+def check_patch_path(*args: Any, **kw: Any) -> Any:
+    from medit.evaluation.rundir import check_patch_path as _check
+    return _check(*args, **kw)
 
 
 class _Group(TyperGroup):
@@ -45,6 +60,18 @@ class _Group(TyperGroup):
             typer.echo("Aborted.", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """List each command with the whole first paragraph of its help, wrapped (click would cut
+        it at the first full stop or about 45 characters)."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, " ".join((cmd.help or "").strip().split("\n\n")[0].split())))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -90,7 +117,9 @@ def _given_value(args: list[str], param: Any) -> Optional[str]:
     return None
 
 
-app = typer.Typer(cls=_Group, add_completion=False, invoke_without_command=True,
+# Plain help text (rich_markup_mode=None): rendering it with rich imports ~80 ms of modules on
+# every `medit --help`, more than the rest of medit's start-up together.
+app = typer.Typer(cls=_Group, add_completion=False, invoke_without_command=True, rich_markup_mode=None,
                   help="medit: edit facts in language models, measure the edit, save and undo it.")
 
 

@@ -19,11 +19,13 @@ for the process) and raises :class:`AssertionError` naming the broken rule unles
     with the same parameter names, shapes and ``requires_grad`` flags, and is idempotent;
 (c) no forward hook or pre-hook is left on any module after the revert, and an edit that hooks
     modules while active belongs to a method that declares ``cached_scoring = False``;
-(d) the edit saves as a patch, the patch loads onto a fresh copy of the model (through the
-    registry, as ``medit apply`` does) and gives the same logits as the live edit on the edit
-    prompts and unrelated prompts (within ``atol``), and that loaded edit reverts bit for bit
-    too; an edit whose ``payload()`` raises :class:`NotImplementedError` is reported as
-    not saveable (the check is skipped, with that reason, in the report);
+(d) the edit saves as a patch (:meth:`~medit.Edit.save`), the patch loads onto a fresh copy of
+    the model with :func:`medit.load_patch` (by its ``kind``, as ``medit apply`` does) and gives
+    the same logits as the live edit on the edit prompts and the locality prompts (within
+    ``atol``), and that loaded edit reverts bit for bit too; an edit that cannot be saved
+    (``save`` raises :class:`NotImplementedError`: its class sets no ``kind`` of its own or does
+    not implement ``payload``/``from_payload``) is reported as not saveable, the check skipped
+    with that reason;
 (e) an unknown hparam (``{"no_such_hparam": 1}``) is refused with :class:`medit.HParamsError`.
 
 It returns a :class:`CheckReport` saying what passed, what was skipped and why. On a family the
@@ -67,10 +69,15 @@ __all__ = ["FAMILIES", "TOKENIZER_STYLE", "SEED", "CheckReport", "check_method",
            "tiny_model", "corpus_path", "training_lines"]
 
 #: the model families medit ships, each with a tiny random model here.
-FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5")
+FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5", "gpt-neo", "gemma", "qwen", "mistral", "phi3")
 #: which tokenizer style each tiny family uses (``gpt2``: byte-level BPE without BOS; ``llama``:
-#: ``<s>`` in front, eos ``</s>``; ``t5``: ``</s>`` appended, pad ``<pad>``).
-TOKENIZER_STYLE = {"gpt2": "gpt2", "gptj": "gpt2", "gptneox": "gpt2", "llama": "llama", "t5": "t5"}
+#: ``<s>`` in front, eos ``</s>``; ``t5``: ``</s>`` appended, pad ``<pad>``), after the real
+#: family's tokenizer: Gemma, Mistral and Phi-3 put a BOS in front, Qwen and GPT-Neo do not.
+TOKENIZER_STYLE = {"gpt2": "gpt2", "gptj": "gpt2", "gptneox": "gpt2", "llama": "llama", "t5": "t5",
+                   "gpt-neo": "gpt2", "gemma": "llama", "qwen": "gpt2", "mistral": "llama", "phi3": "llama"}
+#: attention window of the tiny families with local / sliding-window attention (GPT-Neo, Gemma,
+#: Mistral): shorter than the test prompts, so that the window changes what the model computes.
+TINY_WINDOW = 4
 SEED = 1234
 #: paragraphs of the corpus the tokenizers train on, and their vocabulary size.
 TOKENIZER_LINES = 400
@@ -191,6 +198,36 @@ def tiny_config(family: str, tok: Any) -> Any:
                                     num_heads=2, d_kv=16, vocab_size=v, feed_forward_proj="relu",
                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                     decoder_start_token_id=tok.pad_token_id)
+    if family == "gpt-neo":  # layer 0 global, layer 1 local (window TINY_WINDOW)
+        eos = tok.eos_token_id
+        return AutoConfig.for_model("gpt_neo", num_layers=2, hidden_size=32, num_heads=2, intermediate_size=80,
+                                    attention_types=[[["global", "local"], 1]], window_size=TINY_WINDOW,
+                                    max_position_embeddings=128, vocab_size=v, bos_token_id=eos,
+                                    eos_token_id=eos)
+    if family == "gemma":  # Gemma 3 text: post-norms, scaled embeddings, a sliding then a full layer
+        return AutoConfig.for_model("gemma3_text", num_hidden_layers=2, hidden_size=32, intermediate_size=80,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    query_pre_attn_scalar=8, sliding_window=TINY_WINDOW,
+                                    layer_types=["sliding_attention", "full_attention"],
+                                    max_position_embeddings=128, vocab_size=v, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "qwen":  # Qwen2: biased query/key/value projections
+        eos = tok.eos_token_id
+        return AutoConfig.for_model("qwen2", num_hidden_layers=2, hidden_size=32, intermediate_size=80,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    vocab_size=v, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
+    if family == "mistral":  # sliding-window attention on every layer
+        return AutoConfig.for_model("mistral", num_hidden_layers=2, hidden_size=32, intermediate_size=80,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    sliding_window=TINY_WINDOW, max_position_embeddings=128, vocab_size=v,
+                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                    pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return AutoConfig.for_model("phi3", num_hidden_layers=2, hidden_size=32, intermediate_size=80,
+                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                    original_max_position_embeddings=128, vocab_size=v,
+                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                    pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     raise KeyError(f"no tiny model for family {family!r}; families: {', '.join(FAMILIES)}")
 
 
@@ -417,7 +454,6 @@ def _check_method(method: "Method[Any] | str", family: str, hparams: Mapping[str
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="check-", dir=_scratch())))
         hp = _trained_if_needed(m, handle, hp, scratch, train_steps, report)
         report.hparams = hp.to_dict()
-        stack.enter_context(_registered(m))
         _check_edit(m, handle, hp, reqs, scratch, report, expect_success, min_gain, atol, model)
     report.seconds = time.perf_counter() - start
     return report
@@ -437,29 +473,6 @@ def _trained_if_needed(m: "Method[Any]", handle: "ModelHandle", hp: Any, scratch
     report.notes.append(f"no checkpoint given: trained a throwaway editor for {steps} steps on "
                         f"{len(data)} made-up facts (checks the edit mechanics, not a trained editor's quality)")
     return hp.replace(checkpoint=str(scratch / "editor"))
-
-
-@contextlib.contextmanager
-def _registered(m: "Method[Any]") -> Iterator[None]:
-    """Patches load through the registry (as ``medit apply`` does): register a method that is not
-    registered (a plugin's tests may run before the plugin is installed) while the check runs."""
-    from medit.plugin.manager import get_plugins, register_plugin, unregister_plugin
-
-    if m.name in get_plugins().methods:
-        yield
-        return
-
-    class _Plugin:
-        @medit.hookimpl
-        def register_methods(self, register: Any) -> None:
-            register(m)
-
-    key = f"medit-testing:{m.name}"
-    register_plugin(_Plugin(), key)
-    try:
-        yield
-    finally:
-        unregister_plugin(key)
 
 
 def _state(handle: "ModelHandle") -> dict[str, "torch.Tensor"]:
@@ -566,7 +579,7 @@ def _check_edit(m: "Method[Any]", handle: "ModelHandle", hp: Any, reqs: list["Ed
         try:
             edit.save(scratch / "patch")
         except NotImplementedError as exc:
-            report.checks["patch"] = f"skipped: the edit cannot be saved ({type(edit).__name__}.payload: {exc})"
+            report.checks["patch"] = f"skipped: the edit cannot be saved ({exc})"
             patch = None
     finally:
         edit.revert()

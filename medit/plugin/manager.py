@@ -144,20 +144,30 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
+def _dist_of(ep: md.EntryPoint, seen: dict[int, tuple[str, str]] | None = None) -> tuple[str, str]:
+    """(distribution name, version) of an entry point. Each ``metadata`` access parses the whole
+    METADATA file (medit's holds its README), so ``seen`` keeps one answer per distribution:
+    this runs at every start of ``medit``, ``--help`` included."""
     dist = getattr(ep, "dist", None)
     if dist is None:
         return "unknown", ""
-    return dist.metadata["Name"] or "unknown", dist.version or ""
+    if seen is not None and id(dist) in seen:
+        return seen[id(dist)]
+    meta = dist.metadata
+    found = (meta["Name"] or "unknown", meta["Version"] or "")
+    if seen is not None:
+        seen[id(dist)] = found
+    return found
 
 
 def _load_entry_points(pm: pluggy.PluginManager, problems: list[str]) -> dict[str, tuple[str, str]]:
     allowed = _allowed_third_party()
     origins: dict[str, tuple[str, str]] = {}
+    eps = list(md.entry_points(group=ENTRY_POINT_GROUP))
+    seen: dict[int, tuple[str, str]] = {}
     # Built-ins first, so a third-party entry point reusing a built-in's name is the one skipped.
-    for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP),
-                     key=lambda e: (_dist_of(e)[0] != BUILTIN_DIST, e.name)):
-        dist, version = _dist_of(ep)
+    for ep in sorted(eps, key=lambda e: (_dist_of(e, seen)[0] != BUILTIN_DIST, e.name)):
+        dist, version = _dist_of(ep, seen)
         builtin = dist == BUILTIN_DIST
         if not builtin and allowed is not None and ep.name not in allowed and dist not in allowed:
             continue
