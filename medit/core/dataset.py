@@ -24,12 +24,15 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, TYPE_CHECKING
 
 from medit.errors import InputFileError, MeditError, UnknownNameError, ValidationError
 from medit.core.records import (MalformedFileError, RawRecord, check_file, file_fingerprint, first_record,
                       provided_records, read_records)
 from medit.core.requests import EditRequest, PromptAnswer
+
+if TYPE_CHECKING:
+    from medit.plugin.manager import Registry
 
 __all__ = [
     "DatasetFormat", "DatasetInfo", "InvalidRecord", "MalformedFileError", "RawRecord", "ReadResult",
@@ -183,7 +186,7 @@ def item_list(value: Any, origin: str, field_name: str) -> list[Any]:
 # registry access and load_dataset
 
 
-def _registry() -> Any:
+def _registry() -> "Registry[DatasetFormat]":
     from medit.plugin.manager import get_plugins  # late import: plugins imports hookspecs only, but keep it lazy
 
     return get_plugins().datasets

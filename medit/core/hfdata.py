@@ -91,7 +91,7 @@ def _local_hint(fmt: str | None) -> str:
 
 def _import_datasets(what: str, fmt: str | None) -> Any:
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError:
         raise InputFileError(f"reading {what} needs the optional `datasets` package, which is not installed; "
                              f"install it (pip install datasets) or {_local_hint(fmt)}") from None

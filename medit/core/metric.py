@@ -86,9 +86,9 @@ class TargetMetric(Metric):
     def _score(self, res: Results, protocol: str, prompt: str, target: str, rival: str | None,
                gen_tokens: int) -> float | None:
         if protocol == "token_acc":
-            return res[TFQuery(prompt, target)].token_acc
+            return float(res[TFQuery(prompt, target)].token_acc)
         if protocol == "exact":
-            return res[TFQuery(prompt, target)].exact
+            return float(res[TFQuery(prompt, target)].exact)
         if protocol == "prob":
             if not rival:
                 return None

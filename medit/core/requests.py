@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from medit.errors import ValidationError
 
@@ -96,7 +96,9 @@ class EditRequest:
         generation = d.get("generation_prompts") or ()
         if isinstance(generation, str):
             generation = (generation,)
-        return cls(prompt=d.get("prompt"), subject=d.get("subject"), target_new=d.get("target_new"),
+        # the fields' types are checked by __post_init__, which names the case and the field
+        return cls(prompt=cast(str, d.get("prompt")), subject=cast(str, d.get("subject")),
+                   target_new=cast(str, d.get("target_new")),
                    target_true=d.get("target_true"), rephrase=tuple(rephrase),
                    locality=tuple(d.get("locality") or ()), portability=tuple(d.get("portability") or ()),
                    case_id=case_id, where=where, generation_prompts=tuple(generation),

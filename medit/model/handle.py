@@ -87,6 +87,7 @@ class ModelHandle:
     def weight_out_in(self, std: str, layer: int | None = None) -> torch.Tensor:
         """The module weight as an (out, in) view regardless of storage (GPT-2 Conv1D is (in, out))."""
         w = self.module(std, layer).weight
+        assert isinstance(w, torch.Tensor), f"{self.adapter.path(std, layer)} has no weight tensor"
         return w.T if self.adapter.transposed else w
 
     def fingerprint(self, param_names: Iterable[str] | None = None) -> str:
