@@ -609,7 +609,8 @@ def list_(kind: str = typer.Argument(..., metavar="KIND", help="methods, models,
 def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR",
                                                 help="run folders written by `medit eval/edit --out`"),
            out: Optional[str] = typer.Option(None, "--out", metavar="DIR",
-                                             help="write report.md, report.json and report.png here"),
+                                             help="write report.md, report.json, report.png (bars) and "
+                                             "tradeoff.png (reliability against locality) here"),
            fmt: str = typer.Option("table", "--format", metavar="FORMAT",
                                    help="what to print: table, markdown or json"),
            misses: bool = typer.Option(False, "--misses", help="list each run's cases that score below 1 on a "

@@ -117,13 +117,15 @@ def test_run_without_manifest(tmp_path):
 def test_write_report_files(two_runs, tmp_path):
     rep = build_report(load_runs(two_runs))
     files = write_report(rep, tmp_path / "out" / "cmp")
-    assert [f.name for f in files] == ["report.md", "report.json", "report.png"]
+    assert [f.name for f in files] == ["report.md", "report.json", "report.png", "tradeoff.png"]
     assert json.loads((tmp_path / "out" / "cmp" / "report.json").read_text()) == rep
     png = (tmp_path / "out" / "cmp" / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     from PIL import Image
     with Image.open(tmp_path / "out" / "cmp" / "report.png") as im:
-        assert im.size[0] >= 600 and im.size[1] > 800  # two panels: fractions and entropy
+        assert im.size[0] >= 1600 and im.size[1] >= 900  # legible at 1600 px: fractions and entropy panels
+    with Image.open(tmp_path / "out" / "cmp" / "tradeoff.png") as im:
+        assert im.size == (1600, 1000)
 
 
 def test_bad_inputs(tmp_path):
@@ -168,7 +170,7 @@ def test_cli_report(two_runs, tmp_path):
     result = runner.invoke(app, ["report", *map(str, two_runs), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "reliability" in result.output and "rome" in result.output and "ft-l" in result.output
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.json", "report.png"}
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.json", "report.png", "tradeoff.png"}
     result = runner.invoke(app, ["report", *map(str, two_runs), "--format", "json"])
     assert result.exit_code == 0
     assert json.loads(result.stdout)["runs"][1]["label"] == "ft-l"
@@ -245,3 +247,57 @@ def test_misses_cli_and_its_errors(tmp_path):
     (run_dir / "cases.jsonl").unlink()
     res = runner.invoke(app, ["report", str(run_dir), "--misses"])
     assert res.exit_code == 2 and "has no cases.jsonl" in res.output
+
+
+# ------------------------------------------------------------------------------ intervals, paired comparison
+
+def _with_cases(root: Path, name: str, method: str, scores: list[float], dataset: dict[str, Any] | None = None,
+                prompts: list[str] | None = None) -> Path:
+    """A run folder whose cases.jsonl holds ``scores`` as reliability.token_acc, and a summary to match."""
+    from medit.evaluation.summary import summarise
+    recs = [{"case_id": str(i), "metrics": {"reliability": {"token_acc": {"pre": 0.0, "post": v}}},
+             "efficiency": {}, "request": {"prompt": (prompts or [])[i] if prompts else f"p{i}", "target_new": "x"}}
+            for i, v in enumerate(scores)]
+    d = make_run(root, name, method, summarise(recs, method, "smollm2-135m", "single", 0.0)["metrics"])
+    (d / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    if dataset is not None:
+        (d / "manifest.json").write_text(json.dumps({"method": method, "mode": "single", "dataset": dataset}))
+    return d
+
+
+def test_paired_comparison_of_a_run_with_itself_marks_nothing(tmp_path):
+    a = _with_cases(tmp_path, "a", "rome", [1.0, 0.0, 1.0, 1.0, 0.5] * 4)
+    rep = build_report(load_runs([a, a]))
+    (d,) = rep["paired"]
+    assert (d["n"], d["diff"], d["ci95"], d["significant"]) == (20, 0.0, [0.0, 0.0], False)
+    assert rep["warnings"] == []
+    text = render(rep)
+    assert "Paired differences" in text and " *" not in text.split("95% interval")[-1]
+    # the table shows each mean with its interval
+    row = next(ln for ln in text.splitlines() if ln.startswith("reliability"))
+    assert "0.700 ±0.200" in row
+
+
+def test_paired_comparison_marks_a_real_difference_only(tmp_path):
+    a = _with_cases(tmp_path, "a", "rome", [1.0] * 10 + [0.0] * 10)
+    b = _with_cases(tmp_path, "b", "memit", [1.0] * 18 + [0.0] * 2)  # better on 8 of the same cases, worse on none
+    c = _with_cases(tmp_path, "c", "ft-l", [0.0, 1.0] * 10)  # the same mean, other cases: no net difference
+    rep = build_report(load_runs([a, b, c]))
+    by_run = {d["run"]: d for d in rep["paired"]}
+    assert by_run["memit"]["diff"] == pytest.approx(0.4) and by_run["memit"]["significant"]
+    assert by_run["memit"]["ci95"][0] > 0
+    assert by_run["ft-l"]["diff"] == pytest.approx(0.0) and not by_run["ft-l"]["significant"]
+    line = next(ln for ln in render(rep).splitlines() if "memit - rome" in ln)
+    assert "+0.400 *" in line
+
+
+def test_cases_with_other_requests_are_not_paired_and_other_data_warns(tmp_path):
+    other = dict(DATASET, offset=100)
+    a = _with_cases(tmp_path, "a", "rome", [1.0] * 4)
+    b = _with_cases(tmp_path, "b", "memit", [0.0] * 4, dataset=other, prompts=["p0", "p1", "q2", "q3"])
+    rep = build_report(load_runs([a, b]))
+    assert rep["paired"][0]["n"] == 2  # case ids 2 and 3 hold other requests
+    assert any("different data" in w for w in rep["warnings"])
+    assert "Warning: the runs were evaluated on different data" in render(rep)
+    files = write_report(rep, tmp_path / "out")
+    assert [f.name for f in files][-2:] == ["report.png", "tradeoff.png"]

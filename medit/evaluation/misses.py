@@ -22,7 +22,7 @@ __all__ = ["DEFAULT_CHECKS", "parse_checks", "case_misses", "render_misses"]
 
 DEFAULT_CHECKS = ("reliability.token_acc", "locality.agreement")
 #: protocols whose value is not a [0, 1] hit score, so "below 1" does not mean a miss.
-NOT_A_HIT_SCORE = ("kl", "ngram_entropy")
+NOT_A_HIT_SCORE = ("kl", "ngram_entropy", "perplexity")
 #: info entries longer than this (as JSON) are left out of the table.
 MAX_INFO_CHARS = 60
 

@@ -4,11 +4,21 @@ Reads each run folder's ``summary.json`` (required) and ``manifest.json`` (optio
 dataset and protocols) as DESIGN.md "Run outputs" defines them, and builds one report: a row per
 metric and protocol (``generate`` first), a column per run holding the post-edit mean, and a
 ``pre`` column where every run measured the same pre-edit value (the same model and cases);
-otherwise each cell shows ``pre → post``. Efficiency figures follow as extra rows. Stages other
-than ``pre``/``post`` that a summary may carry (e.g. ``immediate``) get rows of their own.
+otherwise each cell shows ``pre → post``. A mean that carries its 95% bootstrap interval
+(``ci95`` in summary.json) is shown as ``0.950 ±0.080`` (the larger distance to a bound).
+Efficiency figures follow as extra rows. Stages other than ``pre``/``post`` that a summary may
+carry (e.g. ``immediate``) get rows of their own.
+
+With two or more runs, each later run is compared with the first, case for case: over the cases
+both scored (the same case id *and* the same request, read from each folder's ``cases.jsonl``),
+the paired bootstrap of the mean difference (run - first) of every metric and protocol, with its
+95% interval; a difference whose interval excludes 0 is marked ``*``
+(:mod:`medit.evaluation.intervals`). Runs on different data, models or numbers of cases get a
+warning in the table and the charts.
 
 The report renders as a plain table, a Markdown table or JSON, and :func:`write_report` writes
-``report.md``, ``report.json`` and a grouped bar chart ``report.png`` (matplotlib, Agg backend).
+``report.md``, ``report.json``, a bar chart ``report.png`` and a trade-off chart
+``tradeoff.png`` (matplotlib, Agg backend).
 """
 from __future__ import annotations
 
@@ -21,15 +31,19 @@ from typing import Any, Sequence
 from tabulate import tabulate
 
 from medit.errors import InputFileError, UnknownNameError
-from medit.evaluation.intervals import SUMMARY_FIELDS
+from medit.evaluation.intervals import SUMMARY_FIELDS, half_width, paired_difference
 
 __all__ = ["FORMATS", "Run", "load_run", "load_runs", "build_report", "render", "write_chart",
-           "write_report"]
+           "write_tradeoff", "write_report"]
 
 FORMATS = ("table", "markdown", "json")
-METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "fluency")
+METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "attribute", "distracting",
+                "other_task", "fluency")
 PROTOCOL_ORDER = ("generate", "token_acc", "exact", "prob", "agreement", "generate_agreement", "kl",
-                  "ngram_entropy")
+                  "ngram_entropy", "perplexity", "mc_acc", "mc_agreement")
+#: protocols whose values are not fractions in [0, 1], with the unit a chart shows them in
+UNITS = {"kl": "KL(pre ‖ post), nats (lower is better)", "ngram_entropy": "n-gram entropy, bits",
+         "perplexity": "perplexity (lower is better)"}
 EFFICIENCY_KEYS = ("edit_s_mean", "edit_s_total", "eval_s_total", "stats_s", "template_s", "pool_s", "peak_rss_mb",
                    "peak_gpu_mb")
 
@@ -43,9 +57,19 @@ class Run:
     manifest: dict[str, Any] = field(default_factory=dict)
     label: str = ""
 
+    _cases: dict[str, dict[str, Any]] | None = field(default=None, repr=False)
+
     @property
     def method(self) -> str:
         return str(self.summary.get("method") or self.manifest.get("method") or "?")
+
+    def cases(self) -> dict[str, dict[str, Any]]:
+        """The run's case rows by case id (``cases.jsonl``; empty when the folder has none)."""
+        if self._cases is None:
+            from medit.core.io import read_jsonl_records
+            found, _ = read_jsonl_records(self.path / "cases.jsonl")
+            self._cases = {str(r.get("case_id")): r for r in found}
+        return self._cases
 
     def info(self) -> dict[str, Any]:
         """What the report says about the run besides its numbers."""
@@ -148,8 +172,7 @@ def build_report(runs: Sequence[Run]) -> dict[str, Any]:
             cells = {k: v for k, v in cells.items() if isinstance(v, dict)}
             stages = ["post"] + sorted({s for v in cells.values() for s in v} - {"pre", "post", *SUMMARY_FIELDS})
             for stage in stages:
-                values = {k: {"pre": _num(v.get("pre")), "post": _num(v.get(stage))} for k, v in cells.items()
-                          if stage in v}
+                values = {k: _cell(v, stage) for k, v in cells.items() if stage in v}
                 if not values:
                     continue
                 pres = [v["pre"] for v in values.values()]
@@ -163,13 +186,95 @@ def build_report(runs: Sequence[Run]) -> dict[str, Any]:
     for k in _order(keys, EFFICIENCY_KEYS):
         vals = {r.label: _num((r.summary.get("efficiency") or {}).get(k)) for r in runs}
         efficiency.append({"metric": "efficiency", "protocol": k, "values": vals})
-    return {"runs": [r.info() for r in runs], "rows": rows, "efficiency": efficiency}
+    return {"runs": [r.info() for r in runs], "warnings": _warnings(runs), "rows": rows, "efficiency": efficiency,
+            "paired": _paired(runs, rows)}
+
+
+def _cell(v: dict[str, Any], stage: str) -> dict[str, Any]:
+    """A run's value of a row: pre and the stage's mean, and (post only) its interval and n."""
+    out: dict[str, Any] = {"pre": _num(v.get("pre")), "post": _num(v.get(stage))}
+    if stage == "post":
+        ci = v.get("ci95")
+        if isinstance(ci, list) and len(ci) == 2 and all(_num(x) is not None for x in ci):
+            out["ci95"] = [float(ci[0]), float(ci[1])]
+        if isinstance(v.get("n"), int):
+            out["n"] = v["n"]
+    return out
+
+
+def _warnings(runs: Sequence[Run]) -> list[str]:
+    """What makes the runs' numbers not comparable side by side."""
+    if len(runs) < 2:
+        return []
+    out = []
+    keys = ("format", "path", "fingerprint", "offset", "n", "seed")
+
+    def data(r: Run) -> tuple[Any, ...] | None:
+        ds = r.manifest.get("dataset")
+        return tuple(ds.get(k) for k in keys) if isinstance(ds, dict) and ds else None
+
+    found = {r.label: data(r) for r in runs}
+    unknown = [lab for lab, d in found.items() if d is None]
+    if unknown:
+        out.append(f"dataset unknown for {', '.join(unknown)} (no manifest.json): the runs may not share their cases")
+    known = {d for d in found.values() if d is not None}
+    if len(known) > 1:
+        out.append("the runs were evaluated on different data (" + "; ".join(
+            f"{lab}: {d[0]}:{Path(str(d[1])).name} offset {d[3]} n {d[4]}" for lab, d in found.items() if d)
+            + "): their numbers are not comparable case for case")
+    models = {r.label: r.info()["model"] for r in runs}
+    if len(set(models.values())) > 1:
+        out.append("the runs edited different models (" + ", ".join(f"{k}: {v}" for k, v in models.items()) + ")")
+    ns = {r.label: r.summary.get("n") for r in runs}
+    if len(set(ns.values())) > 1 and len(known) <= 1:
+        out.append("the runs scored different numbers of cases (" + ", ".join(f"{k}: {v}" for k, v in ns.items()) + ")")
+    return out
+
+
+def _paired(runs: Sequence[Run], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each later run against the first, on the cases both scored with the same request."""
+    if len(runs) < 2:
+        return []
+    base = runs[0]
+    out: list[dict[str, Any]] = []
+    for other in runs[1:]:
+        a_cases, b_cases = base.cases(), other.cases()
+        shared = []
+        for cid, a in a_cases.items():
+            b = b_cases.get(cid)
+            if b is None:
+                continue
+            ra, rb = a.get("request") or {}, b.get("request") or {}
+            if (ra.get("prompt"), ra.get("target_new")) == (rb.get("prompt"), rb.get("target_new")):
+                shared.append((a, b))
+        for row in rows:
+            if row["stage"] != "post":
+                continue
+            m, p = row["metric"], row["protocol"]
+            xs, ys = [], []
+            for a, b in shared:
+                va = _num((((a.get("metrics") or {}).get(m) or {}).get(p) or {}).get("post"))
+                vb = _num((((b.get("metrics") or {}).get(m) or {}).get(p) or {}).get("post"))
+                if va is not None and vb is not None:
+                    xs.append(va)
+                    ys.append(vb)
+            if len(xs) < 2:
+                continue
+            d = paired_difference(xs, ys)
+            out.append({"metric": m, "protocol": p, "baseline": base.label, "run": other.label, **d})
+    return out
 
 
 # ------------------------------------------------------------------------------ rendering
 
 def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+def _fci(v: dict[str, Any]) -> str:
+    """A post value with its ``±`` (when it has an interval)."""
+    hw = None if v.get("post") is None else half_width(v["post"], v.get("ci95"))
+    return _f(v.get("post")) + ("" if hw is None else f" ±{hw:.3f}")
 
 
 def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -183,9 +288,9 @@ def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             if v is None:
                 cells.append("")
             elif row["pre"] is None and v["pre"] is not None:
-                cells.append(f"{_f(v['pre'])} → {_f(v['post'])}")
+                cells.append(f"{_f(v['pre'])} → {_fci(v)}")
             else:
-                cells.append(_f(v["post"]))
+                cells.append(_fci(v))
         proto = row["protocol"] if row["stage"] == "post" else f"{row['protocol']} ({row['stage']})"
         rows.append([row["metric"], proto, "" if row["pre"] is None else _f(row["pre"])] + cells)
     for row in report["efficiency"]:
@@ -199,87 +304,270 @@ def render(report: dict[str, Any], fmt: str = "table") -> str:
         raise UnknownNameError("report format", fmt, FORMATS, hint="pass --format table, markdown or json")
     if fmt == "json":
         return json.dumps(report, indent=2)
+    tablefmt = "github" if fmt == "markdown" else "simple"
     headers, rows = _table_rows(report)
-    table = tabulate(rows, headers=headers, tablefmt="github" if fmt == "markdown" else "simple",
-                     disable_numparse=True)
+    table = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
     legend = []
     for r in report["runs"]:
         ds = r.get("dataset") or {}
         where = f"{ds.get('format')}:{ds.get('path')}" if ds.get("path") else "dataset unknown"
         legend.append(f"{r['label']}: {r['path']} (model {r['model']}, mode {r['mode']}, n={r['n']}, {where})")
+    warnings = [f"Warning: {w}" for w in report.get("warnings") or []]
+    paired = _paired_table(report, tablefmt)
     if fmt == "markdown":
-        return ("Runs:\n\n" + "\n".join(f"- {line}" for line in legend) + "\n\n" + table
-                + "\n\nCells are post-edit means; `pre` is the unedited model's value where all runs share it, "
-                  "otherwise cells read `pre → post`.\n")
-    return "\n".join(legend) + "\n\n" + table
+        return ("Runs:\n\n" + "\n".join(f"- {line}" for line in legend) + "\n\n"
+                + "".join(f"**{w}**\n\n" for w in warnings) + table
+                + "\n\nCells are post-edit means over cases with the half-width of their 95% bootstrap interval "
+                  "(`±`); `pre` is the unedited model's value where all runs share it, otherwise cells read "
+                  "`pre → post`.\n" + (f"\n{paired}\n" if paired else ""))
+    return "\n".join(legend + warnings) + "\n\n" + table + (f"\n\n{paired}" if paired else "")
 
 
-def write_chart(report: dict[str, Any], path: str | Path) -> Path:
-    """A grouped bar chart of the post-edit values (one bar per run, a black tick at each pre value):
-    fractions in one panel, other scales (fluency bits, KL) in a second."""
+def _paired_table(report: dict[str, Any], tablefmt: str) -> str:
+    pairs = report.get("paired") or []
+    if not pairs:
+        return ""
+    rows = []
+    for d in pairs:
+        ci = d.get("ci95")
+        rows.append([d["metric"], d["protocol"], f"{d['run']} - {d['baseline']}", d["n"],
+                     f"{d['diff']:+.3f}" + (" *" if d["significant"] else ""),
+                     "" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"])
+    head = ("Paired differences over the cases both runs scored (same case id and request); * marks a "
+            "difference whose 95% bootstrap interval excludes 0:")
+    return head + "\n\n" + tabulate(rows, headers=["metric", "protocol", "difference", "n", "mean", "95% interval"],
+                                      tablefmt=tablefmt, disable_numparse=True)
+
+
+def _describe(report: dict[str, Any]) -> list[str]:
+    """One line per run for a chart's subtitle: label, model, data, n, mode."""
+    out = []
+    for r in report["runs"]:
+        ds = r.get("dataset") or {}
+        data = f"{ds.get('format')}:{Path(str(ds['path'])).name}" if ds.get("path") else "dataset unknown"
+        if ds.get("offset"):
+            data += f" (offset {ds['offset']})"
+        out.append(f"{r['label']}: {r['model']}, {data}, n={r['n']}, {r['mode']} mode")
+    return out
+
+
+def _pyplot() -> Any:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _is_fraction(row: dict[str, Any]) -> bool:
+    vals = [x for v in row["values"].values() for x in (v["pre"], v["post"]) if x is not None]
+    return row["protocol"] not in UNITS and all(0.0 <= x <= 1.0 for x in vals)
+
+
+def _bars(ax: Any, rows: list[dict[str, Any]], labels: list[str], fraction: bool, fontsize: float) -> None:
+    """Grouped bars of ``rows`` (one group per row, one bar per run) with their 95% intervals as
+    error bars, each bar's value written on it, a black tick at each pre-edit value, a hollow
+    outline for a measured 0 and 'not measured' where a run lacks the row."""
+    width = 0.8 / max(1, len(labels))
+    top = max([1.0] if fraction else [0.0]) or 0.0
+    for row in rows:
+        for v in row["values"].values():
+            for x in (v.get("pre"), v.get("post"), *(v.get("ci95") or ())):
+                if x is not None:
+                    top = max(top, float(x))
+    top = top or 1.0
+    for j, lab in enumerate(labels):
+        colour = f"C{j % 10}"
+        for i, row in enumerate(rows):
+            x = i - 0.4 + width * (j + 0.5)
+            v = row["values"].get(lab)
+            if v is None or v["post"] is None:
+                ax.text(x, 0.02 * top, "not measured", rotation=90, ha="center", va="bottom", fontsize=fontsize * 0.8,
+                        color="0.4")
+                continue
+            y = v["post"]
+            ax.bar(x, y, width * 0.9, color=colour, edgecolor=colour, linewidth=1.5)
+            if y == 0:  # a measured zero: an outline one line high, so it does not look unmeasured
+                ax.bar(x, 0.012 * top, width * 0.9, color="none", edgecolor=colour, linewidth=1.5)
+            ci = v.get("ci95")
+            if ci:
+                ax.errorbar(x, y, yerr=[[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]], fmt="none", ecolor="black",
+                            elinewidth=1.2, capsize=4, zorder=4)
+            label_y = max(y, ci[1] if ci else y) + 0.015 * top
+            text = f"{y:.2f}" if abs(y) < 100 else f"{y:.0f}"
+            if row["protocol"] == "kl":
+                text = f"{y:.3f}"
+            ax.text(x, label_y, text, ha="center", va="bottom", fontsize=fontsize * 0.85, rotation=90 if len(labels) > 2
+                    else 0)
+            if v["pre"] is not None:
+                ax.plot([x - width * 0.45, x + width * 0.45], [v["pre"], v["pre"]], color="black", linewidth=2.5,
+                        zorder=5)
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.set_ylim(0, top * (1.22 if fraction else 1.3))
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['metric']}\n{r['protocol']}" + ("" if r["stage"] == "post" else f"\n({r['stage']})")
+                        for r in rows], fontsize=fontsize * 0.85)
+    ax.tick_params(axis="y", labelsize=fontsize * 0.85)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def write_chart(report: dict[str, Any], path: str | Path) -> Path:
+    """Bar chart of the post-edit means, 1600 px wide: fractions in panels of at most a dozen
+    metric/protocol groups (wrapped onto further lines), each other unit (KL in nats, entropy in
+    bits, perplexity) in a panel of its own. Bars carry their values and 95% intervals; black ticks
+    mark pre-edit values; the runs' model, data and n are in the subtitle, the legend sits below
+    the panels, and a warning says when the runs do not share their data or model."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     labels = [r["label"] for r in report["runs"]]
-
-    def is_fraction(row: dict[str, Any]) -> bool:
-        vals = [x for v in row["values"].values() for x in (v["pre"], v["post"]) if x is not None]
-        return row["protocol"] not in ("kl", "ngram_entropy") and all(0.0 <= x <= 1.0 for x in vals)
-
-    panels = [[r for r in report["rows"] if is_fraction(r)], [r for r in report["rows"] if not is_fraction(r)]]
-    panels = [p for p in panels if p]
-    groups = max((len(p) for p in panels), default=1)
-    fig_w = min(30.0, max(6.0, 2.0 + groups * (0.6 + 0.25 * len(labels))))
-    fig, axes = plt.subplots(len(panels) or 1, 1, squeeze=False, figsize=(fig_w, 4.2 * max(1, len(panels))))
-    width = 0.8 / max(1, len(labels))
-    for ax, rows in zip(axes[:, 0], panels or [[]]):
-        pre_labelled = False
-        for j, lab in enumerate(labels):
-            xs, ys, pre_x, pre_y = [], [], [], []
-            for i, row in enumerate(rows):
-                v = row["values"].get(lab)
-                if v is None or v["post"] is None:
-                    continue
-                x = i - 0.4 + width * (j + 0.5)
-                xs.append(x)
-                ys.append(v["post"])
-                if v["pre"] is not None:
-                    pre_x.append(x)
-                    pre_y.append(v["pre"])
-            if xs:  # one colour per run across panels
-                ax.bar(xs, ys, width * 0.9, label=lab, color=f"C{j % 10}")
-            if pre_x:
-                ax.scatter(pre_x, pre_y, marker="_", s=150, linewidths=2, color="black", zorder=3,
-                           label=None if pre_labelled else "pre-edit")
-                pre_labelled = True
-        ax.set_xlim(-0.5, len(rows) - 0.5)
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([f"{r['metric']}\n{r['protocol']}" + ("" if r["stage"] == "post" else f" ({r['stage']})")
-                            for r in rows], fontsize=8)
-        if rows and all(is_fraction(r) for r in rows):
-            ax.set_ylim(0, 1.05)
-            ax.set_ylabel("mean over cases")
-        elif rows:
-            ax.set_ylabel("value (bits / nats)")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    axes[0, 0].set_title("post-edit means by metric and protocol")
-    fig.tight_layout()
+    fractions = [r for r in report["rows"] if _is_fraction(r)]
+    others: dict[str, list[dict[str, Any]]] = {}
+    for r in report["rows"]:
+        if not _is_fraction(r):
+            others.setdefault(r["protocol"], []).append(r)
+    per_line = max(3, int(14.0 / (0.45 + 0.3 * len(labels))))
+    lines: list[list[tuple[str, list[dict[str, Any]], bool]]] = []
+    if fractions:
+        n_lines = -(-len(fractions) // per_line)
+        size = -(-len(fractions) // n_lines)
+        for i in range(0, len(fractions), size):
+            lines.append([("mean over cases (1 = every case passes)", fractions[i:i + size], True)])
+    line: list[tuple[str, list[dict[str, Any]], bool]] = []
+    for proto, rows in others.items():
+        if line and sum(max(2, len(r)) for _, r, _ in line) + max(2, len(rows)) > per_line:
+            lines.append(line)
+            line = []
+        line.append((UNITS.get(proto, f"{proto} (not a fraction)"), rows, False))
+    if line:
+        lines.append(line)
+    if not lines:
+        lines = [[("mean over cases", [], True)]]
+    fontsize = 13.0
+    header, footer, line_h = 1.25 + 0.22 * len(labels) + (0.5 if report.get("warnings") else 0.0), 1.2, 4.4
+    fig_h = header + footer + line_h * len(lines)
+    fig = plt.figure(figsize=(16.0, fig_h))
+    outer = fig.add_gridspec(len(lines), 1, left=0.07, right=0.99, top=1 - header / fig_h,
+                             bottom=footer / fig_h, hspace=0.55)
+    for k, panels in enumerate(lines):
+        slots = [max(2, len(rows)) if not fraction else len(rows) for _, rows, fraction in panels]
+        pad = not any(fraction for _, _, fraction in panels) and sum(slots) < per_line  # unit panels stay narrow
+        ratios = slots + ([per_line - sum(slots)] if pad else [])
+        sub = outer[k].subgridspec(1, len(ratios), width_ratios=ratios, wspace=0.35)
+        for j, (unit, rows, fraction) in enumerate(panels):
+            ax = fig.add_subplot(sub[0, j])
+            _bars(ax, rows, labels, fraction, fontsize)
+            ax.set_ylabel(unit, fontsize=fontsize * (0.9 if fraction else 0.8))
+    fig.suptitle("Post-edit means by metric and protocol", fontsize=fontsize * 1.4,
+                 y=1 - 0.15 / fig_h, va="top", weight="bold")
+    note = "\n".join(_describe(report)) + "\nerror bars: 95% bootstrap interval over cases; black tick: pre-edit value"
+    fig.text(0.5, 1 - 0.62 / fig_h, note, ha="center", va="top", fontsize=fontsize * 0.9)
+    warnings = report.get("warnings") or []
+    if warnings:
+        fig.text(0.5, 1 - (header - 0.45) / fig_h, "Warning: " + " / ".join(warnings), ha="center", va="top",
+                 fontsize=fontsize * 0.85, color="#b00000", weight="bold", wrap=True)
+    handles = [Patch(color=f"C{j % 10}", label=lab) for j, lab in enumerate(labels)]
+    handles.append(Line2D([], [], color="black", linewidth=2.5, label="pre-edit"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=fontsize, frameon=False,
+               bbox_to_anchor=(0.5, 0.05 / fig_h))
     out = Path(path)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _pick(report: dict[str, Any], metric: str, prefer: Sequence[str]) -> str | None:
+    """The first protocol of ``prefer`` that every run has for ``metric`` (else that any run has)."""
+    have: dict[str, set[str]] = {}
+    for row in report["rows"]:
+        if row["metric"] == metric and row["stage"] == "post":
+            have[row["protocol"]] = {k for k, v in row["values"].items() if v.get("post") is not None}
+    labels = {r["label"] for r in report["runs"]}
+    for want_all in (True, False):
+        for p in prefer:
+            if p in have and (have[p] == labels if want_all else have[p]):
+                return p
+    return None
+
+
+def write_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
+    """The trade-off chart: one point per run, reliability (x) against locality (y), the 95%
+    intervals as error bars, the area of the marker growing with generalization. Up and right is
+    better. Drawn 16 x 10 inches at 100 dpi (1600 px wide)."""
+    plt = _pyplot()
+    rel = _pick(report, "reliability", ("generate", "token_acc", "exact", "prob"))
+    loc = _pick(report, "locality", ("agreement", "generate_agreement", "token_acc", "generate"))
+    gen = _pick(report, "generalization", ("generate", "token_acc", "exact", "prob"))
+
+    def value(metric: str, proto: str | None, label: str) -> dict[str, Any] | None:
+        for row in report["rows"]:
+            if row["metric"] == metric and row["protocol"] == proto and row["stage"] == "post":
+                v = row["values"].get(label)
+                return v if v and v.get("post") is not None else None
+        return None
+
+    def size(g: float) -> float:
+        return 150.0 + 2400.0 * max(0.0, min(1.0, g))
+
+    fontsize = 15.0
+    fig, ax = plt.subplots(figsize=(16.0, 10.0))
+    fig.subplots_adjust(left=0.08, right=0.80, top=0.84, bottom=0.09)
+    missing = []
+    for j, r in enumerate(report["runs"]):
+        lab = r["label"]
+        x, y = value("reliability", rel, lab), value("locality", loc, lab)
+        if x is None or y is None:
+            missing.append(lab)
+            continue
+        g = value("generalization", gen, lab)
+        colour = f"C{j % 10}"
+        xe = [[x["post"] - x["ci95"][0]], [x["ci95"][1] - x["post"]]] if x.get("ci95") else None
+        ye = [[y["post"] - y["ci95"][0]], [y["ci95"][1] - y["post"]]] if y.get("ci95") else None
+        ax.errorbar(x["post"], y["post"], xerr=xe, yerr=ye, fmt="none", ecolor=colour, elinewidth=2, capsize=6,
+                    zorder=2)
+        ax.scatter([x["post"]], [y["post"]], s=size(g["post"]) if g else size(0.0), color=colour, alpha=0.75,
+                   edgecolors="black", linewidths=1.2, zorder=3, label=lab)
+        gtext = f", gen. {g['post']:.2f}" if g else ""
+        right = x["post"] > 0.6  # keep the label inside the axes
+        ax.annotate(f"{lab}: rel. {x['post']:.2f}, loc. {y['post']:.2f}{gtext}", (x["post"], y["post"]),
+                    xytext=(-30 if right else 30, -40 - 28 * j), textcoords="offset points",
+                    ha="right" if right else "left", va="top", fontsize=fontsize * 0.9, color=colour,
+                    weight="bold", arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 1})
+    ax.set_xlim(-0.02, 1.05)
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel(f"reliability ({rel or 'none'}): the edit prompt gives the new answer", fontsize=fontsize)
+    ax.set_ylabel(f"locality ({loc or 'none'}): unrelated prompts unchanged", fontsize=fontsize)
+    ax.tick_params(labelsize=fontsize * 0.9)
+    ax.grid(alpha=0.3)
+    fig.suptitle("Edit success against side effects (up and to the right is better)", fontsize=fontsize * 1.3,
+                 weight="bold", y=0.975)
+    note = "\n".join(_describe(report)) + "\nerror bars: 95% bootstrap interval over cases"
+    fig.text(0.08, 0.925, note, ha="left", va="top", fontsize=fontsize * 0.8)
+    if report.get("warnings"):
+        fig.text(0.5, 0.005, "Warning: " + " / ".join(report["warnings"]), ha="center", va="bottom",
+                 fontsize=fontsize * 0.8, color="#b00000", weight="bold", wrap=True)
+    # marker-size key: what generalization a marker's area means
+    for g in (0.25, 0.5, 1.0):
+        ax.scatter([], [], s=size(g), color="0.7", edgecolors="black", label=f"generalization {g:g}")
+    if missing:
+        ax.scatter([], [], s=0, label="no reliability/locality: " + ", ".join(missing))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=fontsize * 0.85, labelspacing=2.2,
+              borderpad=1.2, handletextpad=1.5, frameon=False, title=f"generalization: {gen or 'not measured'}",
+              title_fontsize=fontsize * 0.85)
+    out = Path(path)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """Write ``report.md``, ``report.json`` and ``report.png`` into ``out_dir`` (created)."""
+    """Write ``report.md``, ``report.json``, ``report.png`` and ``tradeoff.png`` into ``out_dir`` (created)."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
-        raise InputFileError(f"--out '{out}' is a file; pass a folder for report.md, report.json and report.png")
+        raise InputFileError(f"--out '{out}' is a file; pass a folder for report.md, report.json and the charts")
     out.mkdir(parents=True, exist_ok=True)
     md = out / "report.md"
     md.write_text(render(report, "markdown"), encoding="utf-8")
     js = out / "report.json"
     js.write_text(render(report, "json") + "\n", encoding="utf-8")
-    return [md, js, write_chart(report, out / "report.png")]
+    return [md, js, write_chart(report, out / "report.png"), write_tradeoff(report, out / "tradeoff.png")]

@@ -62,7 +62,7 @@ def summary_table(summary: dict[str, Any], fmt: str = "github") -> str:
             if p not in protos:
                 protos.append(p)
     order = {p: i for i, p in enumerate(("generate", "token_acc", "exact", "prob", "agreement",
-                                          "generate_agreement", "kl"))}
+                                          "generate_agreement", "kl", "perplexity", "mc_acc", "mc_agreement"))}
     protos.sort(key=lambda p: order.get(p, 99))
     # Sequential runs with --also-immediate: each protocol's score right after its own edit gets
     # a column of its own next to the retention (after the last edit) column.
