@@ -293,3 +293,23 @@ def test_wise_subject_gate(tiny_handle, tmp_path):
     edit.revert()
     with pytest.raises(HParamsError, match="key_gate"):
         m.resolve_hparams(handle, overrides={"key_gate": "2"})
+
+
+def test_ike_leaves_out_the_demonstrations_that_do_not_fit(tiny_handle):
+    """On a model with a short context (the tiny GPT-2 reads 128 positions) IKE keeps the most
+    similar demonstrations that fit; a fact that cannot fit even alone is a one-line error."""
+    from medit.core.requests import EditRequest
+    from medit.errors import ValidationError
+    from medit.model.guards import context_limit
+    from medit.plugins.methods.ike.method import fit_context
+
+    h = tiny_handle("gpt2")
+    req = EditRequest.from_dict({"prompt": "The capital of France is", "subject": "France", "target_new": "Rome"})
+    demos = [f"New Fact: The capital of France is Paris {i}.\nPrompt: The capital of France is Paris\n" for i in range(12)]
+    context, dropped = fit_context(h, req, demos, "New Fact: The capital of France is Rome\n")
+    assert 0 < dropped < len(demos)
+    assert context.startswith(demos[dropped]) and context.endswith("Rome\n")  # the most similar (last) kept
+    longest = len(h.tokenizer(req.prompt + " " + req.target_new + "\nPrompt: ").input_ids)
+    assert len(h.tokenizer(context).input_ids) + longest <= context_limit(h)
+    with pytest.raises(ValidationError, match="IKE"):
+        fit_context(h, req, [], "New Fact: " + "France " * 200 + "\n")

@@ -26,13 +26,14 @@ import medit
 from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged_spec
 from medit.core.edit import Edit, patch_requests
 from medit.toolkit.embeddings import embed
-from medit.errors import HParamsError, MethodError, PatchError
+from medit.errors import ValidationError, HParamsError, MethodError, PatchError
 from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.plugins.methods.ike import DESCRIPTION
 from medit.core.timing import setup_phase
+from medit.model.guards import context_limit
 
 DEFAULT_POOL = COUNTERFACT_TRAIN
 
@@ -83,6 +84,24 @@ def pool_demos(hp: IKEHParams) -> list[str]:
         out += [demo(f, p, r.target_new) for p in r.rephrase[:1]]
         out += [demo(f, loc.prompt, loc.answer) for loc in r.locality[:1] if loc.answer]
     return out
+
+
+def fit_context(handle: ModelHandle, req: EditRequest, demos: list[str], tail: str) -> tuple[str, int]:
+    """``demos`` (least similar first) + ``tail``, leaving out the least similar demonstrations
+    until the longest prompt + answer of ``req`` fits the model's context after it. Returns the
+    context and how many demonstrations were left out; a fact that does not fit even alone is a
+    one-line error."""
+    limit = context_limit(handle)
+    tok = handle.tokenizer
+    texts = [req.prompt + " " + req.target_new, *req.rephrase,
+             *(f"{x.prompt} {x.answer or ''}" for x in (*req.locality, *req.portability))]
+    longest = max(len(tok(t + "\nPrompt: ").input_ids) for t in texts)
+    for start in range(len(demos) + 1):
+        context = "".join(demos[start:]) + tail
+        if len(tok(context).input_ids) + longest <= limit:
+            return context, start
+    raise ValidationError(f"case {req.case_id!r}: IKE's fact and prompts alone take more than the "
+                          f"{limit} tokens {handle.model_id} reads; shorten the case or use a weight-editing method")
 
 
 class IKEEdit(Edit):
@@ -167,10 +186,14 @@ class IKE(Method[IKEHParams]):
             demos, emb = self._pool(hp)
             q = embed([fact(r) for r in requests])
             top = (q @ emb.T).topk(min(hp.k, len(demos)), dim=1).indices
+        dropped = 0
         for i, r in enumerate(requests):
             chosen = [demos[j] for j in reversed(top[i].tolist())] if hp.k else []
-            contexts.append("".join(chosen) + f"New Fact: {fact(r)}\n")
+            context, n_dropped = fit_context(handle, r, chosen, f"New Fact: {fact(r)}\n")
+            contexts.append(context)
+            dropped += n_dropped
         edit = IKEEdit(handle, self.name, requests, hp.to_dict(), contexts)
+        edit.info["demos_dropped"] = dropped
         if hp.chat_template:
             edit.wrap(contexts[0], requests[0].prompt)  # fail now, not at scoring time
         edit.info["context_chars"] = sum(map(len, contexts)) / len(contexts)
