@@ -9,7 +9,7 @@ DEMO_MODEL ?= smollm2-135m
 # file the tests read are in the repository (medit/datasets/DATA.md, tests/data/README.md).
 # MEDIT_TEST_STRICT: a test skipped for a missing wheel or file fails the run (tests/conftest.py).
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 $(STAMP): setup.cfg pyproject.toml examples/medit-plugin-example/setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ demo: $(STAMP)
 	$(BIN)/medit edit medit/datasets/demo.jsonl --method $(DEMO_METHOD) --model $(DEMO_MODEL) \
 		--out runs/demo-$(DEMO_METHOD) --save-patch runs/demo-$(DEMO_METHOD)/patch
 
-test: $(STAMP)
+# ruff on everything; mypy --strict on the contracts, the plugin framework and the public facade
+lint: $(STAMP)
+	$(BIN)/ruff check medit tests bench examples
+	$(BIN)/mypy --strict medit/core medit/plugin medit/errors.py medit/__init__.py medit/model/handle.py
+
+test: $(STAMP) lint
 	MEDIT_TEST_STRICT=1 $(BIN)/pytest -q -m "not slow"
 	MEDIT_TEST_STRICT=1 $(BIN)/pytest -q -m slow
 

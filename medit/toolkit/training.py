@@ -396,7 +396,8 @@ def train(handle: "ModelHandle", method: LearnedMethod[Any, Any], hparams: Any, 
             bar.set_postfix(loss=f"{loss.item():.3f}")
             out_of_time = deadline is not None and time.monotonic() >= deadline
             if state["step"] % hparams.val_every == 0 or state["step"] >= target or out_of_time:
-                metrics = validate(handle, method, editor, hparams, val, pre_val) if val else {"score": -state["loss_sum"] / state["loss_n"]}
+                metrics = (validate(handle, method, editor, hparams, val, pre_val) if val
+                           else {"score": -state["loss_sum"] / state["loss_n"]})
                 entry = {"step": state["step"], "train_loss": state["loss_sum"] / state["loss_n"],
                          **{k: float(v) for k, v in stats.items()}, **metrics}
                 state["history"].append(entry)
