@@ -2,7 +2,7 @@
 
 ``tests/data/legacy-patches`` holds patches written before the patch kinds were registered in core
 (manifest versions 1 and 2, read back then by method-specific loaders), made on the tiny random
-models of ``conftest.py`` (same builder, same seed), and the teacher-forced log-probs the model
+models of ``medit.testing`` (same builder, same seed), and the teacher-forced log-probs the model
 gave with each patch applied as that code loaded it. Today's loader must give exactly those.
 """
 from __future__ import annotations
