@@ -9,17 +9,20 @@ import torch
 from torch import nn
 
 from medit.model import loading as handle_mod
-from medit.core.adapter import PER_LAYER, STANDARD_NAMES, ModelAdapter, ModelAlias
+from medit import testing
+from medit.core.adapter import OPTIONAL_PER_LAYER, PER_LAYER, STANDARD_NAMES, ModelAdapter, ModelAlias
 from medit.errors import DeviceError, ModelError
 from medit.model.loading import adapter_for_model_type, all_aliases, load_model, resolve_device
 from medit.plugin.manager import get_plugins
 
-FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5")
+FAMILIES = testing.FAMILIES
 # The tiny fixtures (tests/conftest.py): hidden 32, intermediate 80, 2 (decoder) layers.
 HIDDEN, INTERMEDIATE, N_LAYERS = 32, 80, 2
-TIED = {"gpt2": True, "gptj": False, "gptneox": False, "llama": False, "t5": True}
-MODEL_TYPES = {"gpt2": {"gpt2"}, "gptj": {"gptj"}, "gptneox": {"gpt_neox"},
-               "llama": {"llama", "mistral", "qwen2"}, "t5": {"t5"}}
+TIED = {"gpt2": True, "gptj": False, "gptneox": False, "llama": False, "t5": True,
+        "gpt-neo": True, "gemma": True, "qwen": False, "mistral": False, "phi3": False}
+MODEL_TYPES = {"gpt2": {"gpt2"}, "gptj": {"gptj"}, "gptneox": {"gpt_neox"}, "llama": {"llama"}, "t5": {"t5"},
+               "gpt-neo": {"gpt_neo"}, "gemma": {"gemma", "gemma2", "gemma3_text"}, "qwen": {"qwen2", "qwen3"},
+               "mistral": {"mistral"}, "phi3": {"phi3"}}
 
 # Alias -> (family, published parameter count). Counts include the LM head only when untied.
 ALIAS_SIZES = {
@@ -33,6 +36,13 @@ ALIAS_SIZES = {
     "t5-small": ("t5", 60.5e6),
     "t5-3b": ("t5", 2.85e9),
     "t5-xl": ("t5", 2.85e9),
+    "gpt-neo-2.7b": ("gpt-neo", 2.65e9),
+    "qwen2.5-7b": ("qwen", 7.61e9),
+    "mistral-7b": ("mistral", 7.24e9),
+    "gemma-3-1b": ("gemma", 1.0e9),
+    "gemma-3-270m": ("gemma", 2.68e8),
+    "phi-3-mini": ("phi3", 3.82e9),
+    "llama-3-8b": ("llama", 8.03e9),
 }
 
 
@@ -77,14 +87,30 @@ def test_adapter_flags():
     assert not any(models.get(f).encoder_decoder for f in FAMILIES if f != "t5")
     assert {f: models.get(f).n_layers_attr for f in FAMILIES} == {
         "gpt2": "n_layer", "gptj": "n_layer", "gptneox": "num_hidden_layers",
-        "llama": "num_hidden_layers", "t5": "num_decoder_layers"}
+        "llama": "num_hidden_layers", "t5": "num_decoder_layers", "gpt-neo": "num_layers",
+        "gemma": "num_hidden_layers", "qwen": "num_hidden_layers", "mistral": "num_hidden_layers",
+        "phi3": "num_hidden_layers"}
+    # GPT-Neo's attention keeps its cache index as layer_id; the others as layer_idx
+    assert {f: models.get(f).layer_index_attrs for f in FAMILIES} == {
+        f: ("layer_id",) if f == "gpt-neo" else ("layer_idx",) for f in FAMILIES}
+    # only Gemma (2/3) has a norm between the rewrite module and the residual stream
+    assert [f for f in FAMILIES if "mlp_post_norm" in models.get(f).paths] == ["gemma"]
 
 
 @pytest.mark.parametrize("model_type,family", [
     ("gpt2", "gpt2"), ("gptj", "gptj"), ("gpt_neox", "gptneox"), ("llama", "llama"),
-    ("mistral", "llama"), ("qwen2", "llama"), ("t5", "t5")])
+    ("mistral", "mistral"), ("qwen2", "qwen"), ("qwen3", "qwen"), ("t5", "t5"), ("gpt_neo", "gpt-neo"),
+    ("gemma", "gemma"), ("gemma2", "gemma"), ("gemma3_text", "gemma"), ("gemma3", "gemma3"), ("phi3", "phi3")])
 def test_adapter_for_model_type(model_type, family):
     assert adapter_for_model_type(model_type).name == family
+
+
+def test_mixture_of_experts_qwen_is_refused_with_its_reason():
+    with pytest.raises(ModelError) as err:
+        adapter_for_model_type("qwen2_moe")
+    msg = str(err.value)
+    assert "'qwen2_moe'" in msg and "mixture of experts" in msg and "supported model types:" in msg
+    assert "\n" not in msg
 
 
 def test_unsupported_model_type_lists_supported():
@@ -92,8 +118,10 @@ def test_unsupported_model_type_lists_supported():
         adapter_for_model_type("bert")
     msg = str(err.value)
     assert "'bert'" in msg
-    for t in ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "t5"):
+    for t in ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "t5", "gpt_neo", "gemma3_text", "phi3",
+              "qwen3"):
         assert t in msg
+    assert "\n" not in msg
 
 
 # ------------------------------------------------------------------------------ tiny models
@@ -129,8 +157,11 @@ def test_every_standard_name_resolves(family, tiny_handle):
         params = dict(h.model.named_parameters())
         for std in ("mlp_in", "mlp_out"):
             assert params[h.param_name(std, layer)] is h.module(std, layer).weight
-    for extra in set(h.adapter.paths) - set(STANDARD_NAMES):  # optional non-per-layer names
+    for extra in set(h.adapter.paths) - set(STANDARD_NAMES) - set(OPTIONAL_PER_LAYER):  # optional non-per-layer names
         assert isinstance(h.module(extra), nn.Module)
+    for extra in set(h.adapter.paths) & set(OPTIONAL_PER_LAYER):  # optional per-layer names (Gemma's post-norm)
+        for layer in range(h.n_layers):
+            assert any(m is h.module(extra, layer) for m in layers[layer].modules()), (family, extra, layer)
     assert isinstance(h.module("embed"), nn.Embedding)
     assert h.module("embed").weight.shape == (len(h.tokenizer), HIDDEN)
     assert h.module("lm_head").weight.shape == (len(h.tokenizer), HIDDEN)
@@ -142,9 +173,10 @@ def test_every_standard_name_resolves(family, tiny_handle):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weight_out_in_shapes(family, tiny_handle):
     h = tiny_handle(family)
+    fused = 2 if family == "phi3" else 1  # Phi-3's mlp_in is the fused gate_up_proj
     for layer in range(h.n_layers):
         assert h.weight_out_in("mlp_out", layer).shape == (HIDDEN, INTERMEDIATE)
-        assert h.weight_out_in("mlp_in", layer).shape == (INTERMEDIATE, HIDDEN)
+        assert h.weight_out_in("mlp_in", layer).shape == (fused * INTERMEDIATE, HIDDEN)
     stored = h.module("mlp_out", 0).weight
     if family == "gpt2":  # Conv1D stores (in, out); the (out, in) view is its transpose, not a copy
         assert stored.shape == (INTERMEDIATE, HIDDEN)
@@ -211,7 +243,7 @@ def test_tiny_tokenizers(tiny_tokenizers):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tokenizer_survives_save_and_load(family, tiny_handle, tiny_tokenizers):
     h = tiny_handle(family)
-    ref = tiny_tokenizers[{"llama": "llama", "t5": "t5"}.get(family, "gpt2")]
+    ref = tiny_tokenizers[testing.TOKENIZER_STYLE[family]]
     text = "The capital of France is"
     assert h.tokenizer(text)["input_ids"] == ref(text)["input_ids"]
     assert h.tokenizer.pad_token is not None
@@ -297,6 +329,23 @@ def test_alias_config_builds_and_has_the_named_size(name):
                    d_kv=128, vocab_size=32128, is_gated_act=False)),
     ("t5-small", dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8, d_kv=64,
                       vocab_size=32128, is_gated_act=False)),
+    ("gpt-neo-2.7b", dict(num_layers=32, hidden_size=2560, num_heads=20, window_size=256, vocab_size=50257,
+                          max_position_embeddings=2048, attention_layers=["global", "local"] * 16)),
+    ("qwen2.5-7b", dict(num_hidden_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)),
+    ("mistral-7b", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=32000, sliding_window=4096)),
+    ("gemma-3-1b", dict(num_hidden_layers=26, hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
+                        tie_word_embeddings=True)),
+    ("gemma-3-270m", dict(num_hidden_layers=18, hidden_size=640, intermediate_size=2048, num_attention_heads=4,
+                          num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
+                          query_pre_attn_scalar=256, tie_word_embeddings=True,
+                          layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3)),
+    ("phi-3-mini", dict(num_hidden_layers=32, hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
+                        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)),
+    ("llama-3-8b", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)),
 ])
 def test_alias_config_values(name, values):
     config = _alias_config(all_aliases()[name])
@@ -313,8 +362,8 @@ def test_alias_rope_settings():
     assert float(rope.get("rope_theta", getattr(smol, "rope_theta", 0))) == 100000.0
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
-def test_llama_paths_fit_mistral_and_qwen2(model_type):
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_llama_layout_fits_mistral_and_qwen(model_type):
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type, num_hidden_layers=2, hidden_size=32, intermediate_size=80,
@@ -324,6 +373,25 @@ def test_llama_paths_fit_mistral_and_qwen2(model_type):
     for std in STANDARD_NAMES:
         model.get_submodule(adapter.path(std, 1 if std in PER_LAYER else None))
     assert adapter.n_layers(config) == 2
+
+
+def test_gemma3_image_text_checkpoints_edit_their_language_model():
+    """``gemma3`` (Gemma 3 4B and up) is a vision tower plus the Gemma 3 language model: every
+    standard name resolves inside the language model, and the depth is the text config's."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "gemma3", text_config=dict(num_hidden_layers=2, hidden_size=32, intermediate_size=80, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8, vocab_size=300),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4)
+    adapter = adapter_for_model_type("gemma3")
+    model = _meta_model(config)
+    text = model.get_submodule("model.language_model")
+    assert adapter.n_layers(config) == 2
+    for std, path in adapter.paths.items():
+        mod = model.get_submodule(path.format(1) if "{}" in path else path)
+        assert std == "lm_head" or any(m is mod for m in text.modules()), std
 
 
 def test_smollm2_local_finds_the_gguf_without_importing(monkeypatch):

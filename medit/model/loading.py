@@ -25,6 +25,11 @@ def adapter_for_model_type(model_type: str) -> ModelAdapter:
         if model_type in entry.obj.model_types:
             return entry.obj
     supported = sorted({t for e in families for t in e.obj.model_types})
+    for entry in families:
+        reason = entry.obj.refused.get(model_type)
+        if reason:
+            raise ModelError(f"model type {model_type!r} is not supported: {reason}; supported model types: "
+                             f"{', '.join(supported)}")
     raise ModelError(f"model type {model_type!r} is not supported; supported model types: "
                      f"{', '.join(supported)} (a family plugin can add more)")
 

@@ -166,28 +166,40 @@ def layers_above(handle: "ModelHandle", layer: int) -> Iterator[Above]:
     """Yield an :class:`Above` that starts from the residual stream *after* ``layer`` and runs
     only the layers above it (whole sequences, or a suffix over a cached prefix).
 
-    Implemented by temporarily truncating the layer list (renumbering the attention modules'
-    ``layer_idx`` so caches index the truncated list) and feeding the hidden states as input
-    embeddings; the layer list and indices are always restored.
+    Implemented by temporarily truncating the layer list (renumbering the index each attention
+    module keeps into the key/value cache, named by the adapter's ``layer_index_attrs``, so caches
+    index the truncated list) and feeding the hidden states as input embeddings. A config that
+    lists each layer's kind (``layer_types``: sliding-window or full attention, which picks the
+    mask, the rotary base and the cache layer) is cut the same way. Everything is restored.
     """
     layers_path = handle.adapter.path("layers")
     parent_path, _, attr = layers_path.rpartition(".")
     parent = handle.model.get_submodule(parent_path) if parent_path else handle.model
     full = getattr(parent, attr)
     kept = list(full)[layer + 1:]
-    renumbered = [(m, m.layer_idx) for blk in kept for m in blk.modules()
-                  if isinstance(getattr(m, "layer_idx", None), int)]
+    names = handle.adapter.layer_index_attrs
+    renumbered = [(m, name, getattr(m, name)) for blk in kept for m in blk.modules() for name in names
+                  if isinstance(getattr(m, name, None), int)]
+    text = handle.config.get_text_config(decoder=True) if hasattr(handle.config, "get_text_config") \
+        else handle.config
+    types = getattr(text, "layer_types", None)
+    cut_types = isinstance(types, list) and len(types) == len(full)
     try:
         for i, blk in enumerate(kept):
             for m in blk.modules():
-                if isinstance(getattr(m, "layer_idx", None), int):
-                    m.layer_idx = i
+                for name in names:
+                    if isinstance(getattr(m, name, None), int):
+                        setattr(m, name, i)
         setattr(parent, attr, nn.ModuleList(kept))
+        if cut_types:
+            text.layer_types = types[layer + 1:]
         yield Above(handle)
     finally:
         setattr(parent, attr, full)
-        for m, idx in renumbered:
-            m.layer_idx = idx
+        if cut_types:
+            text.layer_types = types
+        for m, name, idx in renumbered:
+            setattr(m, name, idx)
 
 
 def foreign_hooks(module: torch.nn.Module) -> list[Callable[..., Any]]:
@@ -196,3 +208,17 @@ def foreign_hooks(module: torch.nn.Module) -> list[Callable[..., Any]]:
     change nothing)."""
     return [f for f in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
             if not getattr(f, "__module__", "").startswith("transformers")]
+
+
+def mlp_post_norm(handle: "ModelHandle", layer: int) -> nn.Module | None:
+    """The norm between ``mlp_out``'s output and the residual stream at ``layer`` (Gemma 2/3's
+    ``post_feedforward_layernorm``), or None when the family adds that output to the residual
+    stream as it is. A change ``d`` of ``mlp_out``'s output ``m`` then moves the residual stream by
+    ``norm(m + d) - norm(m)``, not by ``d``."""
+    path = handle.adapter.paths.get("mlp_post_norm")
+    if not path:
+        return None
+    try:
+        return handle.model.get_submodule(path.format(layer))
+    except AttributeError:  # a family member without one (Gemma 1)
+        return None

