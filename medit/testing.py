@@ -245,6 +245,13 @@ def build_tiny_model(family: str, tok: Any, folder: str | Path, seed: int = SEED
         # (T5's tied, d_model-rescaled head is peaked enough already.)
         if not config.is_encoder_decoder:
             model.get_output_embeddings().weight.mul_(LOGIT_SCALE)
+        if family == "gemma":
+            # Gemma's norms start as identities (scale 1 + 0); give each its own scale, as trained
+            # ones have, so that a norm taken from the wrong layer changes the result.
+            gen = torch.Generator().manual_seed(seed + 1)
+            for name, p in model.named_parameters():
+                if name.endswith("layernorm.weight"):
+                    p.copy_(torch.randn(p.shape, generator=gen))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
