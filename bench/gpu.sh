@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# For a lent GPU: ROME and MEMIT speed on LLaMA-2-7B shapes with random weights (fp32, one device).
+# For a lent GPU: ROME and MEMIT speed on LLaMA-2-7B shapes with random weights (fp32, one device),
+# then ROME on Llama-3-8B and Qwen2.5-7B shapes.
 # Random weights never trigger early stopping, so all target-vector steps run.
 #
 # Usage: bash bench/gpu.sh
@@ -33,4 +34,11 @@ $PY bench/edit_speed.py --method rome --model $MODEL --random-init --device $DEV
 $PY bench/edit_speed.py --method memit --model $MODEL --random-init --device $DEVICE --n 3 \
     --dataset "counterfact:$DATA/counterfact/dev.json" --stats-corpus "$DATA/wikitext-2/valid.txt" \
     --fresh-stats --out "$RESULTS/gpu-memit-$MODEL.json" || rc=1
+# ROME on the other families' 7-8B shapes (issue 28): Llama 3 (128k vocabulary, 8 key/value heads)
+# and Qwen2.5 (152k vocabulary, 4 key/value heads); OTHER_MODELS="" skips them
+for other in ${OTHER_MODELS-llama-3-8b qwen2.5-7b}; do
+    $PY bench/edit_speed.py --method rome --model $other --random-init --device $DEVICE --n 5 \
+        --dataset "counterfact:$DATA/counterfact/dev.json" --stats-corpus "$DATA/wikitext-2/valid.txt" \
+        --fresh-stats --out "$RESULTS/gpu-rome-$other.json" || rc=1
+done
 exit $rc
