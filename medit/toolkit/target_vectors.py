@@ -271,9 +271,10 @@ def optimise_deltas(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
                     negatives: Negatives | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Vectors δ [n_requests, d_model] added after ``layer`` at the subject token that make the
     model produce each request's target_new. ``ref`` names what the norm clamp and weight decay
-    are relative to: the residual stream (``resid``, MEMIT) or the MLP output (``mlp``, ROME).
-    δ is optimised as a change of the rewrite module's output; with a post-MLP norm (see the
-    module docstring) ``ref="mlp"`` returns it as such (what ROME inserts), ``ref="resid"`` returns
+    are relative to: the residual stream (``resid``, MEMIT) or the MLP output (``mlp``, ROME; also
+    for ``resid`` in a family with a post-MLP norm). δ is optimised as a change of the rewrite
+    module's output; with a post-MLP norm (see the module docstring) ``ref="mlp"`` returns it as
+    such (what ROME inserts), ``ref="resid"`` returns
     the residual-stream change it makes at the bare prompt (what MEMIT spreads).
 
     ``row_scale`` [n_requests, len(templates) + len(spec.extra_prompts) + 1] optionally scales δ
@@ -343,7 +344,9 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     mlp_at = ms[layer].detach()[:, split:split + 1] if post is not None else None
     owner = torch.tensor(rows.owner, device=dev)
     first_row = torch.tensor([rows.owner.index(i) for i in range(n)], device=dev)
-    ref_vec = (hidden if ref == "resid" else ms[layer].detach())[first_row, split].float()
+    # With a post-MLP norm δ changes the rewrite module's output, whose direction alone reaches the
+    # residual stream: the clamp and decay are then relative to that output whatever ``ref`` says.
+    ref_vec = (hidden if ref == "resid" and mlp_at is None else ms[layer].detach())[first_row, split].float()
     ref_norm = ref_vec.norm(dim=1)
 
     # Target positions (rewrite rows) and KL positions (KL rows), as columns of the suffix.
