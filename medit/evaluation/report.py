@@ -392,7 +392,7 @@ def _bars(ax: Any, rows: list[dict[str, Any]], labels: list[str], fraction: bool
             if ci:
                 ax.errorbar(x, y, yerr=[[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]], fmt="none", ecolor="black",
                             elinewidth=1.2, capsize=4, zorder=4)
-            label_y = max(y, ci[1] if ci else y) + 0.015 * top
+            label_y = max(y, ci[1] if ci else y, v["pre"] if v["pre"] is not None else y) + 0.015 * top
             text = f"{y:.2f}" if abs(y) < 100 else f"{y:.0f}"
             if row["protocol"] == "kl":
                 text = f"{y:.3f}"
@@ -513,6 +513,7 @@ def write_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(16.0, 10.0))
     fig.subplots_adjust(left=0.08, right=0.80, top=0.84, bottom=0.09)
     missing = []
+    seen: list[float] = []  # every drawn coordinate and interval bound, to zoom on them
     for j, r in enumerate(report["runs"]):
         lab = r["label"]
         x, y = value("reliability", rel, lab), value("locality", loc, lab)
@@ -520,6 +521,7 @@ def write_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
             missing.append(lab)
             continue
         g = value("generalization", gen, lab)
+        seen += [x["post"], y["post"], *(x.get("ci95") or ()), *(y.get("ci95") or ())]
         colour = f"C{j % 10}"
         xe = [[x["post"] - x["ci95"][0]], [x["ci95"][1] - x["post"]]] if x.get("ci95") else None
         ye = [[y["post"] - y["ci95"][0]], [y["ci95"][1] - y["post"]]] if y.get("ci95") else None
@@ -533,8 +535,11 @@ def write_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
                     xytext=(-30 if right else 30, -40 - 28 * j), textcoords="offset points",
                     ha="right" if right else "left", va="top", fontsize=fontsize * 0.9, color=colour,
                     weight="bold", arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 1})
-    ax.set_xlim(-0.02, 1.05)
-    ax.set_ylim(-0.02, 1.05)
+    # zoom on the points, in steps of 0.1, keeping at least half of the [0, 1] range in view
+    lo = min(0.5, math.floor((min(seen, default=0.0) - 0.05) * 10) / 10) if seen else 0.0
+    lo = max(lo, 0.0)
+    ax.set_xlim(lo - 0.02, 1.05)
+    ax.set_ylim(lo - 0.02, 1.05)
     ax.set_xlabel(f"reliability ({rel or 'none'}): the edit prompt gives the new answer", fontsize=fontsize)
     ax.set_ylabel(f"locality ({loc or 'none'}): unrelated prompts unchanged", fontsize=fontsize)
     ax.tick_params(labelsize=fontsize * 0.9)
