@@ -166,7 +166,9 @@ def test_ike_context_revert_scope_and_patch(tiny_handle, tmp_path, pool, family)
     edit = m.apply(handle, REQS[:1], hp)
     (ctx,) = edit.transform_prompts([REQS[0].prompt])
     blocks = ctx.split("\n\n")
-    assert len(blocks) == 3 and blocks[-1] == f"New Fact: {REQS[0].prompt} and\nPrompt: {REQS[0].prompt}"
+    # The tiny models read 128 positions: the least similar demonstration may be left out to fit.
+    assert 2 <= len(blocks) == 3 - edit.info["demos_dropped"]
+    assert blocks[-1] == f"New Fact: {REQS[0].prompt} and\nPrompt: {REQS[0].prompt}"
     assert "capital" in blocks[-2]  # the most similar demonstration comes last
     assert edit.transform_prompts(["France has its capital in"])[0].endswith("Prompt: France has its capital in")
     # The edit's own prompt is in scope however strict the threshold.
