@@ -5,17 +5,14 @@ from a file. Each file is written atomically (temporary file, fsync, rename).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from medit.core.io import atomic_write_text
+from medit.core.io import atomic_write_text, atomic_write_with, sha256_file
 from medit.errors import CheckpointError
 
 #: 2: the resume state is safetensors + JSON (``last.safetensors``, ``last.json``), not ``torch.save``.
@@ -25,26 +22,6 @@ LAST_JSON = "last.json"
 STATE_FORMAT = "medit-training-state"
 
 
-def _atomic_save(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_editor(path: Path, editor: nn.Module) -> None:
     """Write ``editor``'s weights to ``path`` (safetensors), atomically."""
     from safetensors.torch import save_file
@@ -52,16 +29,7 @@ def save_editor(path: Path, editor: nn.Module) -> None:
 
     def write(tmp: str) -> None:
         save_file(state, tmp)
-        _fsync(tmp)
-    _atomic_save(path, write)
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    atomic_write_with(path, write)
 
 
 def first_line(exc: BaseException) -> str:
@@ -126,9 +94,8 @@ def save_training_state(folder: Path, payload: dict[str, Any]) -> None:
 
     def write(tmp: str) -> None:
         save_file(tensors, tmp)
-        _fsync(tmp)
-        digest.append(_sha256(tmp))
-    _atomic_save(folder / LAST, write)
+        digest.append(sha256_file(tmp))
+    atomic_write_with(folder / LAST, write)
     meta = {"format": STATE_FORMAT, "version": CHECKPOINT_VERSION, "tensors": LAST, "sha256": digest[0],
             "payload": doc}
     atomic_write_text(folder / LAST_JSON, json.dumps(meta) + "\n")
@@ -156,7 +123,7 @@ def load_training_state(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"training state {str(jpath)!r} has version {meta.get('version')!r}, this medit "
                               f"resumes version {CHECKPOINT_VERSION}; resume it with the medit that wrote it or "
                               "train again")
-    if _sha256(tpath) != meta.get("sha256"):
+    if sha256_file(tpath) != meta.get("sha256"):
         raise CheckpointError(f"training state {str(tpath)!r} does not match the SHA-256 recorded in "
                               f"{LAST_JSON} (damaged, altered or cut short by an interrupted save); it cannot "
                               "be resumed: train again into a new --out")
