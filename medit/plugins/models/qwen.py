@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from medit import hookimpl
 from medit.core.adapter import ModelAdapter, ModelAlias
-from medit.plugins.models.mistral import LLAMA_LAYOUT
+from medit.plugins.models.llama import LLAMA_LAYOUT
 
 
 @dataclass
