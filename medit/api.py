@@ -10,6 +10,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Sequence
 
+from medit.core.chat import DEFAULT_CHAT_PROMPT, chat_format, wrap_request
 from medit.core.dataset import load_dataset
 from medit.core.edit import Edit, load_patch
 from medit.errors import MeditError, UnknownNameError
@@ -53,7 +54,10 @@ def run(handle: ModelHandle, method: str | Method, requests: Sequence[EditReques
         **cfg: Any) -> tuple[dict[str, Any], Edit | None]:
     """Evaluate ``method`` on requests (a list or a dataset spec such as ``counterfact:PATH``).
 
-    Returns (summary with per-case records under ``cases``, the kept edit or None). Pass
+    Returns (summary with per-case records under ``cases``, the kept edit or None). ``chat=True``
+    asks every prompt as a user turn of the tokenizer's chat template (``chat_prompt``: the user
+    message of a cloze prompt) and adds the ``answer`` protocol to the default ones; other
+    keywords are :class:`~medit.evaluation.engine.EvalConfig`'s. Pass
     ``dataset_info`` with already-selected requests to record where they came from. With a spec,
     ``skip_invalid`` leaves invalid records out (see :func:`~medit.core.dataset.load_dataset`).
 
@@ -129,6 +133,14 @@ def check_edit_mode(mode: str | None) -> None:
                          "together; use --mode batch or --mode sequential (or score edits one at a time "
                          "with `medit eval --mode single`)")
     raise UnknownNameError("mode", mode, EDIT_MODES, hint="`medit edit` applies all its edits together")
+
+
+def chat_requests(handle: ModelHandle, requests: Sequence[EditRequest],
+                  chat_prompt: str = DEFAULT_CHAT_PROMPT) -> list[EditRequest]:
+    """``requests`` with every prompt wrapped as a user turn of ``handle``'s chat template, as
+    ``chat=True`` does inside :func:`run` (e.g. to train a learned editor on them)."""
+    fmt = chat_format(handle.tokenizer, chat_prompt, handle.model_id)
+    return [wrap_request(r, fmt) for r in requests]
 
 
 def apply_patch(handle: ModelHandle, path: str | Path) -> Edit:

@@ -144,7 +144,8 @@ TrustOpt = typer.Option(False, "--trust-remote-code", help="allow model code fro
 NoMemCheckOpt = typer.Option(False, "--no-memory-check",
                              help="load the model even when its memory estimate exceeds the free memory")
 ProtoOpt = typer.Option(None, "--protocol", metavar="LIST",
-                        help="comma list of generate,token_acc,exact,prob (default: all)")
+                        help="comma list of answer,generate,token_acc,exact,prob (default: all but answer; "
+                        "with --chat all)")
 OutOpt = typer.Option(None, "--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
 GenOpt = typer.Option(8, "--gen-tokens", metavar="N", help="max new tokens for the generate protocol")
 CorpusOpt = typer.Option(None, "--stats-corpus", metavar="CORPUS",
@@ -152,7 +153,13 @@ CorpusOpt = typer.Option(None, "--stats-corpus", metavar="CORPUS",
                          "the WikiText-2 text medit ships)")
 CheckpointOpt = typer.Option(None, "--checkpoint", metavar="DIR",
                              help="trained editor folder from `medit train` (mend, ke, serac)")
-ChatOpt = typer.Option(False, "--chat-template", help="wrap in-context edits in the tokenizer's chat template (ike)")
+ChatOpt = typer.Option(False, "--chat", help="ask every prompt as a user turn of the tokenizer's chat template "
+                       "(instruct models); targets are scored as the start of the answer")
+ChatPromptOpt = typer.Option("Complete the sentence: {prompt}", "--chat-prompt", metavar="TEXT",
+                             help="with --chat: the user message a cloze prompt becomes ({prompt} is the prompt; "
+                             "questions ending in ? are asked as they are)")
+AnswerOpt = typer.Option(24, "--answer-tokens", metavar="N",
+                         help="max new tokens of the answer protocol's full answer")
 AttrPoolOpt = typer.Option(None, "--attribute-pool", metavar="DATASET",
                            help="attribute metric: dataset file (FORMAT:PATH) whose other records of an edited "
                            "subject give its other facts (repeatable; default: the evaluated file)")
@@ -176,14 +183,29 @@ def _route(method: Any, overrides: dict[str, Any], field: str, value: Any, flag:
     return {**overrides, field: value}
 
 
-def _method_flags(method: Any, overrides: dict[str, Any], corpus: Optional[str], checkpoint: Optional[str],
-                  chat: bool) -> dict[str, Any]:
-    """Route --stats-corpus, --checkpoint and --chat-template into the method's hparams."""
+def _method_flags(method: Any, overrides: dict[str, Any], corpus: Optional[str],
+                  checkpoint: Optional[str]) -> dict[str, Any]:
+    """Route --stats-corpus and --checkpoint into the method's hparams."""
     overrides = _route(method, overrides, "stats_corpus", corpus, "--stats-corpus", "uses no covariance statistics")
     overrides = _route(method, overrides, "checkpoint", checkpoint, "--checkpoint", "uses no trained editor")
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise MeditError(f"checkpoint folder {checkpoint!r} does not exist; pass the --out folder of `medit train`")
-    return _route(method, overrides, "chat_template", chat or None, "--chat-template", "builds no in-context prompt")
+    return overrides
+
+
+def _chat_options(chat: bool, chat_prompt: str, answer_tokens: int | None = None) -> dict[str, Any]:
+    """--chat, --chat-prompt and --answer-tokens as EvalConfig keywords, checked before the model loads."""
+    from medit.core.chat import DEFAULT_CHAT_PROMPT
+    _at_least(answer_tokens, 1, "--answer-tokens", 24)
+    if "{prompt}" not in chat_prompt:
+        raise MeditError(f"--chat-prompt {chat_prompt!r} has no {{prompt}} placeholder; write e.g. "
+                         f"--chat-prompt {DEFAULT_CHAT_PROMPT!r}")
+    if chat_prompt != DEFAULT_CHAT_PROMPT and not chat:
+        raise MeditError("--chat-prompt sets the user message of --chat, which is off; add --chat or drop --chat-prompt")
+    kw: dict[str, Any] = {"chat": chat, "chat_prompt": chat_prompt} if chat else {}
+    if answer_tokens is not None:
+        kw["answer_tokens"] = answer_tokens
+    return kw
 
 
 def _metric_flags(metrics: tuple[str, ...], pool: Optional[list[str]], text: Optional[str], mc: Optional[str],
@@ -280,7 +302,8 @@ def edit(file: str = typer.Argument(..., metavar="FILE",
          force: bool = typer.Option(False, "--force", help="let --save-patch replace an existing medit patch"),
          out: Optional[str] = OutOpt, protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt,
          stats_corpus: Optional[str] = CorpusOpt, checkpoint: Optional[str] = CheckpointOpt,
-         chat_template: bool = ChatOpt, skip_invalid: bool = SkipInvalidOpt,
+         chat: bool = ChatOpt, chat_prompt: str = ChatPromptOpt, answer_tokens: int = AnswerOpt,
+         skip_invalid: bool = SkipInvalidOpt,
          attribute_pool: Optional[list[str]] = AttrPoolOpt, other_task_text: Optional[str] = OtherTextOpt,
          other_task_mc: Optional[str] = OtherMcOpt,
          dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
@@ -296,6 +319,7 @@ def edit(file: str = typer.Argument(..., metavar="FILE",
     api.check_edit_mode(mode)
     _at_least(gen_tokens, 1, "--gen-tokens", 8)
     protos = _protocols(protocol)
+    protos.update(_chat_options(chat, chat_prompt, answer_tokens))
     run_dir = Path(out) if out else api.default_run_dir("edit", method)
     check_out_dir(run_dir, resume=False)
     if save_patch:
@@ -311,7 +335,7 @@ def edit(file: str = typer.Argument(..., metavar="FILE",
     meth = api.get_method(method)
     if mode:
         meth.check_mode(mode)
-    overrides = _method_flags(meth, overrides, stats_corpus, checkpoint, chat_template)
+    overrides = _method_flags(meth, overrides, stats_corpus, checkpoint)
     meth.precheck_hparams(hparams, overrides)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code, no_memory_check)
     summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, force=force,
@@ -337,7 +361,8 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
                                          "(batches applied one after another; 0: one edit at a time)"),
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
           protocol: Optional[str] = ProtoOpt, gen_tokens: int = GenOpt, stats_corpus: Optional[str] = CorpusOpt,
-          checkpoint: Optional[str] = CheckpointOpt, chat_template: bool = ChatOpt, skip_invalid: bool = SkipInvalidOpt,
+          checkpoint: Optional[str] = CheckpointOpt, chat: bool = ChatOpt, chat_prompt: str = ChatPromptOpt,
+          answer_tokens: int = AnswerOpt, skip_invalid: bool = SkipInvalidOpt,
           metrics: Optional[str] = typer.Option(None, "--metrics", metavar="LIST",
                                                 help="comma list of metrics (default: reliability, generalization, "
                                                 "locality, portability, efficiency; opt-in: fluency, attribute, "
@@ -374,10 +399,10 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     requests, info = load_dataset(dataset, n=n, offset=offset, seed=seed,  # fail fast, before loading the model
                                   skip_invalid=skip_invalid)
     meth = api.get_method(method)
-    overrides = _method_flags(meth, overrides, stats_corpus, checkpoint, chat_template)
+    overrides = _method_flags(meth, overrides, stats_corpus, checkpoint)
     cfg: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "gen_tokens": gen_tokens, **_protocols(protocol),
                            "also_immediate": also_immediate, "score_batch_size": score_batch_size,
-                           "score_cache": not no_score_cache}
+                           "score_cache": not no_score_cache, **_chat_options(chat, chat_prompt, answer_tokens)}
     if metrics:
         for name in (m.strip() for m in metrics.split(",")):
             get_plugins().metrics.get(name)
@@ -405,16 +430,18 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metav
                                                      "the patch's edit prompts)"),
           save: Optional[str] = typer.Option(None, "--save", metavar="DIR",
                                              help="write the edited model to this folder"),
-          gen_tokens: int = GenOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
+          gen_tokens: int = GenOpt, chat: bool = ChatOpt, chat_prompt: str = ChatPromptOpt,
+          dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
           device_map: Optional[str] = DeviceMapOpt, random_init: bool = RandomOpt,
           trust_remote_code: bool = TrustOpt, no_memory_check: bool = NoMemCheckOpt) -> None:
-    """Apply a saved patch to a fresh model and show its effect."""
+    """Apply a saved patch to a fresh model and show its effect (--chat: each prompt asked as a chat turn)."""
     from medit.core.edit import apply_patch, patch_class
     from medit.core.patchfile import read_patch
     from medit.core.queries import GenQuery
     from medit.scoring.engine import Scorer
 
     _at_least(gen_tokens, 1, "--gen-tokens", 8)
+    chat_kw = _chat_options(chat, chat_prompt)
     if save:
         _check_new_folder(save, "--save")
     manifest, tensors = read_patch(patch)  # verified before the model loads
@@ -423,7 +450,12 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metav
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code, no_memory_check)
     scorer = Scorer(handle)
     prompts = list(prompt or [r.get("prompt", "") for r in manifest.get("requests", []) if isinstance(r, dict)])
-    qs = [GenQuery(p, gen_tokens) for p in prompts]
+    asked = prompts
+    if chat_kw:
+        from medit.core.chat import chat_format
+        fmt = chat_format(handle.tokenizer, chat_prompt, handle.model_id)
+        asked = [fmt.wrap(p) for p in prompts]
+    qs = [GenQuery(p, gen_tokens) for p in asked]
     before_edit = dict(zip(prompts, scorer.generate(qs)))
     ed = apply_patch(handle, manifest, tensors, where=patch)
     after = scorer.generate(qs, ed.transform_prompts)
@@ -451,12 +483,13 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
                                                       help="stop (validated and checkpointed) after this much wall time"),
           n: Optional[int] = typer.Option(None, "--n", metavar="N", help="use only the first N training cases"),
           val_n: Optional[int] = typer.Option(None, "--val-n", metavar="N", help="use only the first N --val cases"),
-          skip_invalid: bool = SkipInvalidOpt,
+          skip_invalid: bool = SkipInvalidOpt, chat: bool = ChatOpt, chat_prompt: str = ChatPromptOpt,
           hparams: Optional[str] = HparamsOpt, set_: Optional[list[str]] = SetOpt,
           dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
           random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
           no_memory_check: bool = NoMemCheckOpt) -> None:
-    """Train a learned editor (mend, ke, serac) for a model; writes a resumable checkpoint folder."""
+    """Train a learned editor (mend, ke, serac) for a model; writes a resumable checkpoint folder.
+    With --chat it trains on the prompts wrapped as chat turns (then edit and eval with --chat too)."""
     from medit import api
     from medit.core.dataset import load_dataset
     from medit.core.hparams import parse_sets
@@ -472,12 +505,16 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
     _at_least(max_minutes, 0.01, "--max-minutes", 30)
     _at_least(n, 1, "--n", 1000)
     _at_least(val_n, 1, "--val-n", 100)
+    chat_kw = _chat_options(chat, chat_prompt)
     if not resume and not (Path(out) / "manifest.json").is_file():
         _check_new_folder(out, "--out")  # a checkpoint folder itself is refused (or resumed) by train
     meth.precheck_hparams(hparams, overrides)
     requests, info = load_dataset(data, n=n, skip_invalid=skip_invalid)
     val_reqs, val_info = load_dataset(val, n=val_n, skip_invalid=skip_invalid) if val else (None, None)
     handle = _load(model, dtype, device, None, random_init, trust_remote_code, no_memory_check)
+    if chat_kw:
+        requests = api.chat_requests(handle, requests, chat_prompt)
+        val_reqs = api.chat_requests(handle, val_reqs, chat_prompt) if val_reqs is not None else None
     hp = meth.resolve_hparams(handle, hparams, overrides)
     manifest = run_training(handle, meth, hp, requests, out, val=val_reqs, data_info=info, val_info=val_info,
                             max_steps=max_steps, max_minutes=max_minutes, resume=resume, log=typer.echo)

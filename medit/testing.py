@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from medit.core.requests import EditRequest
     from medit.model.handle import ModelHandle
 
-__all__ = ["FAMILIES", "TOKENIZER_STYLE", "SEED", "CheckReport", "check_method", "default_requests",
+__all__ = ["FAMILIES", "TOKENIZER_STYLE", "CHAT_TEMPLATES", "SEED", "CheckReport", "check_method", "default_requests",
            "training_requests", "tiny_tokenizer", "tiny_tokenizers", "build_tiny_model", "tiny_model_dir",
            "tiny_model", "corpus_path", "training_lines"]
 
@@ -75,6 +75,15 @@ FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5", "gpt-neo", "gemma", "qwen"
 #: family's tokenizer: Gemma, Mistral and Phi-3 put a BOS in front, Qwen and GPT-Neo do not.
 TOKENIZER_STYLE = {"gpt2": "gpt2", "gptj": "gpt2", "gptneox": "gpt2", "llama": "llama", "t5": "t5",
                    "gpt-neo": "gpt2", "gemma": "llama", "qwen": "gpt2", "mistral": "llama", "phi3": "llama"}
+#: chat templates of the tiny families whose real instruct models have one (Qwen's ChatML, Gemma's
+#: turns with BOS); the other tiny tokenizers have none, as base models' tokenizers.
+CHAT_TEMPLATES = {
+    "qwen": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "gemma": ("{{ bos_token }}{% for m in messages %}<start_of_turn>"
+              "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+              "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+}
 #: attention window of the tiny families with local / sliding-window attention (GPT-Neo, Gemma,
 #: Mistral): shorter than the test prompts, so that the window changes what the model computes.
 TINY_WINDOW = 4
@@ -255,6 +264,10 @@ def build_tiny_model(family: str, tok: Any, folder: str | Path, seed: int = SEED
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
+    if family in CHAT_TEMPLATES:
+        import copy
+        tok = copy.deepcopy(tok)  # the style's tokenizer is shared by other families
+        tok.chat_template = CHAT_TEMPLATES[family]
     tok.save_pretrained(folder)
     return folder
 

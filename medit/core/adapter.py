@@ -90,6 +90,7 @@ class ModelAdapter:
         """
         if self.encoder_decoder:
             return prompt, target.strip()
-        if target.startswith(" ") or prompt.endswith(" ") or not self.target_sep:
+        # a prompt ending in whitespace (a chat turn's "assistant\n") takes the target as it is
+        if target.startswith(" ") or prompt[-1:].isspace() or not self.target_sep:
             return prompt, target
         return prompt, self.target_sep + target

@@ -17,9 +17,15 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar, Mapping
 
 from medit.core.requests import EditRequest
-from medit.core.queries import GenQuery, TFQuery, TFResult, generation_matches
+from medit.core.queries import GenQuery, TFQuery, TFResult, answer_matches, generation_matches
 
-PROTOCOLS = ("generate", "token_acc", "exact", "prob")
+#: every scoring protocol; ``answer`` (a full greedy answer, see :func:`answer_matches`) is
+#: opt-in (``--protocol``) and on by default with ``--chat``.
+PROTOCOLS = ("answer", "generate", "token_acc", "exact", "prob")
+#: the protocols a run scores unless told otherwise.
+DEFAULT_PROTOCOLS = ("generate", "token_acc", "exact", "prob")
+#: the ``answer`` protocol's default token limit (``--answer-tokens``).
+ANSWER_TOKENS = 24
 #: protocol -> {"pre": value or None, "post": value}
 Values = dict[str, dict[str, float | None]]
 Results = Mapping[Any, Any]
@@ -35,6 +41,8 @@ class Metric:
 
     #: run-level metrics: how many edits (single mode) or batches (batch mode) to measure after.
     run_sample: int = 10
+    #: the ``answer`` protocol's token limit; the evaluation engine sets it on its copy of the metric.
+    answer_tokens: int = ANSWER_TOKENS
 
     def queries(self, req: EditRequest, protocols: tuple[str, ...], gen_tokens: int) -> list[Any]:
         return []
@@ -81,6 +89,8 @@ class TargetMetric(Metric):
                 qs.append(TFQuery(prompt, rival))
             if "generate" in protocols:
                 qs.append(GenQuery(prompt, gen_tokens))
+            if "answer" in protocols:
+                qs.append(GenQuery(prompt, self.answer_tokens))
         return qs
 
     def _score(self, res: Results, protocol: str, prompt: str, target: str, rival: str | None,
@@ -98,6 +108,9 @@ class TargetMetric(Metric):
         if protocol == "generate":
             gen = res.get(GenQuery(prompt, gen_tokens))
             return None if gen is None else generation_matches(gen, target)
+        if protocol == "answer":
+            ans = res.get(GenQuery(prompt, self.answer_tokens))
+            return None if ans is None else answer_matches(ans, target, rival)
         return None
 
     def compute(self, req: EditRequest, pre: Results | None, post: Results,

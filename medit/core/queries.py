@@ -102,3 +102,41 @@ def generation_matches(generated: str, target: str) -> float:
     """``generate`` protocol: 1.0 if the greedy output begins with the target (case/space-normalised)."""
     g, t = normalise(generated), normalise(target)
     return float(bool(t) and (g == t or g.startswith(t + " ") or g.startswith(t) and not g[len(t):len(t) + 1].isalnum()))
+
+
+_ARTICLES = frozenset(("a", "an", "the"))
+
+
+def normalise_answer(text: str) -> str:
+    """``answer`` protocol normalisation: lower case, punctuation to spaces, articles dropped
+    ("The United Kingdom." and "united kingdom" are equal)."""
+    chars = "".join(c if c.isalnum() else " " for c in text.lower().replace("\u2581", " "))
+    return " ".join(w for w in chars.split() if w not in _ARTICLES)
+
+
+def first_sentence(text: str) -> str:
+    """A generated answer up to the end of its first sentence or line (generation already stops at
+    the end of the turn): ``.``, ``!`` or ``?`` followed by a space, or a newline after some text."""
+    text = text.lstrip()
+    cut = len(text)
+    for i, c in enumerate(text):
+        if c == "\n" and text[:i].strip():
+            cut = i
+            break
+        if c in ".!?" and (i + 1 == len(text) or text[i + 1].isspace()):
+            cut = i + 1
+            break
+    return text[:cut]
+
+
+def answer_matches(answer: str, target: str, old: str | None = None) -> float:
+    """``answer`` protocol: 1.0 when the normalised ``target`` appears (as whole words) in the
+    first sentence of ``answer`` and the normalised ``old`` answer does not (outside the target
+    itself, so an old answer that is part of the new one does not count against it)."""
+    a, t = normalise_answer(first_sentence(answer)), normalise_answer(target)
+    if not t or f" {t} " not in f" {a} ":
+        return 0.0
+    o = normalise_answer(old) if old else ""
+    if o and o != t and f" {o} " in f" {a} ".replace(f" {t} ", " | "):
+        return 0.0
+    return 1.0

@@ -8,7 +8,7 @@ from medit.errors import ValidationError
 
 #: The fields of a medit JSONL record.
 FIELDS = ("case_id", "prompt", "subject", "target_new", "target_true", "rephrase", "locality",
-          "portability", "generation_prompts", "attribute")
+          "portability", "generation_prompts", "attribute", "questions")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class EditRequest:
     where: str = ""  # where the record came from (file:line), for error messages only
     generation_prompts: tuple[str, ...] = ()
     attribute: tuple[PromptAnswer, ...] = ()
+    #: the fact asked as questions ("What is the mother tongue of Danielle Darrieux?"); with
+    #: ``--chat`` they are scored like rephrasings (see :mod:`medit.core.chat`).
+    questions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         origin = f"case {self.case_id!r}" + (f" ({self.where})" if self.where else "")
@@ -55,7 +58,7 @@ class EditRequest:
         if self.subject not in self.prompt:
             raise ValidationError(f"{origin}: subject {self.subject!r} does not occur in prompt "
                                   f"{self.prompt!r}; put the subject verbatim into the prompt")
-        for name in ("rephrase", "generation_prompts"):
+        for name in ("rephrase", "generation_prompts", "questions"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(x, str) for x in value):
                 raise ValidationError(f"{origin}: field {name!r} must be a list of strings, got {value!r}")
@@ -65,8 +68,8 @@ class EditRequest:
         object.__setattr__(self, "attribute", tuple(_pa(x, origin, "attribute") for x in self.attribute))
 
     def to_dict(self) -> dict[str, Any]:
-        """The medit JSONL representation (the optional ``generation_prompts`` and ``attribute``
-        only when non-empty)."""
+        """The medit JSONL representation (the optional ``generation_prompts``, ``attribute`` and
+        ``questions`` only when non-empty)."""
         d = asdict(self)
         d.pop("where")
         d["rephrase"] = list(self.rephrase)
@@ -74,7 +77,8 @@ class EditRequest:
         d["portability"] = [asdict(x) for x in self.portability]
         d["generation_prompts"] = list(self.generation_prompts)
         d["attribute"] = [asdict(x) for x in self.attribute]
-        for key in ("generation_prompts", "attribute"):
+        d["questions"] = list(self.questions)
+        for key in ("generation_prompts", "attribute", "questions"):
             if not d[key]:
                 d.pop(key)
         if d["target_true"] is None:
@@ -96,13 +100,16 @@ class EditRequest:
         generation = d.get("generation_prompts") or ()
         if isinstance(generation, str):
             generation = (generation,)
+        questions = d.get("questions") or ()
+        if isinstance(questions, str):
+            questions = (questions,)
         # the fields' types are checked by __post_init__, which names the case and the field
         return cls(prompt=cast(str, d.get("prompt")), subject=cast(str, d.get("subject")),
                    target_new=cast(str, d.get("target_new")),
                    target_true=d.get("target_true"), rephrase=tuple(rephrase),
                    locality=tuple(d.get("locality") or ()), portability=tuple(d.get("portability") or ()),
                    case_id=case_id, where=where, generation_prompts=tuple(generation),
-                   attribute=tuple(d.get("attribute") or ()))
+                   attribute=tuple(d.get("attribute") or ()), questions=tuple(questions))
 
 
 def _pa(x: Any, origin: str, field_name: str) -> PromptAnswer:

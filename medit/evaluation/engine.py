@@ -18,7 +18,8 @@ from medit.core.hparams import HParams
 from medit.core.io import JsonlAppender, atomic_write_json, read_jsonl_records
 from medit.evaluation.memory import current_rss_mb, peak_rss_mb, trim_heap
 from medit.core.method import MODES, Method
-from medit.core.metric import PROTOCOLS, Metric
+from medit.core.chat import DEFAULT_CHAT_PROMPT, ChatFormat, chat_format, wrap_request
+from medit.core.metric import ANSWER_TOKENS, DEFAULT_PROTOCOLS, PROTOCOLS, Metric
 from medit.plugin.manager import get_plugins
 from medit.core.progress import progress_bar
 from medit.core.requests import EditRequest
@@ -38,7 +39,8 @@ class EvalConfig:
     when scoring."""
 
     mode: str = "single"
-    protocols: tuple[str, ...] = PROTOCOLS
+    #: None: :data:`~medit.core.metric.DEFAULT_PROTOCOLS`, plus ``answer`` with ``chat``.
+    protocols: tuple[str, ...] | None = None
     metrics: tuple[str, ...] = DEFAULT_METRICS
     batch_size: int = 0
     score_batch_size: int = 64
@@ -58,8 +60,23 @@ class EvalConfig:
     #: options of metrics that take some, by metric name (e.g. ``{"other_task": {"text": FILE}}``);
     #: see :meth:`medit.core.metric.Metric.configure`.
     metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: wrap every prompt as a user turn of the tokenizer's chat template (:mod:`medit.core.chat`);
+    #: ``chat_prompt`` turns a cloze prompt into the user message.
+    chat: bool = False
+    chat_prompt: str = DEFAULT_CHAT_PROMPT
+    #: the ``answer`` protocol's most new tokens.
+    answer_tokens: int = ANSWER_TOKENS
 
     def __post_init__(self) -> None:
+        if self.protocols is None:
+            self.protocols = DEFAULT_PROTOCOLS + (("answer",) if self.chat else ())
+        self.protocols = tuple(self.protocols)
+        if self.answer_tokens < 1:
+            raise MeditError(f"answer tokens {self.answer_tokens!r} must be at least 1; pass e.g. --answer-tokens "
+                             f"{ANSWER_TOKENS}")
+        if "{prompt}" not in self.chat_prompt:
+            raise MeditError(f"--chat-prompt {self.chat_prompt!r} has no {{prompt}} placeholder; write e.g. "
+                             f"--chat-prompt {DEFAULT_CHAT_PROMPT!r}")
         if self.mode not in MODES:
             raise UnknownNameError("mode", self.mode, MODES)
         bad = [p for p in self.protocols if p not in PROTOCOLS]
@@ -87,8 +104,16 @@ class EvalConfig:
 
     def configured_metrics(self) -> list[Metric]:
         """The run's metrics, each configured with its options (files are read and checked here)."""
+        import copy
         registry = get_plugins().metrics
-        return [registry.get(m).configure(**self.metric_options.get(m, {})) for m in self.metrics]
+        out = []
+        for name in self.metrics:
+            metric = registry.get(name).configure(**self.metric_options.get(name, {}))
+            if metric.answer_tokens != self.answer_tokens:
+                metric = copy.copy(metric)  # the registry's object is shared by every run
+                metric.answer_tokens = self.answer_tokens
+            out.append(metric)
+        return out
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -110,6 +135,10 @@ class Evaluator:
 
     def __init__(self, handle: ModelHandle, method: Method, hparams: HParams, cfg: EvalConfig) -> None:
         self.handle, self.method, self.hparams, self.cfg = handle, method, hparams, cfg
+        #: the chat wrapping of every request (None without ``chat``): one place for every method
+        self.chat: ChatFormat | None = (chat_format(handle.tokenizer, cfg.chat_prompt, handle.model_id)
+                                        if cfg.chat else None)
+        self._original: dict[str, EditRequest] = {}
         self.metrics: list[Metric] = cfg.configured_metrics()
         #: run-level metrics (other_task): scored before editing and after a sample of edits
         self.run_metrics = [m for m in self.metrics if m.run_queries(cfg.protocols, cfg.gen_tokens)]
@@ -211,7 +240,11 @@ class Evaluator:
             rec["generated"] = {"prompt": req.prompt, "pre": pre.get(q), "post": post.get(q)}
             if immediate is not None:
                 rec["generated"]["immediate"] = immediate.get(q)
-        rec["request"] = req.to_dict()
+        if "answer" in self.cfg.protocols:
+            from medit.core.queries import GenQuery
+            q = GenQuery(req.prompt, self.cfg.answer_tokens)
+            rec["answer"] = {"prompt": req.prompt, "pre": pre.get(q), "post": post.get(q)}
+        rec["request"] = self._original.get(req.case_id, req).to_dict()  # as the dataset wrote it
         if edit is not None:
             rec["edit"] = edit
         return rec
@@ -219,6 +252,9 @@ class Evaluator:
     # ------------------------------------------------------------------ modes
     def run(self, requests: Sequence[EditRequest]) -> dict[str, Any]:
         cfg = self.cfg
+        if self.chat is not None:
+            self._original = {r.case_id: r for r in requests}
+            requests = [wrap_request(r, self.chat) for r in requests]
         out = Path(cfg.out_dir) if cfg.out_dir else None
         done: dict[str, dict[str, Any]] = {}
         if out is not None:
@@ -393,6 +429,8 @@ class Evaluator:
                 "batch_size": self.cfg.batch_size, "protocols": list(self.cfg.protocols),
                 "metrics": list(self.cfg.metrics), "gen_tokens": self.cfg.gen_tokens,
                 "metric_options": self.cfg.metric_options,
+                **({"answer_tokens": self.cfg.answer_tokens} if "answer" in self.cfg.protocols else {}),
+                **({"chat": self.chat.record()} if self.chat is not None else {}),
                 "dataset": self.cfg.dataset, "n": len(requests),
                 "offset": self.cfg.dataset.get("offset", 0), "seed": self.cfg.seed,
                 "start_time": start, "end_time": end}

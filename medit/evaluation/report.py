@@ -2,7 +2,7 @@
 
 Reads each run folder's ``summary.json`` (required) and ``manifest.json`` (optional; it adds the
 dataset and protocols) as DESIGN.md "Run outputs" defines them, and builds one report: a row per
-metric and protocol (``generate`` first), a column per run holding the post-edit mean, and a
+metric and protocol (``answer`` first when present, then ``generate``), a column per run holding the post-edit mean, and a
 ``pre`` column where every run measured the same pre-edit value (the same model and cases);
 otherwise each cell shows ``pre → post``. A mean that carries its 95% bootstrap interval
 (``ci95`` in summary.json) is shown as ``0.950 ±0.080`` (the larger distance to a bound).
@@ -39,7 +39,8 @@ __all__ = ["FORMATS", "Run", "load_run", "load_runs", "build_report", "render", 
 FORMATS = ("table", "markdown", "json")
 METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "attribute", "distracting",
                 "other_task", "fluency")
-PROTOCOL_ORDER = ("generate", "token_acc", "exact", "prob", "agreement", "generate_agreement", "kl",
+PROTOCOL_ORDER = ("answer", "generate", "token_acc", "exact", "prob", "agreement", "answer_agreement",
+                  "generate_agreement", "kl",
                   "ngram_entropy", "perplexity", "mc_acc", "mc_agreement")
 #: protocols whose values are not fractions in [0, 1], with the unit a chart shows them in
 UNITS = {"kl": "KL(pre ‖ post), nats (lower is better)", "ngram_entropy": "n-gram entropy, bits",
@@ -495,9 +496,9 @@ def write_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
     intervals as error bars, the area of the marker growing with generalization. Up and right is
     better. Drawn 16 x 10 inches at 100 dpi (1600 px wide)."""
     plt = _pyplot()
-    rel = _pick(report, "reliability", ("generate", "token_acc", "exact", "prob"))
+    rel = _pick(report, "reliability", ("answer", "generate", "token_acc", "exact", "prob"))
     loc = _pick(report, "locality", ("agreement", "generate_agreement", "token_acc", "generate"))
-    gen = _pick(report, "generalization", ("generate", "token_acc", "exact", "prob"))
+    gen = _pick(report, "generalization", ("answer", "generate", "token_acc", "exact", "prob"))
 
     def value(metric: str, proto: str | None, label: str) -> dict[str, Any] | None:
         for row in report["rows"]:

@@ -55,13 +55,15 @@ def summarise(records: list[dict[str, Any]], method: str, model: str, mode: str,
 
 
 def summary_table(summary: dict[str, Any], fmt: str = "github") -> str:
-    """Metrics × protocols, each cell ``pre → post`` (``generate`` first: it is the honest number)."""
+    """Metrics × protocols, each cell ``pre → post`` (``answer`` first when measured, then
+    ``generate``: the honest numbers)."""
     protos: list[str] = []
     for m in summary["metrics"].values():
         for p in m:
             if p not in protos:
                 protos.append(p)
-    order = {p: i for i, p in enumerate(("generate", "token_acc", "exact", "prob", "agreement",
+    order = {p: i for i, p in enumerate(("answer", "generate", "token_acc", "exact", "prob", "agreement",
+                                          "answer_agreement",
                                           "generate_agreement", "kl", "perplexity", "mc_acc", "mc_agreement"))}
     protos.sort(key=lambda p: order.get(p, 99))
     # Sequential runs with --also-immediate: each protocol's score right after its own edit gets

@@ -106,6 +106,13 @@ def subject_token_index(handle: "ModelHandle", text: str, subject_start: int, su
 
 
 def fill(template: str, prompt: str) -> tuple[str, int]:
-    """(template with the prompt inserted, character offset of the prompt in it)."""
+    """(template with the prompt inserted, character offset of the prompt in it).
+
+    A context template (``"<text>. {}"``) around a chat-wrapped prompt goes inside its user turn
+    (:func:`medit.core.chat.prefix`); the offset then still moves everything after the turn's
+    head by the template's text, so ``offset + prompt.index(subject)`` finds the subject."""
     offset = template.index("{}")
+    if offset and template.endswith("{}") and template.count("{}") == 1:
+        from medit.core.chat import prefix
+        return prefix(template[:offset], prompt), offset
     return template.replace("{}", prompt, 1), offset

@@ -120,6 +120,10 @@ class SentenceEmbedder:
         return torch.cat(out).float()
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit embeddings [n, dim]. A chat-wrapped text is embedded as the prompt it wraps (the
+        template's own text would make every prompt look alike to scope tests)."""
+        from medit.core.chat import unwrap
+        texts = [unwrap(t) for t in texts]
         todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
         if todo:
             for t, v in zip(todo, self._compute(todo)):

@@ -21,6 +21,8 @@ Required (EasyEdit layout): prompt, subject, target_new, ground_truth; the other
 optional, a missing ``case_id`` defaults to the record's index, unknown fields are ignored.
 Each of rephrase_prompt / locality_prompt / locality_ground_truth may also be a list.
 Targets are stripped of surrounding whitespace (the model adapter adds the separating space).
+``questions`` holds the fact asked as a question where the relation is known
+(:mod:`medit.plugins.datasets.cf_questions`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from medit.core.dataset import (DatasetFormat, RawRecord, ReadResult, convert_re
                                 prompt_answer_items, read_records, require, str_list, target_str)
 from medit.errors import ValidationError
 from medit.core.requests import EditRequest, PromptAnswer
+from medit.plugins.datasets.cf_questions import question_for
 
 REQUIRED = ("prompt", "subject", "target_new", "ground_truth")
 MARKERS = ("ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
@@ -78,7 +81,8 @@ class CounterFact(DatasetFormat):
             locality=tuple(locality),
             portability=tuple(prompt_answer_items(d.get("portability"), origin, "portability")),
             case_id=case_id, where=rec.where,
-            generation_prompts=tuple(str_list(d.get("generation_prompts"), origin, "generation_prompts")))
+            generation_prompts=tuple(str_list(d.get("generation_prompts"), origin, "generation_prompts")),
+            questions=_question(d["prompt"], d["subject"], d.get("relation_id")))
 
     def _rome(self, rec: RawRecord, case_id: str, origin: str) -> EditRequest:
         rr = rec.data["requested_rewrite"]
@@ -107,7 +111,16 @@ class CounterFact(DatasetFormat):
             rephrase=tuple(str_list(rec.data.get("paraphrase_prompts"), origin, "paraphrase_prompts")),
             locality=tuple(PromptAnswer(p, target_true or "") for p in neighborhood),
             case_id=case_id, where=rec.where,
-            generation_prompts=tuple(str_list(rec.data.get("generation_prompts"), origin, "generation_prompts")))
+            generation_prompts=tuple(str_list(rec.data.get("generation_prompts"), origin, "generation_prompts")),
+            questions=_question(template.replace("{}", subject) if "{}" in template else template, subject,
+                                rr.get("relation_id")))
+
+
+def _question(prompt: Any, subject: Any, relation_id: Any) -> tuple[str, ...]:
+    if not isinstance(prompt, str) or not isinstance(subject, str) or subject not in prompt:
+        return ()  # the request's own validation names the problem
+    q = question_for(prompt, subject, relation_id if isinstance(relation_id, str) else None)
+    return (q,) if q else ()
 
 
 @hookimpl

@@ -79,7 +79,7 @@ class Zsre(DatasetFormat):
             rephrase=tuple(str_list(d.get("rephrase"), origin, "rephrase")),
             locality=tuple(locality),
             portability=tuple(prompt_answer_items(d.get("portability"), origin, "portability")),
-            case_id=case_id, where=rec.where)
+            case_id=case_id, where=rec.where, questions=(prompt,))
 
 
 @hookimpl

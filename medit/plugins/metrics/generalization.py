@@ -9,7 +9,7 @@ from medit.core.requests import EditRequest
 class Generalization(TargetMetric):
     name = "generalization"
     description = "rephrased prompts are answered with target_new (mean over rephrasings)"
-    protocols = ("generate", "token_acc", "exact", "prob")
+    protocols = ("answer", "generate", "token_acc", "exact", "prob")
 
     def pairs(self, req: EditRequest) -> list[tuple[str, str, str | None]]:
         return [(p, req.target_new, req.target_true) for p in req.rephrase]

@@ -5,7 +5,9 @@ argmax is the same before and after the edit, EasyEdit's definition), ``generate
 (greedy continuations identical before and after), ``kl`` (neighbourhood KL: mean over the
 locality prompts of KL(pre || post) between the next-token distributions at the last prompt
 position, in nats), and, where the data gives a ground truth, post-edit accuracy under
-``token_acc``/``exact``/``generate``.
+``token_acc``/``exact``/``generate``/``answer``. With the ``answer`` protocol also
+``answer_agreement``: the first sentence of the full greedy answer is the same (normalised)
+before and after the edit.
 """
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ from typing import Any
 from medit import hookimpl
 from medit.core.metric import Metric, Results, Values, mean, staged
 from medit.core.requests import EditRequest
-from medit.core.queries import DistQuery, GenQuery, TFQuery, generation_matches, kl_divergence
+from medit.core.queries import (DistQuery, GenQuery, TFQuery, answer_matches, first_sentence, generation_matches,
+                                kl_divergence, normalise_answer)
 
 
 class Locality(Metric):
     name = "locality"
     description = "unrelated prompts keep their predictions (agreement) and ground-truth answers"
-    protocols = ("generate", "token_acc", "exact")
+    protocols = ("answer", "generate", "token_acc", "exact")
 
     def queries(self, req: EditRequest, protocols: tuple[str, ...], gen_tokens: int) -> list[Any]:
         qs: list[Any] = []
@@ -30,6 +33,8 @@ class Locality(Metric):
                 qs.append(TFQuery(pa.prompt, pa.answer))
             if "generate" in protocols:
                 qs.append(GenQuery(pa.prompt, gen_tokens))
+            if "answer" in protocols:
+                qs.append(GenQuery(pa.prompt, self.answer_tokens))
         return qs
 
     def compute(self, req: EditRequest, pre: Results | None, post: Results,
@@ -52,10 +57,19 @@ class Locality(Metric):
             same = [float(pre[GenQuery(pa.prompt, g)] == post[GenQuery(pa.prompt, g)]) for pa in req.locality]
             if same:
                 out["generate_agreement"] = {"pre": None, "post": mean(same)}
+        if pre is not None and "answer" in protocols and req.locality:
+            def sentence(res: Results, prompt: str) -> str:
+                return normalise_answer(first_sentence(res[GenQuery(prompt, self.answer_tokens)]))
+            kept = [float(sentence(pre, pa.prompt) == sentence(post, pa.prompt)) for pa in req.locality]
+            out["answer_agreement"] = {"pre": None, "post": mean(kept)}
         for proto in protocols:
             if proto not in self.protocols or not with_answer:
                 continue
-            if proto == "generate":
+            if proto == "answer":
+                def scores(res: Results) -> list[float]:
+                    return [answer_matches(res[GenQuery(pa.prompt, self.answer_tokens)], pa.answer)
+                            for pa in with_answer]
+            elif proto == "generate":
                 def scores(res: Results) -> list[float]:
                     return [generation_matches(res[GenQuery(pa.prompt, ctx["gen_tokens"])], pa.answer)
                             for pa in with_answer]

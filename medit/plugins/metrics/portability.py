@@ -9,7 +9,7 @@ from medit.core.requests import EditRequest
 class Portability(TargetMetric):
     name = "portability"
     description = "portability prompts are answered with their expected answers"
-    protocols = ("generate", "token_acc", "exact")
+    protocols = ("answer", "generate", "token_acc", "exact")
 
     def pairs(self, req: EditRequest) -> list[tuple[str, str, str | None]]:
         return [(pa.prompt, pa.answer, None) for pa in req.portability if pa.answer]

@@ -9,7 +9,7 @@ from medit.core.requests import EditRequest
 class Reliability(TargetMetric):
     name = "reliability"
     description = "the edit prompt is answered with target_new (prob: P(new) > P(true))"
-    protocols = ("generate", "token_acc", "exact", "prob")
+    protocols = ("answer", "generate", "token_acc", "exact", "prob")
 
     def pairs(self, req: EditRequest) -> list[tuple[str, str, str | None]]:
         return [(req.prompt, req.target_new, req.target_true)]

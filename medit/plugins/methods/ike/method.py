@@ -13,6 +13,9 @@ With several facts in one edit, each prompt gets the context of the fact closest
 whose similarity to every edited fact is below ``scope_threshold`` is left unchanged (an
 in-scope test in the manner of SERAC's classifier). The paper puts the context in front of every
 prompt (``scope_threshold: null``), which on SmolLM2 changed 80% of unrelated answers.
+
+With ``--chat`` the prompts arrive wrapped as chat turns (:mod:`medit.core.chat`): the context goes
+inside the user turn, and facts and scope tests use the prompts the turns wrap.
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ from typing import Any, Sequence
 import torch
 
 import medit
+from medit.core.chat import prefix, unwrap
 from medit.core.dataset import COUNTERFACT_TRAIN, load_dataset, resolve_packaged_spec
 from medit.core.edit import Edit, patch_requests
 from medit.toolkit.embeddings import embed
-from medit.errors import ValidationError, HParamsError, MethodError, PatchError
+from medit.errors import ValidationError, HParamsError, PatchError
 from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
 from medit.core.method import Method
@@ -49,8 +53,6 @@ class IKEHParams(HParams):
     pool: str = DEFAULT_POOL
     #: pool cases used (the first ones of the file).
     pool_size: int = 2000
-    #: wrap the context in the tokenizer's chat template (chat / instruct models).
-    chat_template: bool = False
     #: prompts less similar than this to every edited fact are left unchanged; null: never (the
     #: paper's setting). 0.65 was chosen on the first 300 CounterFact *train* cases: 2.0% of
     #: neighbourhood prompts and 72.7% of paraphrases (100% of the edit prompts) pass it.
@@ -67,7 +69,7 @@ class IKEHParams(HParams):
 
 
 def fact(req: EditRequest) -> str:
-    return f"{req.prompt} {req.target_new}"
+    return f"{unwrap(req.prompt)} {req.target_new}"
 
 
 def demo(new_fact: str, prompt: str, answer: str) -> str:
@@ -115,7 +117,6 @@ class IKEEdit(Edit):
         self.contexts = contexts
         self.facts = [fact(r) for r in requests]
         self.threshold = hparams.get("scope_threshold")
-        self.chat = bool(hparams.get("chat_template"))
         self._fact_emb: torch.Tensor | None = None
 
     def _choose(self, prompts: list[str]) -> list[int]:
@@ -131,17 +132,7 @@ class IKEEdit(Edit):
                 for p, b, i in zip(prompts, best, idx)]
 
     def wrap(self, context: str, prompt: str) -> str:
-        if not self.chat:
-            return f"{context}Prompt: {prompt}"
-        tok = self.handle.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise MethodError(f"the tokenizer of {self.handle.model_id} has no chat template; drop --chat-template")
-        head = tok.apply_chat_template([{"role": "user", "content": context.rstrip() + "\nPrompt:"}],
-                                       tokenize=False, add_generation_prompt=True)
-        bos = tok.bos_token or ""
-        if bos and head.startswith(bos):  # the tokenizer adds BOS itself when encoding
-            head = head[len(bos):]
-        return f"{head}{prompt}"
+        return prefix(f"{context}Prompt: ", prompt)
 
     def transform_prompts(self, prompts: list[str]) -> list[str]:
         if not self.active:
@@ -194,7 +185,5 @@ class IKE(Method[IKEHParams]):
             dropped += n_dropped
         edit = IKEEdit(handle, self.name, requests, hp.to_dict(), contexts)
         edit.info["demos_dropped"] = dropped
-        if hp.chat_template:
-            edit.wrap(contexts[0], requests[0].prompt)  # fail now, not at scoring time
         edit.info["context_chars"] = sum(map(len, contexts)) / len(contexts)
         return edit
