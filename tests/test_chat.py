@@ -208,3 +208,30 @@ def test_adapter_join_after_whitespace(tiny_handle):
     assert adapter.join("assistant\n", "Rome") == ("assistant\n", "Rome")
     assert adapter.join("The capital is", "Rome") == ("The capital is", " Rome")
 
+
+
+def test_cli_train_with_chat(tiny_model_dirs, tmp_path):
+    """A learned editor trains on the wrapped prompts (a 2-step smoke run)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in testing.training_requests(4)))
+    result = CliRunner().invoke(app, ["train", "--method", "mend", "--model", str(tiny_model_dirs["qwen"]),
+                                      "--data", str(data), "--out", str(tmp_path / "ck"), "--max-steps", "2", "--set", "val_n=2",
+                                      "--chat"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["train", "--method", "mend", "--model", str(tiny_model_dirs["gpt2"]),
+                                      "--data", str(data), "--out", str(tmp_path / "ck2"), "--chat"])
+    assert result.exit_code == 2 and "no chat template" in result.output
+
+
+@pytest.mark.slow
+def test_smollm2_rome_through_the_chat_template(smollm2):
+    """SmolLM2-135M-Instruct asked as a chat: one ROME edit per case shows in its full answer
+    (measured on CounterFact dev cases 0 and 1: answer reliability 0 -> 1), and the locality
+    prompts' teacher-forced answers stay."""
+    reqs, _ = load_dataset(f"counterfact:{TEST_DATA / 'counterfact-dev-300.json'}", n=2)
+    summary, _ = api.run(smollm2, "rome", reqs, mode="single", chat=True, protocols=("answer", "token_acc"),
+                         progress=False)
+    rel = summary["metrics"]["reliability"]["answer"]
+    assert rel["pre"] == 0.0 and rel["post"] == 1.0
+    assert summary["metrics"]["locality"]["agreement"]["post"] >= 0.9
+    assert all("<|im_start|>assistant\n" in c["answer"]["prompt"] for c in summary["cases"])
