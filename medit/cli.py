@@ -274,9 +274,11 @@ def _shown(text: Optional[str]) -> str:
 
 
 def _print_completions(summary: dict[str, Any]) -> None:
-    rows = [[c["case_id"], c["generated"]["prompt"], c["request"]["target_new"],
-             _shown(c["generated"]["pre"]), _shown(c["generated"]["post"])]
-            for c in summary["cases"] if c.get("generated")]
+    # the request's own prompt (a chat run's model read it inside the template); the full answer
+    # when the answer protocol ran
+    rows = [[c["case_id"], c["request"]["prompt"], c["request"]["target_new"],
+             _shown(c[k]["pre"]), _shown(c[k]["post"])]
+            for c in summary["cases"] for k in ("answer" if c.get("answer") else "generated",) if c.get(k)]
     if rows:
         typer.echo(tabulate(rows, headers=["case", "prompt", "target", "before", "after"], tablefmt="simple",
                             maxcolwidths=[8, 40, 16, 30, 30]))
