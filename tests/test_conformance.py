@@ -30,6 +30,7 @@ FAST: dict[str, dict[str, str]] = {
     "rome": {**LOCATE, "layer": "0"},
     "memit": {**LOCATE, "layers": "[0]", "mom2_update_weight": "10"},
     "alphaedit": {**LOCATE, "layers": "[0]", "L2": "0.01", "nullspace_threshold": "0.5"},
+    "ultraedit": {"lr": "0.01"},  # a random model's gradients are small: a larger step makes the change clear
     "kn": {"edit_scale": "4.0"},
     "grace": {"layer": "1", "lr": "0.5", "steps": "20"},
     "wise": {"layer": "1", "steps": "20", "n_irrelevant": "4", "negative_subjects": "[]", "negative_pool": "null"},

@@ -1,0 +1,140 @@
+"""UltraEdit (Gu et al. 2025, "UltraEdit: Training-, Subject-, and Memory-Free Lifelong Editing").
+
+One forward and backward pass of the target NLL gives, at every edited linear layer ``y = W k``
+and every target position t, the key ``k_t`` and the output gradient ``g_t = dL/dy_t``
+(:func:`~medit.toolkit.gradient_editors.token_grads`). The pair ``z_t = [k_t; g_t]`` is added to
+the layer's running moments (lifelong normalisation, :mod:`medit.toolkit.lifelong`) and
+normalised by them (``k̂_t``, ``ĝ_t``); the pseudo-value is ``v_t = -lr ‖k̂_t‖² ĝ_t`` and the shift
+is the ridge least-squares map from the raw keys to the pseudo-values,
+
+    ΔWᵀ = (KᵀK + ridge·I)⁻¹ Kᵀ V = Kᵀ (K Kᵀ + ridge·I)⁻¹ V      (K [T, d_in], V [T, d_out]),
+
+computed on the right-hand side (a T×T solve, T = target tokens of the turn). Nothing is trained
+and no covariance corpus is read; what persists is the running moments, which
+:meth:`UltraEdit.start_run` resets and an edit withdraws its rows from on revert.
+
+Differences from the reference implementation: moments are kept per edited parameter (the
+reference shares them between parameters of the same shape), and the layers are medit's standard
+``mlp_in`` / ``mlp_out`` modules (the reference edits gate and up projections of LLaMA-style MLPs;
+``mlp_in`` is the up projection).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import medit
+from medit.core.edit import WeightEdit
+from medit.core.hparams import HParams
+from medit.core.method import Method
+from medit.core.requests import EditRequest
+from medit.errors import HParamsError
+from medit.model.handle import ModelHandle
+from medit.plugins.methods.ultraedit import DESCRIPTION
+from medit.scoring.engine import Scorer
+from medit.toolkit.gradient_editors import EditedWeights, edit_pairs, edited_params, token_grads
+from medit.toolkit.lifelong import LifelongMoments
+from medit.toolkit.spread import storage_factors
+
+
+@dataclass
+class UltraEditHParams(EditedWeights, HParams):
+    """Hyperparameters of UltraEdit. ``layers`` / ``modules`` name the edited weights
+    (``auto``: the last three layers)."""
+
+    #: the MLP input projections by default, as the reference edits the MLPs' input side.
+    modules: list[str] = field(default_factory=lambda: ["mlp_in"])
+
+    #: step size of the pseudo-values ``v = -lr ‖k̂‖² ĝ`` (the paper's ``lr``): how far each edit
+    #: moves the layer outputs along the normalised negative gradient.
+    lr: float = 1e-3
+    #: ridge of the key least squares (1 in the paper): larger keeps the shift smaller and smoother.
+    ridge: float = 1.0
+    #: normalise keys and gradients by the run's running moments (the paper's lifelong
+    #: normalisation); False uses the raw key and gradient (an ablation).
+    normalise: bool = True
+
+    def __post_init__(self) -> None:
+        self.check_edited_weights()
+        if self.lr <= 0:
+            raise HParamsError(f"hparam 'lr' must be > 0, got {self.lr}")
+        if self.ridge <= 0:
+            raise HParamsError(f"hparam 'ridge' must be > 0 (the key solve needs it), got {self.ridge}")
+
+
+class UltraEditEdit(WeightEdit):
+    """A WeightEdit that also withdraws its keys and gradients from the run's moments on revert.
+
+    It keeps those rows (T × (d_in + d_out) float32 per edited weight, about 8 KB per target token
+    and weight on SmolLM2): what must grow with a run for a revert to be exact."""
+
+    added: dict[str, torch.Tensor]
+
+    def revert(self) -> None:
+        if self.active:
+            self._whole_only("revert")  # before touching the moments: a refused revert changes nothing
+            moments = self.handle.state(LifelongMoments)
+            for name, rows in getattr(self, "added", {}).items():
+                if name in moments.by_param:
+                    moments.by_param[name].remove(rows)
+        super().revert()
+
+
+def pseudo_values(keys: torch.Tensor, grads: torch.Tensor, norm_keys: torch.Tensor, norm_grads: torch.Tensor,
+                  lr: float) -> torch.Tensor:
+    """UltraEdit's value targets ``-lr ‖k̂_t‖² ĝ_t`` [T, d_out] (float64)."""
+    return -lr * (norm_keys * norm_keys).sum(-1, keepdim=True) * norm_grads
+
+
+def key_least_squares(keys: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``Kᵀ (K Kᵀ + ridge·I)⁻¹`` [d_in, T] in float64, equal to ``(KᵀK + ridge·I)⁻¹ Kᵀ``."""
+    K = keys.double()
+    gram = K @ K.T
+    gram.diagonal().add_(ridge)
+    return torch.linalg.solve(gram, K).T
+
+
+class UltraEdit(Method[UltraEditHParams]):
+    name = "ultraedit"
+    description = DESCRIPTION
+    hparams_class = UltraEditHParams
+    modes = ("single", "batch", "sequential")
+    hparams_dir = Path(medit.__file__).parent / "hparams" / "ultraedit"
+
+    def start_run(self, handle: ModelHandle) -> None:
+        handle.reset_state(LifelongMoments)
+
+    def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: UltraEditHParams) -> WeightEdit:
+        names = edited_params(handle, hparams.modules, hparams.layers)
+        grads = token_grads(handle, names, edit_pairs(Scorer(handle), requests))
+        moments = handle.state(LifelongMoments)
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        added: dict[str, torch.Tensor] = {}
+        for name in names:
+            keys, out_grads = grads[name]
+            if keys.shape[0] == 0:  # no target position reached this weight's gradient
+                continue
+            if hparams.normalise:
+                rows = torch.cat([keys, out_grads], 1)
+                moments.of(name).add(rows)
+                added[name] = rows.cpu()
+                normed = moments.of(name).normalise(rows)
+                kn, gn = normed[:, :keys.shape[1]], normed[:, keys.shape[1]:]
+            else:
+                kn, gn = keys.double(), out_grads.double()
+            V = pseudo_values(keys, out_grads, kn.to(keys.device), gn.to(keys.device), hparams.lr)
+            X = key_least_squares(keys, hparams.ridge)
+            factors[name] = storage_factors(handle, V.T.float(), X.float())
+        try:
+            edit = UltraEditEdit.from_deltas(handle, self.name, requests, hparams.to_dict(), factors=factors)
+        except BaseException:
+            for name, rows in added.items():
+                moments.of(name).remove(rows)
+            raise
+        assert isinstance(edit, UltraEditEdit)
+        edit.added = added
+        edit.info.update(edited=list(factors), target_tokens={n: int(grads[n][0].shape[0]) for n in names})
+        return edit

@@ -1,0 +1,87 @@
+"""UltraEdit's maths and run state on tiny random models (its conformance on every family is in
+tests/test_conformance.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medit.core.edit import CompositeEdit
+from medit.errors import HParamsError
+from medit.api import get_method
+from medit.testing import default_requests, training_requests
+from medit.toolkit.lifelong import LifelongMoments, RunningMoments
+from medit.plugins.methods.ultraedit.method import UltraEditHParams, key_least_squares
+
+
+def _method():
+    return get_method("ultraedit")
+
+
+def _state(handle) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in handle.model.state_dict().items()}
+
+
+def test_running_moments_match_torch_and_withdraw_exactly():
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 7), torch.randn(3, 7) * 4 + 2
+    m = RunningMoments()
+    m.add(a)
+    m.add(b)
+    mean, std = m.mean_std()
+    both = torch.cat([a, b]).double()
+    assert torch.allclose(mean, both.mean(0)) and torch.allclose(std, both.std(0))
+    m.remove(b)
+    mean, std = m.mean_std()
+    assert torch.allclose(mean, a.double().mean(0)) and torch.allclose(std, a.double().std(0))
+    one = RunningMoments()
+    one.add(a[:1])
+    assert torch.equal(one.mean_std()[1], torch.ones(7, dtype=torch.float64))  # no spread from one row
+    with pytest.raises(ValueError):
+        RunningMoments().remove(a)
+
+
+def test_key_least_squares_is_the_ridge_solution():
+    torch.manual_seed(0)
+    K = torch.randn(4, 9)
+    direct = torch.linalg.solve(K.double().T @ K.double() + 2.0 * torch.eye(9, dtype=torch.float64), K.double().T)
+    assert torch.allclose(key_least_squares(K, 2.0), direct, atol=1e-10)
+
+
+@pytest.mark.parametrize("bad", [{"lr": "0"}, {"ridge": "-1"}, {"modules": "[attn]"}])
+def test_bad_hparams_refused(bad):
+    with pytest.raises(HParamsError):
+        UltraEditHParams.from_dict(bad)
+
+
+def test_sequential_edits_accumulate_moments_and_revert_to_nothing(tiny_handle):
+    handle = tiny_handle("llama")
+    m = _method()
+    hp = UltraEditHParams.from_dict({"lr": "0.01", "layers": "[0, 1]"})
+    m.start_run(handle)
+    before = _state(handle)
+    reqs = training_requests(2)
+    edits = [m.apply(handle, [r], hp) for r in reqs]
+    moments = handle.state(LifelongMoments).by_param
+    names = [handle.param_name("mlp_in", layer) for layer in (0, 1)]
+    assert sorted(moments) == sorted(names)
+    counts = [edits[0].info["target_tokens"][n] + edits[1].info["target_tokens"][n] for n in names]
+    assert [moments[n].n for n in names] == counts and all(c > 0 for c in counts)
+    CompositeEdit(handle, edits).revert()
+    assert all(moments[n].n == 0 for n in names)
+    after = _state(handle)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_normalisation_changes_the_shift(tiny_handle):
+    """The lifelong normalisation is not a no-op: with it off the same edit moves the weights differently."""
+    handle = tiny_handle("gpt2")
+    m = _method()
+    req = default_requests()[:1]
+    deltas = []
+    for normalise in ("true", "false"):
+        m.start_run(handle)
+        edit = m.apply(handle, req, UltraEditHParams.from_dict({"lr": "0.01", "normalise": normalise}))
+        deltas.append(edit.deltas())
+        edit.revert()
+    name = next(iter(deltas[0]))
+    assert deltas[0][name].abs().sum() > 0 and not torch.allclose(deltas[0][name], deltas[1][name])
