@@ -375,6 +375,14 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
                                                                    help="continue an interrupted run in --out"),
           also_immediate: bool = typer.Option(False, "--also-immediate",
                                               help="sequential mode: also score each case right after its own edit"),
+          monitor_every: int = typer.Option(0, "--monitor-every", metavar="N",
+                                            help="sequential mode: every N edits, a health row in monitor.jsonl "
+                                            "(norm growth, probe locality, retained reliability, perplexity)"),
+          stop_on_collapse: bool = typer.Option(False, "--stop-on-collapse",
+                                                help="end a monitored run when probe locality or retained "
+                                                "reliability falls below --collapse-threshold"),
+          collapse_threshold: float = typer.Option(0.5, "--collapse-threshold", metavar="X",
+                                                   help="the --stop-on-collapse threshold, in (0, 1]"),
           score_batch_size: int = typer.Option(64, "--score-batch-size", metavar="N",
                                                help="most sequences per forward pass when scoring"),
           no_score_cache: bool = typer.Option(False, "--no-score-cache",
@@ -404,6 +412,8 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     overrides = _method_flags(meth, overrides, stats_corpus, checkpoint)
     cfg: dict[str, Any] = {"mode": mode, "batch_size": batch_size, "gen_tokens": gen_tokens, **_protocols(protocol),
                            "also_immediate": also_immediate, "score_batch_size": score_batch_size,
+                           "monitor_every": monitor_every, "stop_on_collapse": stop_on_collapse,
+                           "collapse_threshold": collapse_threshold,
                            "score_cache": not no_score_cache, **_chat_options(chat, chat_prompt, answer_tokens)}
     if metrics:
         for name in (m.strip() for m in metrics.split(",")):

@@ -23,6 +23,7 @@ from medit.core.metric import ANSWER_TOKENS, DEFAULT_PROTOCOLS, PROTOCOLS, Metri
 from medit.plugin.manager import get_plugins
 from medit.core.progress import progress_bar
 from medit.core.requests import EditRequest
+from medit.evaluation.monitor import Monitor, MonitorConfig
 from medit.evaluation.rundir import _rewrite_cases, check_out_dir, check_resumable
 from medit.evaluation.summary import summarise
 from medit.scoring.engine import Scorer
@@ -66,6 +67,13 @@ class EvalConfig:
     chat_prompt: str = DEFAULT_CHAT_PROMPT
     #: the ``answer`` protocol's most new tokens.
     answer_tokens: int = ANSWER_TOKENS
+    #: sequential mode: every this many edits, a health row in ``monitor.jsonl`` (0: off; see
+    #: :mod:`medit.evaluation.monitor`).
+    monitor_every: int = 0
+    #: end a monitored run with RunCollapsed when probe locality or retained reliability falls
+    #: below ``collapse_threshold``.
+    stop_on_collapse: bool = False
+    collapse_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if self.protocols is None:
@@ -88,6 +96,13 @@ class EvalConfig:
             raise MeditError(f"--also-immediate scores each case right after its own edit, which only differs "
                              f"from the final scores in sequential mode, not {self.mode!r}; add --mode "
                              "sequential or drop --also-immediate")
+        if self.monitor_every and self.mode != "sequential":
+            raise MeditError(f"--monitor-every {self.monitor_every} tracks a sequential run's health, not a "
+                             f"{self.mode!r} one; add --mode sequential or drop --monitor-every")
+        if self.stop_on_collapse and not self.monitor_every:
+            raise MeditError("--stop-on-collapse needs the health monitor; add e.g. --monitor-every 50")
+        if self.monitor_every:
+            MonitorConfig(self.monitor_every, self.collapse_threshold)  # checks both values
         if self.batch_size < 0:
             raise MeditError(f"batch size {self.batch_size!r} must be at least 0; pass e.g. --batch-size 10 "
                              "(0: all at once in batch mode, one at a time in sequential mode)")
@@ -345,6 +360,14 @@ class Evaluator:
             scores = {**post, **run_post} if run_post and req.case_id == target else post
             yield self._case_record(req, pre, scores, ctx, immediate, edit=edit_record(edit, j, len(chunk)))
 
+    def _monitor(self, sequence: Sequence[EditRequest]) -> Monitor | None:
+        cfg = self.cfg
+        if not cfg.monitor_every:
+            return None
+        mc = MonitorConfig(cfg.monitor_every, cfg.collapse_threshold if cfg.stop_on_collapse else None)
+        return Monitor(self.handle, self.scorer, sequence, mc,
+                       Path(cfg.out_dir) if cfg.out_dir else None)
+
     def _run_mode(self, todo: list[EditRequest], pre: dict, bar: Any, sequence: Sequence[EditRequest]) -> Any:
         """Records for the ``todo`` cases. In sequential mode every case of ``sequence`` is edited,
         in order, so a resumed run scores its remaining cases after the same edits as the first try."""
@@ -387,12 +410,17 @@ class Evaluator:
             steps: list[tuple[list[EditRequest], Edit, float, float | None, dict | None]] = []
             ok = False
             wanted = {r.case_id for r in todo}
+            monitor = self._monitor(sequence)
             try:
+                if monitor is not None:
+                    monitor.start()
                 for i in range(0, len(sequence), size):
                     chunk = list(sequence[i:i + size])
                     edit, s = self._apply(chunk)
                     edits.append(edit)
                     share_originals(edits)  # one copy of each edited matrix, however long the run
+                    if monitor is not None:
+                        monitor.after(i + len(chunk), edits, last=i + size >= len(sequence))
                     mb = current_rss_mb()
                     mine = [r for r in chunk if r.case_id in wanted]
                     now = (self._score(mine, CompositeEdit(self.handle, edits))

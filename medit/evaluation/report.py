@@ -187,8 +187,13 @@ def build_report(runs: Sequence[Run]) -> dict[str, Any]:
     for k in _order(keys, EFFICIENCY_KEYS):
         vals = {r.label: _num((r.summary.get("efficiency") or {}).get(k)) for r in runs}
         efficiency.append({"metric": "efficiency", "protocol": k, "values": vals})
-    return {"runs": [r.info() for r in runs], "warnings": _warnings(runs), "rows": rows, "efficiency": efficiency,
-            "paired": _paired(runs, rows)}
+    report = {"runs": [r.info() for r in runs], "warnings": _warnings(runs), "rows": rows, "efficiency": efficiency,
+              "paired": _paired(runs, rows)}
+    from medit.evaluation.monitor import read_monitor
+    curves = {r.label: rows for r in runs if (rows := read_monitor(r.path))}
+    if curves:  # sequential runs with --monitor-every: their health rows, by run label
+        report["monitor"] = curves
+    return report
 
 
 def _cell(v: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -567,7 +572,8 @@ def write_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """Write ``report.md``, ``report.json``, ``report.png`` and ``tradeoff.png`` into ``out_dir`` (created)."""
+    """Write ``report.md``, ``report.json``, ``report.png`` and ``tradeoff.png`` into ``out_dir`` (created),
+    and ``monitor.png`` when a run has a health monitor curve."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise InputFileError(f"--out '{out}' is a file; pass a folder for report.md, report.json and the charts")
@@ -576,4 +582,8 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     md.write_text(render(report, "markdown"), encoding="utf-8")
     js = out / "report.json"
     js.write_text(render(report, "json") + "\n", encoding="utf-8")
-    return [md, js, write_chart(report, out / "report.png"), write_tradeoff(report, out / "tradeoff.png")]
+    files = [md, js, write_chart(report, out / "report.png"), write_tradeoff(report, out / "tradeoff.png")]
+    if report.get("monitor"):
+        from medit.evaluation.monitor import write_monitor_chart
+        files.append(write_monitor_chart(report["monitor"], out / "monitor.png"))
+    return files
