@@ -66,13 +66,25 @@ def _module_of(handle: "ModelHandle", name: str) -> torch.nn.Module:
     return handle.model.get_submodule(name.rsplit(".", 1)[0])
 
 
+def target_positions(handle: "ModelHandle", pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the positions that predict each target token in the batch
+    :meth:`~medit.scoring.engine.Scorer.target_nll` runs (right-padded; decoder positions for T5)."""
+    cols = [torch.arange(len(t)) if handle.is_encoder_decoder else torch.arange(len(c) - 1, len(c) - 1 + len(t))
+            for c, t in pairs]
+    rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(cols)])
+    return rows, torch.cat(cols)
+
+
 def token_grads(handle: "ModelHandle", names: Sequence[str], pairs: Pairs,
-                weights: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                weights: dict[str, torch.Tensor] | None = None,
+                at_targets: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-token gradient factors of the summed per-request target NLL: name -> (U [T, in], D [T, out]).
 
     Positions whose output gradient is exactly zero (padding, tokens after the last target) are
-    dropped. ``weights`` optionally replaces parameters while tracing (see :func:`swapped_params`).
-    The factors are detached float32 tensors.
+    dropped; with ``at_targets`` only the positions that predict a target token are kept (the
+    prompt's other positions also get gradient, through attention). ``weights`` optionally
+    replaces parameters while tracing (see :func:`swapped_params`). The factors are detached
+    float32 tensors.
     """
     inputs: dict[str, torch.Tensor] = {}
     zeros: dict[str, torch.Tensor] = {}
@@ -102,7 +114,12 @@ def token_grads(handle: "ModelHandle", names: Sequence[str], pairs: Pairs,
         for h in hooks:
             h.remove()
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    where = target_positions(handle, pairs) if at_targets else None
     for n, g in zip(names, grads):
+        if where is not None:
+            rows, cols = (w.to(g.device) for w in where)
+            out[n] = (inputs[n][rows, cols].float().detach(), g[rows, cols].float().detach())
+            continue
         d = g.reshape(-1, g.shape[-1]).float()
         u = inputs[n].reshape(-1, inputs[n].shape[-1]).float()
         keep = d.abs().sum(-1) > 0

@@ -1,7 +1,7 @@
 """UltraEdit (Gu et al. 2025, "UltraEdit: Training-, Subject-, and Memory-Free Lifelong Editing").
 
 One forward and backward pass of the target NLL gives, at every edited linear layer ``y = W k``
-and every target position t, the key ``k_t`` and the output gradient ``g_t = dL/dy_t``
+and every position t that predicts a target token, the key ``k_t`` and the output gradient ``g_t = dL/dy_t``
 (:func:`~medit.toolkit.gradient_editors.token_grads`). The pair ``z_t = [k_t; g_t]`` is added to
 the layer's running moments (lifelong normalisation, :mod:`medit.toolkit.lifelong`) and
 normalised by them (``k̂_t``, ``ĝ_t``); the pseudo-value is ``v_t = -lr ‖k̂_t‖² ĝ_t`` and the shift
@@ -109,7 +109,7 @@ class UltraEdit(Method[UltraEditHParams]):
 
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: UltraEditHParams) -> WeightEdit:
         names = edited_params(handle, hparams.modules, hparams.layers)
-        grads = token_grads(handle, names, edit_pairs(Scorer(handle), requests))
+        grads = token_grads(handle, names, edit_pairs(Scorer(handle), requests), at_targets=True)
         moments = handle.state(LifelongMoments)
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         added: dict[str, torch.Tensor] = {}
