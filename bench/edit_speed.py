@@ -3,10 +3,12 @@
     python bench/edit_speed.py --method rome --model smollm2-135m --n 5
     python bench/edit_speed.py --method memit --model llama-2-7b --random-init --device cuda
     python bench/edit_speed.py --method alphaedit --model smollm2-135m --n 30 --sequential
+    python bench/edit_speed.py --method memit --model smollm2-135m --n 100 --batch
 
 ``--sequential`` keeps every edit applied (as ``--mode sequential`` does) and records the resident
 memory after each edit, so memory growth over a long run shows; ``--no-trim`` skips the heap trim
-after each edit that the evaluator does (to see what it saves).
+after each edit that the evaluator does (to see what it saves). ``--batch`` applies all ``--n``
+edits in one call (as ``--mode batch`` does) and reports the amortised seconds per edit.
 
 Cases come from the benchmark data beside the checkout (``../shared/data``, README "Benchmark
 data") unless ``--dataset`` names others.
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra hparam key=value")
     ap.add_argument("--fresh-stats", action="store_true", help="use an empty statistics cache")
     ap.add_argument("--sequential", action="store_true", help="keep the edits applied, one after another")
+    ap.add_argument("--batch", action="store_true", help="apply all edits in one batch (seconds per edit amortised)")
     ap.add_argument("--no-trim", action="store_true", help="do not trim the C heap after each edit")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="also profile one more edit (torch.profiler) and write its "
@@ -108,7 +111,16 @@ def main() -> None:
     per_edit: list[float] = []
     rss_after: list[float | None] = []
     kept = []
-    for r in reqs:
+    if args.batch:
+        sync()
+        t = time.perf_counter()
+        edit = method.apply(handle, list(reqs), hp)
+        sync()
+        batch_s = time.perf_counter() - t
+        per_edit = [batch_s / len(reqs)] * len(reqs)
+        edit.revert()
+        rss_after.append(current_rss_mb())
+    for r in ([] if args.batch else reqs):
         sync()
         t = time.perf_counter()
         edit = method.apply(handle, [r], hp)
@@ -136,7 +148,7 @@ def main() -> None:
         "device": str(handle.device), "device_name": torch.cuda.get_device_name() if handle.device.type == "cuda"
         else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "dtype": args.dtype, "n": len(per_edit), "load_s": round(load_s, 2),
-        "mode": "sequential" if args.sequential else "single", "trim": not args.no_trim,
+        "mode": "batch" if args.batch else "sequential" if args.sequential else "single", "trim": not args.no_trim,
         "stats_layers": layers, "stats_samples": args.stats_samples if layers else None,
         "stats_corpus": getattr(hp, "stats_corpus", None) if layers else None,
         "stats_s": round(stats_s, 3), "stats_wall_s": round(stats_wall, 3), "templates_s": round(templates_s, 3),

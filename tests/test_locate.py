@@ -2,6 +2,7 @@
 on tiny random models of every causal family."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,36 @@ def test_delta_batching_is_exact_and_nll_matches_scorer(tiny_handle, family):
     _, info = optimise_deltas(h, reqs[1:], 0, ["{}"], DeltaSpec(steps=1))
     res = Scorer(h).teacher_forced([TFQuery(reqs[1].prompt, reqs[1].target_new)])[0]
     assert info[0]["nll"] == pytest.approx(-res.mean_logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("family,stop", [("gpt2", 1.2), ("llama", 1.2), ("gemma", 4.0)])
+def test_batched_deltas_drop_finished_edits_and_equal_one_by_one(tiny_handle, family, stop):
+    """Edits that reach the early-stop NLL at different steps leave the batch's forward pass; every
+    edit still gets the vector, step count and NLL of its own one-by-one optimisation. The losses
+    are independent per edit and Adam is elementwise, so the only differences are float rounding
+    of differently shaped batched products, which 30 Adam steps carry to ~1e-7 (GPT-2, LLaMA) and,
+    through Gemma's post-MLP norm, ~1e-5 of the vectors' norm (~10): the bound is 1e-5 x the
+    largest norm. ``stop`` sits
+    between the tiny model's NLLs so that some edits stop early, at different steps, and some never."""
+    h = tiny_handle(family)
+    # prompts end with the subject: on random weights little flows between positions (see PROMPT)
+    cases = [(PROMPT, SUBJECT, " the"), ("The home of Danielle Darrieux", "Danielle Darrieux", " of"),
+             ("A friend of Toko Yasuda", "Toko Yasuda", " and"), ("Near the Eiffel Tower", "Eiffel Tower", " in")]
+    reqs = [EditRequest(prompt=p, subject=s, target_new=t, case_id=str(i)) for i, (p, s, t) in enumerate(cases)]
+    templates = ["{}", "Hello there. {}"]
+    spec = DeltaSpec(steps=30, lr=0.5, clamp_norm_factor=100.0, early_stop_nll=stop, chunk=len(reqs))
+    batch, info_b = optimise_deltas(h, reqs, 0, templates, spec)
+    single = [optimise_deltas(h, [r], 0, templates, spec) for r in reqs]
+    steps = [i[0]["steps"] for _, i in single]
+    assert len(set(steps)) > 2 and min(steps) < spec.steps  # finished edits really left mid-run
+    assert [i["steps"] for i in info_b] == steps
+    one_by_one = torch.cat([d for d, _ in single])
+    tol = 1e-5 * float(one_by_one.norm(dim=1).max())
+    torch.testing.assert_close(batch, one_by_one, atol=tol, rtol=0)
+    # chunks of 2, formed by suffix length: results come back in request order
+    pairs, _ = optimise_deltas(h, reqs, 0, templates, dataclasses.replace(spec, chunk=2))
+    torch.testing.assert_close(pairs, one_by_one, atol=tol, rtol=0)
+    assert [i["nll"] for i in info_b] == pytest.approx([i[0]["nll"] for _, i in single], rel=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -285,14 +285,22 @@ def optimise_deltas(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     prompts' next-token distributions under the insertion."""
     if negatives is not None and len(reqs) != 1:
         raise ValueError("negatives apply to the optimisation of a single request")
-    out, infos = [], []
+    # Each step runs every row of a chunk to the chunk's widest suffix (subject token to the last
+    # target token): chunks of requests with equal suffix lengths waste no columns on padding. The
+    # optimisation of each request is independent of its chunk, so the order changes no result.
+    widths = [max(len(q) - k for q, k in zip(r.seqs, r.lookup))
+              for r in (_build_rows(handle, [req], templates, spec, which) for req in reqs)]
+    order = sorted(range(len(reqs)), key=lambda i: widths[i])
+    out: list[torch.Tensor] = [torch.empty(0)] * len(reqs)
+    infos: list[dict] = [{}] * len(reqs)
     for start in range(0, len(reqs), spec.chunk):
-        scale = None if row_scale is None else row_scale[start:start + spec.chunk]
-        d, info = _optimise_chunk(handle, reqs[start:start + spec.chunk], layer, templates, spec, ref, which, scale,
+        part = order[start:start + spec.chunk]
+        scale = None if row_scale is None else row_scale[part]
+        d, info = _optimise_chunk(handle, [reqs[i] for i in part], layer, templates, spec, ref, which, scale,
                                   negatives)
-        out.append(d)
-        infos.extend(info)
-    return torch.cat(out), infos
+        for j, i in enumerate(part):
+            out[i], infos[i] = d[j], info[j]
+    return torch.stack(out), infos
 
 
 def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates: Sequence[str],
@@ -311,7 +319,9 @@ def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates:
             r.starts.append(len(ctx) - 1)
             r.kl.append(False)
         ids, pos = _kl_row(handle, req, spec, which)
-        seqs.append(ids)
+        # the KL term reads the subject position only, which the tokens after it cannot change
+        # (causal attention): without them the row is never the widest of its chunk
+        seqs.append(ids[:pos + 1])
         r.lookup.append(pos)
         r.owner.append(i)
         r.targets.append([])
@@ -320,6 +330,24 @@ def _build_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates:
         r.extra.append(False)
     r.seqs = seqs
     return r
+
+
+class _Live:
+    """The rows of the requests still optimised, and where their target and KL positions sit
+    among them (``targets``/``kl`` select from the full lists, ``t_rows``/``kl_rows`` index the
+    live rows)."""
+
+    def __init__(self, owner: torch.Tensor, done: torch.Tensor, t_rows: torch.Tensor, kl_rows: torch.Tensor,
+                 mask: torch.Tensor) -> None:
+        keep = ~done[owner]
+        self.rows = torch.nonzero(keep).flatten()
+        # right padding that only finished rows needed is cut off
+        self.width = int(mask[self.rows].sum(0).nonzero().max()) + 1
+        new_index = keep.long().cumsum(0) - 1
+        self.targets = keep[t_rows]
+        self.t_rows = new_index[t_rows[self.targets]]
+        self.kl = keep[kl_rows]
+        self.kl_rows = new_index[kl_rows[self.kl]]
 
 
 def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer: int,
@@ -361,14 +389,12 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     t_rows_t, t_cols_t = torch.tensor(t_rows, device=dev), torch.tensor(t_cols, device=dev)
     t_ids_t, t_own_t = torch.tensor(t_ids, device=dev), torch.tensor(t_own, device=dev)
     kl_rows = torch.tensor([i for i, k in enumerate(rows.kl) if k], device=dev)
-    kl_own = owner[kl_rows]
     n_tok = torch.bincount(t_own_t, minlength=n).float()
     main_t = torch.tensor(t_main, device=dev, dtype=torch.float32)
     n_main = torch.zeros(n, device=dev).index_add(0, t_own_t, main_t)
     # rows are ordered per request: its templates, its extra prompts, then its KL prompt (see _build_rows)
     scale = (torch.ones(len(rows.owner), device=dev) if row_scale is None
              else row_scale.to(dev, torch.float32).reshape(-1))
-    n_t = len(t_ids)
 
     delta = torch.zeros(n, hidden.shape[-1], device=dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=spec.lr)
@@ -378,22 +404,31 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     total = spec.steps + (0 if spec.clamp_norm_factor_max is None else spec.max_clamp_steps)
     infos = [{"steps": total, "nll": None} for _ in range(n)]
     with layers_above(handle, layer) as above:
-        cache = above.prefix(hidden[:, :split], mask[:, :split], pos[:, :split]) if split > 0 else None
+        live = None
         for step in range(total):
-            add = (delta[owner] * scale[:, None])[:, None].to(hidden.dtype)
+            if live is None:  # the rows of the requests still optimised (all at first)
+                live = _Live(owner, done, t_rows_t, kl_rows, mask)
+                cache = above.prefix(hidden[live.rows, :split], mask[live.rows, :split], pos[live.rows, :split]) \
+                    if split > 0 else None
+                lt = live.targets
+                cols, ids_l, own_l, main_l = t_cols_t[lt], t_ids_t[lt], t_own_t[lt], main_t[lt]
+                n_t = len(ids_l)
+            rs, w = live.rows, live.width
+            add = (delta[owner[rs]] * scale[rs, None])[:, None].to(hidden.dtype)
             if mlp_at is not None:
-                add = residual_change(post, mlp_at, add)
-            at = hidden[:, split:split + 1] + add
-            final = above.suffix(torch.cat([at, hidden[:, split + 1:]], 1), mask, pos[:, split:], cache)
+                add = residual_change(post, mlp_at[rs], add)
+            at = hidden[rs, split:split + 1] + add
+            final = above.suffix(torch.cat([at, hidden[rs, split + 1:w]], 1), mask[rs, :w], pos[rs, split:w], cache)
             # one head call for the target and the KL positions: its cost hardly grows with rows
-            logp = head_logits(handle, torch.cat([final[t_rows_t, t_cols_t], final[kl_rows, 0]])).float().log_softmax(-1)
-            tok_lp = logp[:n_t].gather(1, t_ids_t[:, None])[:, 0]
-            nll = -torch.zeros(n, device=dev).index_add(0, t_own_t, tok_lp) / n_tok
+            logp = head_logits(handle, torch.cat([final[live.t_rows, cols], final[live.kl_rows, 0]])
+                               ).float().log_softmax(-1)
+            tok_lp = logp[:n_t].gather(1, ids_l[:, None])[:, 0]
+            nll = -torch.zeros(n, device=dev).index_add(0, own_l, tok_lp) / n_tok
             kl_logp = logp[n_t:]
             if kl_ref is None:
                 kl_ref = kl_logp.detach()
-            kl = kl_per_row(kl_ref, kl_logp)
-            kl_per = torch.zeros(n, device=dev).index_add(0, kl_own, kl)
+            kl = kl_per_row(kl_ref[live.kl], kl_logp)
+            kl_per = torch.zeros(n, device=dev).index_add(0, owner[kl_rows[live.kl]], kl)
             decay = spec.weight_decay * delta.norm(dim=1) ** 2 / ref_norm ** 2
             neg_kl: torch.Tensor | float = 0.0  # one scalar: negatives serve a single request
             if negatives is not None:  # a single request (checked above)
@@ -408,7 +443,7 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
                 neg_kl = kl_per_row(neg_ref, neg_logp).mean()
             newly = (nll.detach() < spec.early_stop_nll) & ~done
             if step == spec.steps:  # the raised clamp is only for edits whose own prompt misses its target
-                nll_main = -torch.zeros(n, device=dev).index_add(0, t_own_t, tok_lp.detach() * main_t) / n_main
+                nll_main = -torch.zeros(n, device=dev).index_add(0, own_l, tok_lp.detach() * main_l) / n_main
                 newly |= (nll_main < spec.early_stop_nll) & ~done
             for i in torch.nonzero(newly).flatten().tolist():
                 infos[i].update(steps=step, nll=float(nll[i].detach()))
@@ -426,6 +461,10 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
                 shrink = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(shrink[:, None])
                 delta[done] = frozen[done]  # a request that reached its target keeps that delta
+            if bool(newly.any()):
+                # a request that reached its target leaves the forward pass too (its loss already
+                # left the sum): the others' steps do not depend on it, so their deltas are unchanged
+                live = None
         for i in range(n):
             if infos[i]["nll"] is None:
                 infos[i]["nll"] = float(nll[i].detach())
