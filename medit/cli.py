@@ -75,6 +75,7 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         try:
+            _one_process()
             return super().invoke(ctx)
         except MeditError as exc:
             typer.echo(f"Error: {exc}", err=True)
@@ -82,6 +83,17 @@ class _Group(TyperGroup):
         except KeyboardInterrupt:
             typer.echo("Interrupted; results written so far are kept (continue with --resume).", err=True)
             raise typer.Exit(130) from None
+
+
+def _one_process() -> None:
+    """Refuse a launch as one of several torchrun ranks: every rank would run the whole job and
+    write the same run folder (sharding across ranks is issue 30's unfinished part)."""
+    import os
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "0", "1"):
+        raise MeditError(f"WORLD_SIZE={world}: medit does not yet split work across torchrun ranks, and each "
+                         "rank would run the whole job into the same folder; run one process (plain `medit ...`, "
+                         "or torchrun --nproc-per-node 1)")
 
 
 def _no_type_label(ctx: Any) -> None:
