@@ -12,6 +12,7 @@ from medit.core.state import IdentityCache
 from medit.model.tracing import mlp_post_norm
 from medit.toolkit.context import context_templates
 from medit.errors import HParamsError
+from medit.toolkit.norm_anchor import NormAnchorHParams, anchor_values
 from medit.toolkit.target_vectors import DeltaSpec, compute_keys, optimise_deltas, rewrite_change, subject_outputs
 from medit.toolkit.stats import PACKAGED_CORPUS, second_moments
 
@@ -25,8 +26,9 @@ Solver = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class LocateHParams:
-    """Hyperparameters every locate-then-edit method shares (mixed into each method's dataclass)."""
+class LocateHParams(NormAnchorHParams):
+    """Hyperparameters every locate-then-edit method shares (mixed into each method's dataclass),
+    norm anchoring (:mod:`medit.toolkit.norm_anchor`) included."""
 
     #: statistics corpus: local .txt/.jsonl file or Hugging Face dataset ``name[:config]``; by
     #: default the WikiText-2 validation text the package ships (offline; medit/datasets/DATA.md).
@@ -58,6 +60,7 @@ class LocateHParams:
     v_extra_prompts: list[str] = field(default_factory=list)
 
     def check_locate(self) -> None:
+        self.check_norm_anchor()
         for name in ("stats_samples", "stats_max_len", "v_steps", "v_chunk", "v_max_clamp_steps"):
             if getattr(self, name) < 1:
                 raise HParamsError(f"hparam {name!r} must be >= 1, got {getattr(self, name)}")
@@ -176,6 +179,7 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
     templates = hp.templates(handle)
     z_layer = layers[-1]
     deltas, infos = optimise_deltas(handle, reqs, z_layer, templates, hp.delta_spec(), "resid", hp.fact_token)
+    deltas = anchor_values(handle, reqs, z_layer, deltas, hp, hp.fact_token)
     # Keys at the first layer come from the same forward pass as the residual they are measured
     # against: before the first pass, and after each pass (which also measures what it realised).
     ahead = compute_keys(handle, reqs, [layers[0]], templates, hp.fact_token, out_layer=z_layer)

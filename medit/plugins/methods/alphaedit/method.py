@@ -22,6 +22,7 @@ from medit.errors import HParamsError
 from medit.model.handle import ModelHandle
 from medit.model.layers import spread_layers
 from medit.core.hparams import HParams
+from medit.toolkit.norm_anchor import NormAnchors
 from medit.toolkit.spread import SpreadHParams, apply_spread
 from medit.core.method import Method
 from medit.core.state import IdentityCache
@@ -134,6 +135,7 @@ class AlphaEdit(Method[AlphaEditHParams]):
 
     def start_run(self, handle: ModelHandle) -> None:
         handle.reset_state(PreservedKeys)
+        handle.reset_state(NormAnchors)
 
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: AlphaEditHParams) -> WeightEdit:
         layers = spread_layers(handle, hparams.layers)

@@ -21,12 +21,13 @@ from medit.model.layers import resolve_layers
 from medit.core.method import Method
 from medit.core.requests import EditRequest
 from medit.scoring.engine import Scorer
+from medit.toolkit.norm_anchor import NormAnchorHParams, NormAnchors, anchor_weights
 
 HPARAMS = Path(medit.__file__).parent / "hparams"
 
 
 @dataclass
-class FTHParams(HParams):
+class FTHParams(NormAnchorHParams, HParams):
     """Hyperparameters of FT-L / FT-M."""
 
     #: layer indices to tune, or ``auto`` (one layer at 70% of the depth).
@@ -46,6 +47,7 @@ class FTHParams(HParams):
     early_stop_loss: float = 0.01
 
     def __post_init__(self) -> None:
+        self.check_norm_anchor()
         if self.lr <= 0:
             raise HParamsError(f"hparam 'lr' must be > 0, got {self.lr}")
         if self.steps < 1:
@@ -68,6 +70,9 @@ class FineTune(Method[FTHParams]):
         self.name = name  # type: ignore[misc]
         self.description = description  # type: ignore[misc]
         self.hparams_dir = HPARAMS / name  # type: ignore[misc]
+
+    def start_run(self, handle: ModelHandle) -> None:
+        handle.reset_state(NormAnchors)
 
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: FTHParams) -> WeightEdit:
         layers = resolve_layers(handle, hparams.layers, auto=(0.7,))
@@ -101,4 +106,5 @@ class FineTune(Method[FTHParams]):
                 for p in tuned:
                     p.requires_grad_(False)
                     p.grad = None
+            anchor_weights(handle, edit, hparams)
         return edit

@@ -18,6 +18,7 @@ from medit.errors import HParamsError
 from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
 from medit.model.layers import spread_layers
+from medit.toolkit.norm_anchor import NormAnchors
 from medit.toolkit.spread import SpreadHParams, apply_spread, covariance_solver
 from medit.core.method import Method
 from medit.core.requests import EditRequest
@@ -63,6 +64,9 @@ class MEMIT(Method[MEMITHParams]):
     modes = ("single", "batch", "sequential")
     unsupported_families = ("t5",)
     hparams_dir = Path(medit.__file__).parent / "hparams" / "memit"
+
+    def start_run(self, handle: ModelHandle) -> None:
+        handle.reset_state(NormAnchors)
 
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: MEMITHParams) -> WeightEdit:
         layers = spread_layers(handle, hparams.layers)

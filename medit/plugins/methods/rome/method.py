@@ -23,6 +23,7 @@ from medit.model.layers import resolve_layers
 from medit.toolkit.spread import LocateHParams, covariance_solver, storage_factors
 from medit.core.method import Method
 from medit.core.requests import EditRequest
+from medit.toolkit.norm_anchor import NormAnchors, anchor_values
 from medit.toolkit.target_vectors import delta_row_keys, negative_rows, optimise_deltas
 from medit.plugins.methods.rome import DESCRIPTION
 
@@ -72,6 +73,9 @@ class ROME(Method[ROMEHParams]):
     unsupported_families = ("t5",)
     hparams_dir = Path(medit.__file__).parent / "hparams" / "rome"
 
+    def start_run(self, handle: ModelHandle) -> None:
+        handle.reset_state(NormAnchors)
+
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: ROMEHParams) -> Edit:
         edits = [self._one(handle, r, hparams) for r in requests]
         return edits[0] if len(edits) == 1 else CompositeEdit(handle, edits)
@@ -94,6 +98,7 @@ class ROME(Method[ROMEHParams]):
         scale = (rows @ left)[None] if hp.v_insert_scale else None
         negatives = negative_rows(handle, req, layer, left, hp.v_negative_subjects)  # None when the list is empty
         delta, info = optimise_deltas(handle, [req], layer, templates, spec, "mlp", hp.fact_token, scale, negatives)
+        delta = anchor_values(handle, [req], layer, delta, hp, hp.fact_token)
         name = handle.param_name("mlp_out", layer)
         factors = storage_factors(handle, delta[0][:, None].float(), left[:, None])
         edit = WeightEdit.from_deltas(handle, self.name, [req], hp.to_dict(), factors={name: factors})

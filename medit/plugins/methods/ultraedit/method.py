@@ -37,11 +37,12 @@ from medit.plugins.methods.ultraedit import DESCRIPTION
 from medit.scoring.engine import Scorer
 from medit.toolkit.gradient_editors import EditedWeights, edit_pairs, edited_params, token_grads
 from medit.toolkit.lifelong import LifelongMoments
+from medit.toolkit.norm_anchor import NormAnchorHParams, NormAnchors, anchor_weights
 from medit.toolkit.spread import storage_factors
 
 
 @dataclass
-class UltraEditHParams(EditedWeights, HParams):
+class UltraEditHParams(EditedWeights, NormAnchorHParams, HParams):
     """Hyperparameters of UltraEdit. ``layers`` / ``modules`` name the edited weights
     (``auto``: the last three layers)."""
 
@@ -59,6 +60,7 @@ class UltraEditHParams(EditedWeights, HParams):
 
     def __post_init__(self) -> None:
         self.check_edited_weights()
+        self.check_norm_anchor()
         if self.lr <= 0:
             raise HParamsError(f"hparam 'lr' must be > 0, got {self.lr}")
         if self.ridge <= 0:
@@ -106,6 +108,7 @@ class UltraEdit(Method[UltraEditHParams]):
 
     def start_run(self, handle: ModelHandle) -> None:
         handle.reset_state(LifelongMoments)
+        handle.reset_state(NormAnchors)
 
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: UltraEditHParams) -> WeightEdit:
         names = edited_params(handle, hparams.modules, hparams.layers)
@@ -136,5 +139,6 @@ class UltraEdit(Method[UltraEditHParams]):
             raise
         assert isinstance(edit, UltraEditEdit)
         edit.added = added
+        anchor_weights(handle, edit, hparams)
         edit.info.update(edited=list(factors), target_tokens={n: int(grads[n][0].shape[0]) for n in names})
         return edit
