@@ -85,3 +85,25 @@ def test_normalisation_changes_the_shift(tiny_handle):
         edit.revert()
     name = next(iter(deltas[0]))
     assert deltas[0][name].abs().sum() > 0 and not torch.allclose(deltas[0][name], deltas[1][name])
+
+
+def test_gate_and_up_projections_edit_and_revert(tiny_handle):
+    """The reference edits a gated MLP's gate and up projections together (``mlp_gate`` + ``mlp_in``)."""
+    handle = tiny_handle("llama")
+    m = _method()
+    hp = UltraEditHParams.from_dict({"lr": "0.01", "layers": "[0, 1]", "modules": "[mlp_gate, mlp_in]"})
+    m.start_run(handle)
+    before = _state(handle)
+    edit = m.apply(handle, default_requests()[:1], hp)
+    gates = [handle.param_name("mlp_gate", layer) for layer in (0, 1)]
+    assert all(n in edit.info["edited"] for n in gates)
+    assert all(not torch.equal(before[n], dict(handle.model.named_parameters())[n].detach()) for n in gates)
+    edit.revert()
+    assert all(torch.equal(before[k], v) for k, v in _state(handle).items())
+
+
+def test_gate_refused_without_a_gated_mlp(tiny_handle):
+    handle = tiny_handle("gpt2")
+    hp = UltraEditHParams.from_dict({"modules": "[mlp_gate]"})
+    with pytest.raises(HParamsError, match="no 'mlp_gate'"):
+        _method().apply(handle, default_requests()[:1], hp)

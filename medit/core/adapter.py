@@ -20,9 +20,10 @@ from typing import Any, ClassVar
 STANDARD_NAMES = ("layers", "mlp_in", "mlp_out", "attn", "ln_f", "lm_head", "embed")
 #: optional: ``pos_embed`` (learned absolute position embeddings, GPT-2), used by tracing;
 #: ``mlp_post_norm`` (per layer: the norm applied to the rewrite module's output before it joins
-#: the residual stream, Gemma 2/3), used by the target-vector optimisation.
+#: the residual stream, Gemma 2/3), used by the target-vector optimisation; ``mlp_gate`` (per
+#: layer: the gate projection of a gated MLP, LLaMA layout), which UltraEdit can edit.
 PER_LAYER = ("mlp_in", "mlp_out", "attn")
-OPTIONAL_PER_LAYER = ("mlp_post_norm",)
+OPTIONAL_PER_LAYER = ("mlp_post_norm", "mlp_gate")
 
 
 @dataclass(frozen=True)

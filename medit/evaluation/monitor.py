@@ -24,6 +24,7 @@ from medit.core.edit import Edit, WeightEdit
 from medit.core.io import JsonlAppender
 from medit.core.queries import TFQuery
 from medit.errors import MeditError
+from medit.evaluation.memory import current_rss_mb, peak_rss_mb
 
 if TYPE_CHECKING:
     from medit.core.requests import EditRequest
@@ -156,7 +157,9 @@ class Monitor:
             "probe_locality": round(sum(agree) / len(agree), 6) if agree else None,
             "retained_reliability": round(sum(k.token_acc for k in kept) / len(kept), 6) if kept else None,
             "perplexity": round(math.exp(nll), 4) if nll is not None else None,
-            "probes": len(self.probes), "retained_sample": len(sample), "monitor_s": 0.0,
+            "probes": len(self.probes), "retained_sample": len(sample),
+            # memory against the edit count: what a longer run's peak can be extrapolated from
+            "rss_mb": _round(current_rss_mb()), "peak_rss_mb": round(peak_rss_mb(), 1), "monitor_s": 0.0,
         }
         row["monitor_s"] = round(time.perf_counter() - t0, 3)
         self.rows.append(row)
@@ -165,6 +168,10 @@ class Monitor:
             with JsonlAppender(self.path) as w:
                 w.write(row)
         return row
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
 
 
 def read_monitor(run_dir: str | Path) -> list[dict[str, Any]]:

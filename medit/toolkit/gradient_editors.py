@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 Pairs = list[tuple[list[int], list[int]]]
 
 
+#: standard module names a gradient-based editor may change (``mlp_gate``: LLaMA-layout families only).
+EDITABLE = ("mlp_in", "mlp_out", "mlp_gate")
+
+
 @dataclass
 class EditedWeights:
     """Which weights a gradient-based learned editor changes (mixed into MEND's and KE's hparams)."""
@@ -39,8 +43,8 @@ class EditedWeights:
     def check_edited_weights(self) -> None:
         if isinstance(self.layers, str) and self.layers != "auto":
             raise HParamsError(f"hparam 'layers' must be a list of layer indices or 'auto', got {self.layers!r}")
-        if not self.modules or any(m not in ("mlp_in", "mlp_out") for m in self.modules):
-            raise HParamsError(f"hparam 'modules' must list 'mlp_in' and/or 'mlp_out', got {self.modules!r}")
+        if not self.modules or any(m not in EDITABLE for m in self.modules):
+            raise HParamsError(f"hparam 'modules' must list some of {', '.join(EDITABLE)}, got {self.modules!r}")
 
 
 def edited_params(handle: "ModelHandle", modules: Sequence[str], layers: Sequence[int] | str,
@@ -51,8 +55,11 @@ def edited_params(handle: "ModelHandle", modules: Sequence[str], layers: Sequenc
     n = handle.n_layers
     idx = list(range(max(0, n - last), n)) if layers == "auto" else resolve_layers(handle, layers, auto=())
     for m in modules:
-        if m not in ("mlp_in", "mlp_out"):
-            raise HParamsError(f"hparam 'modules': {m!r} is not 'mlp_in' or 'mlp_out'")
+        if m not in EDITABLE:
+            raise HParamsError(f"hparam 'modules': {m!r} is not one of {', '.join(EDITABLE)}")
+        if m not in handle.adapter.paths:
+            raise HParamsError(f"hparam 'modules': {handle.adapter.name} models have no {m!r} (a gated MLP's gate "
+                               "projection); edit mlp_in / mlp_out")
     return [handle.param_name(m, layer) for layer in idx for m in modules]
 
 

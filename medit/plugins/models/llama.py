@@ -16,6 +16,7 @@ from medit.core.adapter import ModelAdapter, ModelAlias
 LLAMA_LAYOUT = {
     "layers": "model.layers",
     "mlp_in": "model.layers.{}.mlp.up_proj",
+    "mlp_gate": "model.layers.{}.mlp.gate_proj",
     "mlp_out": "model.layers.{}.mlp.down_proj",
     "attn": "model.layers.{}.self_attn",
     "ln_f": "model.norm",
