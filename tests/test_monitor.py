@@ -47,7 +47,16 @@ def test_stop_on_collapse_stops_a_run_whose_probes_fail(tiny_handle, tmp_path):
                 overrides={"lr": "100"}, monitor_every=1, stop_on_collapse=True, collapse_threshold=0.99)
     rows = read_monitor(tmp_path / "run")
     assert rows[-1]["probe_locality"] < 0.99 or rows[-1]["retained_reliability"] < 0.99
-    assert not (tmp_path / "run" / "summary.json").exists()
+    # the cases edited before the stop are scored, and the summary says the run stopped
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    stopped = summary["stopped"]
+    assert "fell below the collapse threshold" in stopped["reason"] and stopped["cases"] == 5
+    assert stopped["cases_scored"] == rows[-1]["edits"] < 5
+    cases = (tmp_path / "run" / "cases.jsonl").read_text().splitlines()
+    assert len(cases) == stopped["cases_scored"]
+    from medit.evaluation.report import build_report, load_runs
+    report = build_report(load_runs([tmp_path / "run"]))
+    assert report["monitor"]
 
 
 def test_cli_stop_on_collapse_is_one_error_line(tiny_model_dirs, tmp_path):

@@ -23,7 +23,7 @@ from medit.core.metric import ANSWER_TOKENS, DEFAULT_PROTOCOLS, PROTOCOLS, Metri
 from medit.plugin.manager import get_plugins
 from medit.core.progress import progress_bar
 from medit.core.requests import EditRequest
-from medit.evaluation.monitor import Monitor, MonitorConfig
+from medit.evaluation.monitor import Monitor, MonitorConfig, RunCollapsed
 from medit.evaluation.rundir import _rewrite_cases, check_out_dir, check_resumable
 from medit.evaluation.summary import summarise
 from medit.scoring.engine import Scorer
@@ -294,13 +294,17 @@ class Evaluator:
         t0 = time.perf_counter()
         records = list(done.values())
         writer = JsonlAppender(out / "cases.jsonl") if out is not None else None
+        stopped: RunCollapsed | None = None
         try:
             pre_all = self._pre_scores(requests, todo) if todo else {}
             bar = _progress(len(todo), f"{self.method.name} {cfg.mode} editing", cfg.progress)
-            for rec in self._run_mode(todo, pre_all, bar, requests):
-                records.append(rec)
-                if writer is not None:
-                    writer.write(rec)
+            try:
+                for rec in self._run_mode(todo, pre_all, bar, requests):
+                    records.append(rec)
+                    if writer is not None:
+                        writer.write(rec)
+            except RunCollapsed as e:  # the cases edited before the stop were scored: summarise them
+                stopped = e
             bar.close()
         finally:
             if writer is not None:
@@ -309,10 +313,14 @@ class Evaluator:
         order = {r.case_id: i for i, r in enumerate(requests)}
         records.sort(key=lambda r: order.get(str(r["case_id"]), 0))
         summary = summarise(records, self.method.name, self.handle.model_id, cfg.mode, eval_s)
+        if stopped is not None:
+            summary["stopped"] = {"reason": str(stopped), "cases_scored": len(records), "cases": len(requests)}
         if out is not None:
             atomic_write_json(out / "manifest.json", self._manifest(requests, start,
                                                                     _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")))
             atomic_write_json(out / "summary.json", summary)
+        if stopped is not None:
+            raise stopped
         summary["cases"] = records
         return summary
 
@@ -411,6 +419,7 @@ class Evaluator:
             ok = False
             wanted = {r.case_id for r in todo}
             monitor = self._monitor(sequence)
+            collapsed: RunCollapsed | None = None
             try:
                 if monitor is not None:
                     monitor.start()
@@ -420,18 +429,26 @@ class Evaluator:
                     edits.append(edit)
                     share_originals(edits)  # one copy of each edited matrix, however long the run
                     if monitor is not None:
-                        monitor.after(i + len(chunk), edits, last=i + size >= len(sequence))
+                        try:
+                            monitor.after(i + len(chunk), edits, last=i + size >= len(sequence))
+                        except RunCollapsed as e:  # score what was edited so far, then stop
+                            collapsed = e
                     mb = current_rss_mb()
                     mine = [r for r in chunk if r.case_id in wanted]
                     now = (self._score(mine, CompositeEdit(self.handle, edits))
                            if self.cfg.also_immediate and mine else None)
                     steps.append((chunk, edit, s, mb, now))
                     bar.update(len(mine))
+                    if collapsed is not None:
+                        break
                 bar.close()
                 whole = CompositeEdit(self.handle, edits)
-                post = self._score(todo, whole, desc=f"{self.method.name} post-edit scoring")
-                # run-level metrics once, after the last edit, on the sequence's last case
-                last = sequence[-1].case_id if sequence and sequence[-1].case_id in wanted else None
+                applied = {r.case_id for chunk, *_ in steps for r in chunk}
+                post = self._score([r for r in todo if r.case_id in applied], whole,
+                                   desc=f"{self.method.name} post-edit scoring")
+                # run-level metrics once, after the last edit, on the last case edited
+                tail = steps[-1][0][-1].case_id if steps else None
+                last = tail if tail in wanted else None
                 run_post = self._run_scores(whole) if last is not None else {}
                 for chunk, edit, s, mb, now in steps:
                     yield from self._chunk_records(chunk, edit, s, pre, post, mb, now, wanted,
@@ -442,6 +459,8 @@ class Evaluator:
                     self.final_edit = CompositeEdit(self.handle, edits)
                 else:
                     CompositeEdit(self.handle, edits).revert()
+            if collapsed is not None:
+                raise collapsed
 
     def _manifest(self, requests: Sequence[EditRequest], start: str, end: str | None) -> dict[str, Any]:
         from medit import __version__
