@@ -107,3 +107,34 @@ def test_gate_refused_without_a_gated_mlp(tiny_handle):
     hp = UltraEditHParams.from_dict({"modules": "[mlp_gate]"})
     with pytest.raises(HParamsError, match="no 'mlp_gate'"):
         _method().apply(handle, default_requests()[:1], hp)
+
+
+def test_preserved_least_squares_is_the_weighted_ridge_solution(tiny_handle):
+    from medit.plugins.methods.ultraedit.method import preserved_least_squares
+    from medit.toolkit.spread import CovarianceSolver
+    torch.manual_seed(0)
+    X = torch.randn(50, 9)
+    C = (X.T @ X / 50).float()
+    K = torch.randn(4, 9)
+    A = 3.0 * C.double() + 0.5 * torch.eye(9, dtype=torch.float64)
+    direct = torch.linalg.solve(A + K.double().T @ K.double(), K.double().T)
+    solver = CovarianceSolver(C, 3.0, 0.5 / (3.0 * float(C.diagonal().double().mean())))
+    assert torch.allclose(preserved_least_squares(K, solver), direct, atol=1e-8)
+
+
+def test_preserve_edits_and_reverts(tiny_handle):
+    handle = tiny_handle("gpt2")
+    m = _method()
+    hp = UltraEditHParams.from_dict({"lr": "0.01", "modules": "[mlp_out]", "preserve": "100", "stats_samples": "16"})
+    m.start_run(handle)
+    before = _state(handle)
+    edit = m.apply(handle, default_requests()[:1], hp)
+    assert any(not torch.equal(before[k], v) for k, v in _state(handle).items())
+    edit.revert()
+    assert all(torch.equal(before[k], v) for k, v in _state(handle).items())
+
+
+@pytest.mark.parametrize("bad", [{"preserve": "-1"}, {"preserve": "10", "modules": "[mlp_in]"}, {"stats_samples": "0"}])
+def test_bad_preserve_refused(bad):
+    with pytest.raises(HParamsError):
+        UltraEditHParams.from_dict(bad)

@@ -38,7 +38,8 @@ from medit.scoring.engine import Scorer
 from medit.toolkit.gradient_editors import EditedWeights, edit_pairs, edited_params, token_grads
 from medit.toolkit.lifelong import LifelongMoments
 from medit.toolkit.norm_anchor import NormAnchorHParams, NormAnchors, anchor_weights
-from medit.toolkit.spread import storage_factors
+from medit.toolkit.spread import CovarianceSolver, covariance_solver, storage_factors
+from medit.toolkit.stats import PACKAGED_CORPUS, second_moments
 
 
 @dataclass
@@ -57,6 +58,13 @@ class UltraEditHParams(EditedWeights, NormAnchorHParams, HParams):
     #: normalise keys and gradients by the run's running moments (the paper's lifelong
     #: normalisation); False uses the raw key and gradient (an ablation).
     normalise: bool = True
+    #: not in the paper: weigh the key solve by the edited layer's key second moment ``C`` over
+    #: ordinary text (ROME/MEMIT's statistics), ``(KᵀK + ridge·I + preserve·C)⁻¹KᵀV``, so the
+    #: shift stays off keys that unrelated prompts share; ``preserve`` counts corpus tokens like
+    #: MEMIT's ``mom2_update_weight`` (0: off, the paper's identity ridge). ``mlp_out`` only.
+    preserve: float = 0.0
+    #: corpus paragraphs of those statistics (the packaged WikiText-2 sample).
+    stats_samples: int = 1000
 
     def __post_init__(self) -> None:
         self.check_edited_weights()
@@ -65,6 +73,13 @@ class UltraEditHParams(EditedWeights, NormAnchorHParams, HParams):
             raise HParamsError(f"hparam 'lr' must be > 0, got {self.lr}")
         if self.ridge <= 0:
             raise HParamsError(f"hparam 'ridge' must be > 0 (the key solve needs it), got {self.ridge}")
+        if self.preserve < 0:
+            raise HParamsError(f"hparam 'preserve' must be >= 0, got {self.preserve}")
+        if self.preserve and list(self.modules) != ["mlp_out"]:
+            raise HParamsError("hparam 'preserve' needs modules: [mlp_out] (the statistics are of the MLP output "
+                               f"projection's input), got modules {self.modules!r}")
+        if self.stats_samples < 1:
+            raise HParamsError(f"hparam 'stats_samples' must be >= 1, got {self.stats_samples}")
 
 
 class UltraEditEdit(WeightEdit):
@@ -99,6 +114,16 @@ def key_least_squares(keys: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.solve(gram, K).T
 
 
+def preserved_least_squares(keys: torch.Tensor, solve: CovarianceSolver) -> torch.Tensor:
+    """``(A + KᵀK)⁻¹Kᵀ = A⁻¹Kᵀ(I + K A⁻¹Kᵀ)⁻¹`` [d_in, T] in float64, ``solve`` applying ``A⁻¹``
+    (factorised once per run): a T×T solve per turn instead of a d_in×d_in one."""
+    K = keys.double()
+    a_kt = solve(K.T)
+    inner = K @ a_kt
+    inner.diagonal().add_(1.0)
+    return torch.linalg.solve(inner, a_kt.T).T
+
+
 class UltraEdit(Method[UltraEditHParams]):
     name = "ultraedit"
     description = DESCRIPTION
@@ -110,10 +135,24 @@ class UltraEdit(Method[UltraEditHParams]):
         handle.reset_state(LifelongMoments)
         handle.reset_state(NormAnchors)
 
+    def _preserving(self, handle: ModelHandle, names: Sequence[str], hp: UltraEditHParams
+                    ) -> tuple[dict[str, CovarianceSolver], float]:
+        """Per edited weight, the solver of ``A = preserve·C + ridge·I``; and the statistics' seconds."""
+        layer_of = {handle.param_name("mlp_out", layer): layer for layer in range(handle.n_layers)}
+        layers = sorted({layer_of[n] for n in names})
+        stats, stats_s = second_moments(handle, layers, PACKAGED_CORPUS, hp.stats_samples)
+        out = {}
+        for n in names:
+            C = stats[layer_of[n]]
+            scale = hp.preserve * float(C.diagonal().double().mean())
+            out[n] = covariance_solver(handle, C, scale=hp.preserve, ridge=hp.ridge / scale if scale > 0 else 0.0)
+        return out, stats_s
+
     def apply(self, handle: ModelHandle, requests: Sequence[EditRequest], hparams: UltraEditHParams) -> WeightEdit:
         names = edited_params(handle, hparams.modules, hparams.layers)
         grads = token_grads(handle, names, edit_pairs(Scorer(handle), requests), at_targets=True)
         moments = handle.state(LifelongMoments)
+        solvers, stats_s = self._preserving(handle, names, hparams) if hparams.preserve else ({}, 0.0)
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         added: dict[str, torch.Tensor] = {}
         for name in names:
@@ -129,7 +168,7 @@ class UltraEdit(Method[UltraEditHParams]):
             else:
                 kn, gn = keys.double(), out_grads.double()
             V = pseudo_values(keys, out_grads, kn.to(keys.device), gn.to(keys.device), hparams.lr)
-            X = key_least_squares(keys, hparams.ridge)
+            X = preserved_least_squares(keys, solvers[name]) if solvers else key_least_squares(keys, hparams.ridge)
             factors[name] = storage_factors(handle, V.T.float(), X.float())
         try:
             edit = UltraEditEdit.from_deltas(handle, self.name, requests, hparams.to_dict(), factors=factors)
@@ -140,5 +179,5 @@ class UltraEdit(Method[UltraEditHParams]):
         assert isinstance(edit, UltraEditEdit)
         edit.added = added
         anchor_weights(handle, edit, hparams)
-        edit.info.update(edited=list(factors), target_tokens={n: int(grads[n][0].shape[0]) for n in names})
+        edit.info.update(edited=list(factors), stats_s=stats_s, target_tokens={n: int(grads[n][0].shape[0]) for n in names})
         return edit
