@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -15,6 +16,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as _click_errors  # type: ignore[no-redef]
 
 from medit import __version__
+from medit.core import distributed
 from medit.errors import MeditError, UnknownNameError, ValidationError
 from medit.plugin.manager import KINDS, get_plugins
 
@@ -75,8 +77,10 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         try:
-            _one_process()
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                distributed.stop()  # a torchrun rank's process group (nothing without one)
         except MeditError as exc:
             typer.echo(f"Error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
@@ -85,15 +89,28 @@ class _Group(TyperGroup):
             raise typer.Exit(130) from None
 
 
-def _one_process() -> None:
-    """Refuse a launch as one of several torchrun ranks: every rank would run the whole job and
-    write the same run folder (sharding across ranks is issue 30's unfinished part)."""
-    import os
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.strip() not in ("", "0", "1"):
-        raise MeditError(f"WORLD_SIZE={world}: medit does not yet split work across torchrun ranks, and each "
-                         "rank would run the whole job into the same folder; run one process (plain `medit ...`, "
-                         "or torchrun --nproc-per-node 1)")
+def _one_process(command: str) -> None:
+    """Refuse a command that does not split work across torchrun ranks when launched as one of
+    several: every rank would run all of it."""
+    world = distributed.world()
+    if world > 1:
+        raise MeditError(f"WORLD_SIZE={world}: medit {command} runs in one process and does not split its work "
+                         "across torchrun ranks; run it without torchrun (only eval, edit and stats run as ranks)")
+
+
+def _ranks(out: Optional[str], device_map: Optional[str], out_needed: bool = True) -> None:
+    """Checks for a launch as one of several torchrun ranks, before anything is loaded: one model
+    per rank (no --device-map), and one run folder all ranks name."""
+    world = distributed.world()
+    if world <= 1:
+        return
+    if device_map:
+        raise MeditError(f"WORLD_SIZE={world}: --device-map {device_map} spreads one model over a node's devices, "
+                         "but under torchrun each rank loads its own model on cuda:LOCAL_RANK; drop --device-map, or "
+                         "run one process with --device-map auto")
+    if out_needed and not out:
+        raise MeditError(f"WORLD_SIZE={world}: name the run folder with --out so that every torchrun rank writes "
+                         "into the same one")
 
 
 def _no_type_label(ctx: Any) -> None:
@@ -260,6 +277,10 @@ def _check_new_folder(path: str, flag: str) -> None:
 def _load(model: str, dtype: Optional[str], device: Optional[str], device_map: Optional[str],
           random_init: bool, trust_remote_code: bool, no_memory_check: bool = False) -> Any:
     from medit.model.loading import load_model
+    if distributed.world() > 1:  # a torchrun rank: join the group, take this rank's device
+        device = distributed.start(device)
+        if not distributed.is_main():  # rank 0 prints the results
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     return load_model(model, dtype=dtype, device=device, device_map=device_map,
                       random_init=random_init, trust_remote_code=trust_remote_code,
                       memory_check=not no_memory_check)
@@ -331,6 +352,7 @@ def edit(file: str = typer.Argument(..., metavar="FILE",
 
     overrides = parse_sets(set_)
     api.check_edit_mode(mode)
+    _ranks(out, device_map, out_needed=False)  # torchrun: all ranks apply the one edit together
     _at_least(gen_tokens, 1, "--gen-tokens", 8)
     protos = _protocols(protocol)
     protos.update(_chat_options(chat, chat_prompt, answer_tokens))
@@ -352,9 +374,12 @@ def edit(file: str = typer.Argument(..., metavar="FILE",
     overrides = _method_flags(meth, overrides, stats_corpus, checkpoint)
     meth.precheck_hparams(hparams, overrides)
     handle = _load(model, dtype, device, device_map, random_init, trust_remote_code, no_memory_check)
-    summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode, save_patch=save_patch, force=force,
-                          hparams_file=hparams, overrides=overrides, out_dir=run_dir, gen_tokens=gen_tokens, **protos,
-                          **extra)
+    main = distributed.is_main()  # under torchrun rank 0 writes the run folder and the patch
+    with distributed.shared():  # every rank applies the same edit; its target vectors are split
+        summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode,
+                              save_patch=save_patch if main else None, force=force, hparams_file=hparams,
+                              overrides=overrides, out_dir=run_dir if main else None, gen_tokens=gen_tokens,
+                              progress=main, **protos, **extra)
     _print_completions(summary)
     _report(summary, run_dir)
     if save_patch:
@@ -413,6 +438,10 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
     from medit.core.method import MODES
     if mode not in MODES:
         raise UnknownNameError("mode", mode, MODES)
+    if distributed.world() > 1:  # torchrun ranks split the cases (medit/evaluation/sharding.py)
+        from medit.evaluation.sharding import check_shardable
+        check_shardable(mode, batch_size, distributed.world())
+        _ranks(out, device_map)
     _at_least(gen_tokens, 1, "--gen-tokens", 8)
     _at_least(n, 1, "--n", 20)
     _at_least(offset, 0, "--offset", 0)
@@ -426,7 +455,8 @@ def eval_(method: str = MethodOpt, model: str = ModelOpt,
                            "also_immediate": also_immediate, "score_batch_size": score_batch_size,
                            "monitor_every": monitor_every, "stop_on_collapse": stop_on_collapse,
                            "collapse_threshold": collapse_threshold,
-                           "score_cache": not no_score_cache, **_chat_options(chat, chat_prompt, answer_tokens)}
+                           "score_cache": not no_score_cache, **_chat_options(chat, chat_prompt, answer_tokens),
+                           "progress": distributed.is_main()}
     if metrics:
         for name in (m.strip() for m in metrics.split(",")):
             get_plugins().metrics.get(name)
@@ -459,6 +489,7 @@ def apply(model: str = ModelOpt, patch: str = typer.Option(..., "--patch", metav
           device_map: Optional[str] = DeviceMapOpt, random_init: bool = RandomOpt,
           trust_remote_code: bool = TrustOpt, no_memory_check: bool = NoMemCheckOpt) -> None:
     """Apply a saved patch to a fresh model and show its effect (--chat: each prompt asked as a chat turn)."""
+    _one_process("apply")
     from medit.core.edit import apply_patch, patch_class
     from medit.core.patchfile import read_patch
     from medit.core.queries import GenQuery
@@ -514,6 +545,7 @@ def train(method: str = MethodOpt, model: str = ModelOpt,
           no_memory_check: bool = NoMemCheckOpt) -> None:
     """Train a learned editor (mend, ke, serac) for a model; writes a resumable checkpoint folder.
     With --chat it trains on the prompts wrapped as chat turns (then edit and eval with --chat too)."""
+    _one_process("train")
     from medit import api
     from medit.core.dataset import load_dataset
     from medit.core.hparams import parse_sets
@@ -570,7 +602,9 @@ def stats(model: str = ModelOpt,
     except ValueError:
         raise MeditError(f"--layers {layers!r} is not a comma list of integers; write e.g. --layers 4,5,6") from None
     handle = _load(model, dtype, device, None, random_init, trust_remote_code, no_memory_check)
-    result, seconds = second_moments(handle, idx, corpus, samples, max_len, stats_dtype, tf32=tf32)
+    with distributed.shared():  # torchrun: each rank streams its share of the corpus
+        result, seconds = second_moments(handle, idx, corpus, samples, max_len, stats_dtype, tf32=tf32,
+                                         progress=distributed.is_main())
     rows = [[layer, str(cache_file(handle, layer, corpus, samples, max_len, stats_dtype, tf32)), tuple(m.shape)]
             for layer, m in sorted(result.items())]
     typer.echo(tabulate(rows, headers=["layer", "file", "shape"], tablefmt="simple"))
@@ -592,6 +626,7 @@ def corpus(facts: str = typer.Option(..., "--facts", metavar="DATASET",
            facts_n: Optional[int] = typer.Option(None, "--facts-n", metavar="N",
                                                  help="most fact lines to take (default all)")) -> None:
     """Write a statistics corpus: text paragraphs, then true facts from a dataset's training split."""
+    _one_process("corpus")
     from medit.toolkit.fact_corpus import build_corpus, write_corpus
 
     lines, counts = build_corpus(facts, exclude or [], text, text_n, facts_n)
@@ -612,6 +647,7 @@ def locate(data: str = typer.Argument(..., metavar="DATASET",
            random_init: bool = RandomOpt, trust_remote_code: bool = TrustOpt,
            no_memory_check: bool = NoMemCheckOpt) -> None:
     """Print the neurons a locating method (e.g. kn) finds for each case, without editing."""
+    _one_process("locate")
     from medit import api
     from medit.core.dataset import load_dataset
     from medit.core.hparams import parse_sets

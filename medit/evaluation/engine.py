@@ -15,7 +15,7 @@ from medit.core.edit import CompositeEdit, Edit, share_originals
 from medit.errors import MeditError, MethodError, UnknownNameError
 from medit.model.handle import ModelHandle
 from medit.core.hparams import HParams
-from medit.core.io import JsonlAppender, atomic_write_json, read_jsonl_records
+from medit.core.io import JsonlAppender, atomic_write_json
 from medit.evaluation.memory import current_rss_mb, peak_rss_mb, trim_heap
 from medit.core.method import MODES, Method
 from medit.core.chat import DEFAULT_CHAT_PROMPT, ChatFormat, chat_format, wrap_request
@@ -24,7 +24,9 @@ from medit.plugin.manager import get_plugins
 from medit.core.progress import progress_bar
 from medit.core.requests import EditRequest
 from medit.evaluation.monitor import Monitor, MonitorConfig, RunCollapsed
-from medit.evaluation.rundir import _rewrite_cases, check_out_dir, check_resumable
+from medit.evaluation import sharding
+from medit.evaluation.rundir import check_out_dir, check_resumable
+from medit.core import distributed
 from medit.evaluation.summary import summarise
 from medit.scoring.engine import Scorer
 from medit.core.timing import SETUP_FIELDS, setup_since, setup_totals
@@ -271,14 +273,17 @@ class Evaluator:
             self._original = {r.case_id: r for r in requests}
             requests = [wrap_request(r, self.chat) for r in requests]
         out = Path(cfg.out_dir) if cfg.out_dir else None
+        world = sharding.ranks()  # > 1: this rank evaluates its share of the cases (sharding.py)
+        me = distributed.rank() if world > 1 else 0
+        sharding.check_shardable(cfg.mode, cfg.batch_size, world)
         done: dict[str, dict[str, Any]] = {}
         if out is not None:
             check_out_dir(out, cfg.resume)
-            if cfg.resume:
-                found, torn = read_jsonl_records(out / "cases.jsonl")
-                done = {str(r.get("case_id")): r for r in found}
-                if torn or len(done) < len(found):  # drop a crash's fragment (and repeats) before appending
-                    _rewrite_cases(out / "cases.jsonl", list(done.values()))
+            if cfg.resume:  # every case file, whichever world size wrote it
+                done = sharding.finished(out)
+                sharding.clean(sharding.case_file(out, me, world))
+            if world > 1:
+                distributed.barrier()  # every rank has read what is done before any rank writes
         from medit.scoring.cache import model_fingerprint
         self.base_fingerprint = model_fingerprint(self.handle)  # of the weights as they are now
         self.pre_from_cache = False
@@ -289,18 +294,22 @@ class Evaluator:
         if out is not None:
             if done:
                 check_resumable(out, manifest)
-            atomic_write_json(out / "manifest.json", manifest)
+            if me == 0:
+                atomic_write_json(out / "manifest.json", manifest)
         todo = [r for r in requests if r.case_id not in done]
+        mine = sharding.split(todo, cfg.mode, cfg.batch_size, world, me)
         t0 = time.perf_counter()
         records = list(done.values())
-        writer = JsonlAppender(out / "cases.jsonl") if out is not None else None
+        new: list[dict[str, Any]] = []
+        writer = JsonlAppender(sharding.case_file(out, me, world)) if out is not None else None
         stopped: RunCollapsed | None = None
         try:
-            pre_all = self._pre_scores(requests, todo) if todo else {}
-            bar = _progress(len(todo), f"{self.method.name} {cfg.mode} editing", cfg.progress)
+            pre_all = (self._pre_scores(requests, todo) if world == 1 else
+                       self._pre_scores(mine, mine)) if mine else {}
+            bar = _progress(len(mine), f"{self.method.name} {cfg.mode} editing", cfg.progress)
             try:
-                for rec in self._run_mode(todo, pre_all, bar, requests):
-                    records.append(rec)
+                for rec in self._run_mode(mine, pre_all, bar, requests):
+                    new.append(rec)
                     if writer is not None:
                         writer.write(rec)
             except RunCollapsed as e:  # the cases edited before the stop were scored: summarise them
@@ -309,13 +318,16 @@ class Evaluator:
         finally:
             if writer is not None:
                 writer.close()
+        records += sharding.gather(new, world)
         eval_s = time.perf_counter() - t0
         order = {r.case_id: i for i, r in enumerate(requests)}
         records.sort(key=lambda r: order.get(str(r["case_id"]), 0))
         summary = summarise(records, self.method.name, self.handle.model_id, cfg.mode, eval_s)
         if stopped is not None:
             summary["stopped"] = {"reason": str(stopped), "cases_scored": len(records), "cases": len(requests)}
-        if out is not None:
+        if out is not None and me == 0:
+            if world > 1 or len(sharding.case_files(out)) > 1:  # rank files: merged into cases.jsonl
+                sharding.finish(out, records)
             atomic_write_json(out / "manifest.json", self._manifest(requests, start,
                                                                     _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")))
             atomic_write_json(out / "summary.json", summary)

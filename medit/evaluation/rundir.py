@@ -67,8 +67,9 @@ def check_out_dir(out: str | Path, resume: bool) -> None:
             raise MeditError(f"run folder {str(p)!r} is finished (it holds {SUMMARY}), so there is nothing to "
                              "resume; read it with `medit report` or choose another --out to run again")
         raise MeditError(f"run folder {str(p)!r} already holds results ({SUMMARY}); choose another --out")
-    if _has_results(p / CASES) and not resume:
-        raise MeditError(f"run folder {str(p)!r} already holds results ({CASES}); pass --resume to continue "
+    written = [q.name for q in [p / CASES, *sorted(p.glob("cases.rank-*.jsonl"))] if _has_results(q)]
+    if written and not resume:
+        raise MeditError(f"run folder {str(p)!r} already holds results ({written[0]}); pass --resume to continue "
                          "it or choose another --out")
     foreign = [n for n in names if not _own_entry(p, n)]
     if foreign:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
+from medit.core import distributed
 from medit.errors import InputFileError, MeditError
 from medit.core.timing import setup_phase
 from medit.model.tracing import capture, run_until
@@ -143,7 +145,7 @@ def _save_later(path: Path, mat: torch.Tensor, meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     def write() -> None:  # ``mat`` is safe to read meanwhile: statistics are never modified in place
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes computing the same entry never share it
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"mom2": mat.contiguous().cpu()}, str(tmp), metadata=meta)
@@ -240,18 +242,27 @@ def _second_moments(handle: "ModelHandle", layers: Sequence[int], corpus: str, n
             result[layer] = kept[layer, cfp, n_samples, max_len, dtype] = cached.to(handle.device)
         else:
             missing.append(layer)
+    if distributed.collective_world() > 1:  # torchrun ranks sharing the pass: compute what any rank lacks
+        missing = sorted(set().union(*distributed.all_gather_objects(missing)))
     if not missing:
         return result, 0.0
     t0 = time.perf_counter()
     with _matmul_precision("high" if dtype.endswith("-tf32") else "highest"):
         computed, count = _compute(handle, missing, c.paragraphs(n_samples), max_len, acc_dtype, batch_size, progress)
     seconds = time.perf_counter() - t0
+    ranks = distributed.collective_world()
     for layer, mat in computed.items():
         meta = {"model": handle.fingerprint(), "corpus": cfp, "corpus_spec": corpus, "layer": str(layer),
                 "n_samples": str(n_samples), "max_len": str(max_len), "dtype": dtype, "tokens": str(count),
                 "seconds": f"{seconds:.3f}"}
-        _save_later(_cache_path(handle, cfp, layer, n_samples, max_len, dtype), mat, meta)
+        path = _cache_path(handle, cfp, layer, n_samples, max_len, dtype)
+        if ranks == 1 or distributed.rank() == 0:  # rank 0 writes the cache entry; the others wait for it
+            _save_later(path, mat, meta)
+            if ranks > 1:
+                wait_for_writes(path)
         result[layer] = kept[layer, cfp, n_samples, max_len, dtype] = mat
+    if ranks > 1:
+        distributed.barrier()
     return result, seconds
 
 
@@ -277,10 +288,14 @@ def _compute(handle: "ModelHandle", layers: list[int], texts: list[str], max_len
     acc = {layer: torch.zeros(d, d, dtype=dtype, device=handle.device) for layer in layers}
     count = 0
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    bar = progress_bar(sum(len(e) for e in encoded), f"statistics L{','.join(map(str, layers))}", "tok", progress,
-                       unit_scale=True)
+    # torchrun ranks sharing the pass (medit.core.distributed.shared): batch b on rank b mod world,
+    # the sums and the token count added up over the ranks at the end
+    ranks, me = distributed.collective_world(), distributed.rank()
+    starts = distributed.shard(range(0, len(order), batch_size), ranks, me if ranks > 1 else 0)
+    bar = progress_bar(sum(len(encoded[i]) for b in starts for i in order[b:b + batch_size]),
+                       f"statistics L{','.join(map(str, layers))}", "tok", progress, unit_scale=True)
     try:
-        for start in range(0, len(order), batch_size):
+        for start in starts:
             batch = [encoded[i] for i in order[start:start + batch_size]]
             width = max(len(b) for b in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -300,4 +315,9 @@ def _compute(handle: "ModelHandle", layers: list[int], texts: list[str], max_len
             bar.update(n_tok)
     finally:
         bar.close()
+    if ranks > 1:
+        for layer in layers:
+            distributed.all_reduce_sum(acc[layer])
+        total = distributed.all_reduce_sum(torch.tensor([count], dtype=torch.float64, device=handle.device))
+        count = int(total.item())
     return {layer: (m / count).to(torch.float32) for layer, m in acc.items()}, count

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from medit.core import distributed
 from medit.toolkit.context import fill, subject_token_index, swapped_prompts
 from medit.scoring.engine import Scorer
 from medit.core.queries import kl_per_row
@@ -291,15 +292,24 @@ def optimise_deltas(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     widths = [max(len(q) - k for q, k in zip(r.seqs, r.lookup))
               for r in (_build_rows(handle, [req], templates, spec, which) for req in reqs)]
     order = sorted(range(len(reqs)), key=lambda i: widths[i])
+    # torchrun ranks applying one batch together (medit.core.distributed.shared): each optimises
+    # every ranks-th request of that order, then all ranks gather every vector
+    ranks = distributed.collective_world() if negatives is None else 1
+    if ranks > 1:
+        order = distributed.shard(order, ranks, distributed.rank())
     out: list[torch.Tensor] = [torch.empty(0)] * len(reqs)
     infos: list[dict] = [{}] * len(reqs)
-    for start in range(0, len(reqs), spec.chunk):
+    for start in range(0, len(order), spec.chunk):
         part = order[start:start + spec.chunk]
         scale = None if row_scale is None else row_scale[part]
         d, info = _optimise_chunk(handle, [reqs[i] for i in part], layer, templates, spec, ref, which, scale,
                                   negatives)
         for j, i in enumerate(part):
             out[i], infos[i] = d[j], info[j]
+    if ranks > 1:
+        for share in distributed.all_gather_objects([(i, out[i].cpu(), infos[i]) for i in order]):
+            for i, vec, info in share:
+                out[i], infos[i] = vec.to(handle.device), info
     return torch.stack(out), infos
 
 
