@@ -96,6 +96,8 @@ def test_sharded_eval_equals_one_process(tmp_path, tiny_model_dirs, mode):
     _same_cases(_cases(tmp_path / "one" / "cases.jsonl"), _cases(two / "cases.jsonl"))
     s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert s1["n"] == s2["n"] == 5
+    m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    assert "world_size" not in m1 and m2["world_size"] == 2
     for metric, protos in s1["metrics"].items():
         for proto, stages in protos.items():
             for stage in ("pre", "post"):

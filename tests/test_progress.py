@@ -24,3 +24,15 @@ def test_non_terminal_gets_lines_and_env_turns_them_off(monkeypatch):
     assert not isinstance(progress_bar(3, "x"), LineProgress)
     monkeypatch.setenv(progress.ENV, "5")
     assert not isinstance(progress_bar(3, "x", enabled=False), LineProgress)
+
+
+def test_only_rank_zero_reports_progress(monkeypatch):
+    """Under torchrun every rank runs the same loops; one progress report per launch (rank 0)."""
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setenv(progress.ENV, "5")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    bar = progress_bar(3, "x")
+    assert not isinstance(bar, LineProgress) and bar.disable
+    monkeypatch.setenv("RANK", "0")
+    assert isinstance(progress_bar(3, "x"), LineProgress)

@@ -62,8 +62,13 @@ class LineProgress:
 
 def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True, initial: int = 0,
                  unit_scale: bool = False) -> Any:
-    """A tqdm bar on a terminal, periodic log lines otherwise, nothing when ``enabled`` is false."""
+    """A tqdm bar on a terminal, periodic log lines otherwise, nothing when ``enabled`` is false
+    or on a torchrun rank other than 0 (one progress report per launch)."""
     from tqdm.auto import tqdm
+
+    from medit.core import distributed
+
+    enabled = enabled and distributed.is_main()
 
     if enabled and not sys.stderr.isatty() and _every() > 0:
         return LineProgress(total, desc, unit, _every(), initial)

@@ -492,6 +492,8 @@ class Evaluator:
                 **({"chat": self.chat.record()} if self.chat is not None else {}),
                 "dataset": self.cfg.dataset, "n": len(requests),
                 "offset": self.cfg.dataset.get("offset", 0), "seed": self.cfg.seed,
+                # the ranks of the launch that wrote it (torchrun); a resume may use another number
+                **({"world_size": distributed.world()} if distributed.world() > 1 else {}),
                 "start_time": start, "end_time": end}
 
 
