@@ -141,8 +141,6 @@ class _WideHead(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         # Summed over vocabulary blocks that stay in cache: ``grad @ W`` in one call repacks all of
         # W and takes about twice as long for a few rows.
-        # under autocast the forward's product (and so ``grad``) is in the autocast dtype
-        grad = grad.to(weight.dtype)
         out = grad.new_zeros(grad.shape[0], weight.shape[1])
         for g, w in zip(grad.split(_HEAD_BLOCK, 1), weight.split(_HEAD_BLOCK, 0)):
             out.addmm_(g, w)

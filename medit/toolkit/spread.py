@@ -58,9 +58,6 @@ class LocateHParams(NormAnchorHParams):
     #: extra prompts (``{}`` marks the subject) that should also produce target_new while δ is
     #: optimised, e.g. ``"{} is associated with"``; they ask for the new fact beyond one wording.
     v_extra_prompts: list[str] = field(default_factory=list)
-    #: ``bfloat16``: the target-vector optimisation runs the layers above the edit layer under
-    #: bfloat16 autocast, about twice as fast on CPUs with AMX and on GPUs; the solve stays float32.
-    v_precision: str = "float32"
 
     def check_locate(self) -> None:
         self.check_norm_anchor()
@@ -75,8 +72,6 @@ class LocateHParams(NormAnchorHParams):
                                f"({self.v_clamp_norm_factor}), got {self.v_clamp_norm_factor_max}")
         if self.fact_token not in ("last", "first"):
             raise HParamsError(f"hparam 'fact_token' must be 'last' or 'first', got {self.fact_token!r}")
-        if self.v_precision not in ("float32", "bfloat16"):
-            raise HParamsError(f"hparam 'v_precision' must be float32 or bfloat16, got {self.v_precision!r}")
         if self.stats_dtype not in ("float32", "float64"):
             raise HParamsError(f"hparam 'stats_dtype' must be float32 or float64, got {self.stats_dtype!r}")
         bad = [p for p in self.v_extra_prompts if not isinstance(p, str) or p.count("{}") != 1]
@@ -92,7 +87,7 @@ class LocateHParams(NormAnchorHParams):
                          weight_decay=self.v_weight_decay, clamp_norm_factor=self.v_clamp_norm_factor,
                          clamp_norm_factor_max=self.v_clamp_norm_factor_max, max_clamp_steps=self.v_max_clamp_steps,
                          early_stop_nll=self.v_early_stop_nll, chunk=self.v_chunk,
-                         extra_prompts=tuple(self.v_extra_prompts), precision=self.v_precision)
+                         extra_prompts=tuple(self.v_extra_prompts))
 
     def templates(self, handle: "ModelHandle") -> list[str]:
         return context_templates(handle, [tuple(x) for x in self.context_templates])  # type: ignore[misc]

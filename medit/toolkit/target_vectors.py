@@ -14,7 +14,6 @@ does (:func:`residual_change`, :func:`rewrite_change` convert between the two sp
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -196,15 +195,6 @@ class DeltaSpec:
     #: further prompts (``{}``: the subject) whose continuation should also be target_new; they
     #: follow the templates' rows (without templates), before the KL row.
     extra_prompts: tuple[str, ...] = ()
-    #: ``bfloat16`` runs the optimisation's forward and backward passes through the layers above
-    #: the edit layer under bfloat16 autocast (δ, its optimiser and the loss stay float32).
-    precision: str = "float32"
-
-    def autocast(self, device: torch.device) -> AbstractContextManager:
-        """The precision context of one forward pass of the optimisation."""
-        if self.precision == "bfloat16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return nullcontext()
 
 
 @dataclass
@@ -428,9 +418,8 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
         for step in range(total):
             if live is None:  # the rows of the requests still optimised (all at first)
                 live = _Live(owner, done, t_rows_t, kl_rows, mask)
-                with spec.autocast(dev):
-                    cache = above.prefix(hidden[live.rows, :split], mask[live.rows, :split],
-                                         pos[live.rows, :split]) if split > 0 else None
+                cache = above.prefix(hidden[live.rows, :split], mask[live.rows, :split], pos[live.rows, :split]) \
+                    if split > 0 else None
                 lt = live.targets
                 cols, ids_l, own_l, main_l = t_cols_t[lt], t_ids_t[lt], t_own_t[lt], main_t[lt]
                 n_t = len(ids_l)
@@ -439,12 +428,10 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
             if mlp_at is not None:
                 add = residual_change(post, mlp_at[rs], add)
             at = hidden[rs, split:split + 1] + add
-            with spec.autocast(dev):
-                final = above.suffix(torch.cat([at, hidden[rs, split + 1:w]], 1), mask[rs, :w], pos[rs, split:w],
-                                     cache)
-                # one head call for the target and the KL positions: its cost hardly grows with rows
-                logits = head_logits(handle, torch.cat([final[live.t_rows, cols], final[live.kl_rows, 0]]))
-            logp = logits.float().log_softmax(-1)
+            final = above.suffix(torch.cat([at, hidden[rs, split + 1:w]], 1), mask[rs, :w], pos[rs, split:w], cache)
+            # one head call for the target and the KL positions: its cost hardly grows with rows
+            logp = head_logits(handle, torch.cat([final[live.t_rows, cols], final[live.kl_rows, 0]])
+                               ).float().log_softmax(-1)
             tok_lp = logp[:n_t].gather(1, ids_l[:, None])[:, 0]
             nll = -torch.zeros(n, device=dev).index_add(0, own_l, tok_lp) / n_tok
             kl_logp = logp[n_t:]
@@ -459,10 +446,8 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
                 add = (ng.coef[..., None] * delta[0]).to(ng.hidden.dtype)
                 if ng.mlp is not None:
                     add = residual_change(post, ng.mlp, add)
-                with spec.autocast(dev):
-                    nf = above(ng.hidden + add, ng.mask)
-                    neg_logits = head_logits(handle, nf[torch.arange(len(ng.last), device=dev), ng.last])
-                neg_logp = neg_logits.float().log_softmax(-1)
+                nf = above(ng.hidden + add, ng.mask)
+                neg_logp = head_logits(handle, nf[torch.arange(len(ng.last), device=dev), ng.last]).float().log_softmax(-1)
                 if neg_ref is None:
                     neg_ref = neg_logp.detach()
                 neg_kl = kl_per_row(neg_ref, neg_logp).mean()
