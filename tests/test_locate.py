@@ -16,7 +16,7 @@ from medit.toolkit.target_vectors import DeltaSpec, compute_keys, delta_row_keys
 from medit.scoring.engine import Scorer
 from medit.core.queries import TFQuery
 from medit.toolkit.stats import SecondMoments, second_moments, wait_for_writes
-from medit.model.tracing import capture, layers_above
+from medit.model.tracing import Above, capture, layers_above
 
 from snapshots import model_state
 
@@ -86,7 +86,7 @@ def test_delta_batching_is_exact_and_nll_matches_scorer(tiny_handle, family):
 
 
 @pytest.mark.parametrize("family,stop", [("gpt2", 1.2), ("llama", 1.2), ("gemma", 4.0)])
-def test_batched_deltas_drop_finished_edits_and_equal_one_by_one(tiny_handle, family, stop):
+def test_batched_deltas_drop_finished_edits_and_equal_one_by_one(tiny_handle, family, stop, monkeypatch):
     """Edits that reach the early-stop NLL at different steps leave the batch's forward pass; every
     edit still gets the vector, step count and NLL of its own one-by-one optimisation. The losses
     are independent per edit and Adam is elementwise, so the only differences are float rounding
@@ -101,7 +101,11 @@ def test_batched_deltas_drop_finished_edits_and_equal_one_by_one(tiny_handle, fa
     reqs = [EditRequest(prompt=p, subject=s, target_new=t, case_id=str(i)) for i, (p, s, t) in enumerate(cases)]
     templates = ["{}", "Hello there. {}"]
     spec = DeltaSpec(steps=30, lr=0.5, clamp_norm_factor=100.0, early_stop_nll=stop, chunk=len(reqs))
+    prefixes = []
+    real_prefix = Above.prefix
+    monkeypatch.setattr(Above, "prefix", lambda self, *a: prefixes.append(1) or real_prefix(self, *a))
     batch, info_b = optimise_deltas(h, reqs, 0, templates, spec)
+    assert len(prefixes) == 1  # finished edits' rows left the prefix cache; it was not computed again
     single = [optimise_deltas(h, [r], 0, templates, spec) for r in reqs]
     steps = [i[0]["steps"] for _, i in single]
     assert len(set(steps)) > 2 and min(steps) < spec.steps  # finished edits really left mid-run

@@ -116,6 +116,16 @@ class Above:
         out = self.base(inputs_embeds=self._embeds(hidden, pos), attention_mask=mask, position_ids=pos, use_cache=True)
         return getattr(out, "cache", None) if self.cache_kw == "cache" else out.past_key_values
 
+    @staticmethod
+    def select(cache: Any, rows: torch.Tensor) -> Any:
+        """The prefix ``cache`` of some of its rows (a new cache; None when the cache type cannot
+        select rows, so the caller computes the prefix again)."""
+        if not hasattr(cache, "batch_select_indices"):
+            return None
+        out = copy.deepcopy(cache)
+        out.batch_select_indices(rows)
+        return out
+
     def suffix(self, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         """Final hidden states of the suffix columns given the prefix ``cache`` (left unchanged)."""
         kw = {self.cache_kw: copy.deepcopy(cache)} if cache is not None else {}

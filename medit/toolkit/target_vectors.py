@@ -15,7 +15,7 @@ does (:func:`residual_change`, :func:`rewrite_change` convert between the two sp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -415,11 +415,19 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     infos = [{"steps": total, "nll": None} for _ in range(n)]
     with layers_above(handle, layer) as above:
         live = None
+        cache: Any = None
+        cached_rows: torch.Tensor | None = None  # the rows ``cache`` holds
         for step in range(total):
             if live is None:  # the rows of the requests still optimised (all at first)
+                before = cached_rows
                 live = _Live(owner, done, t_rows_t, kl_rows, mask)
-                cache = above.prefix(hidden[live.rows, :split], mask[live.rows, :split], pos[live.rows, :split]) \
-                    if split > 0 else None
+                # the prefix of a row does not depend on the other rows: when edits leave, their
+                # rows leave the cache instead of the prefix being computed again
+                if split > 0 and before is not None:
+                    cache = above.select(cache, torch.searchsorted(before, live.rows))
+                if split > 0 and (before is None or cache is None):
+                    cache = above.prefix(hidden[live.rows, :split], mask[live.rows, :split], pos[live.rows, :split])
+                cached_rows = live.rows if split > 0 else None
                 lt = live.targets
                 cols, ids_l, own_l, main_l = t_cols_t[lt], t_ids_t[lt], t_own_t[lt], main_t[lt]
                 n_t = len(ids_l)
