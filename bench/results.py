@@ -47,6 +47,8 @@ COLUMNS = [
     ("locality", "agreement", "loc agreement"),
     ("locality", "kl", "loc kl"),
 ]
+# decimals of a protocol's cells (others: 3)
+DIGITS = {"kl": 4, "perplexity": 2}
 
 
 def rel(path: Path) -> str:
@@ -234,22 +236,23 @@ def render(settings: list[dict], root: Path, threads: int, note: str = "") -> st
             w(" ".join(str(setting["why"]).split()))
             w("")
         done = [(row, r) for row, r in runs if r is not None]
-        head = ["method", "model", "mode", "n"] + [c[2] for c in COLUMNS] + ["edit s/case", "run s"]
+        columns = [tuple(c) for c in setting.get("columns", COLUMNS)]
+        head = ["method", "model", "mode", "n"] + [c[2] for c in columns] + ["edit s/case", "run s"]
         w("| " + " | ".join(head) + " |")
         w("|" + "|".join([" --- "] * 4 + [" ---: "] * (len(head) - 4)) + "|")
         if done:
-            pre_row = unedited_row(done)
+            pre_row = unedited_row(done, columns)
             if pre_row:
                 w(pre_row)
         for row, r in runs:
             if r is None:
                 why = row.get("skip") or "not run yet"
-                w(f"| {row['method']} | | | | " + " | ".join([""] * len(COLUMNS)) + f" | | {why} |")
+                w(f"| {row['method']} | | | | " + " | ".join([""] * len(columns)) + f" | | {why} |")
                 continue
             s = r["summary"]
             cells = [s.get("method", row["method"]), s.get("model", ""), s.get("mode", ""), str(s.get("n", ""))]
-            for metric, protocol, _ in COLUMNS:
-                digits = 4 if protocol == "kl" else 3
+            for metric, protocol, _ in columns:
+                digits = DIGITS.get(protocol, 3)
                 cells.append(fmt(value(s, metric, protocol, "post"), digits))
             eff = s.get("efficiency", {})
             cells += [fmt(eff.get("edit_s_mean"), 2), fmt(eff.get("eval_s_total"), 0)]
@@ -281,16 +284,16 @@ def render(settings: list[dict], root: Path, threads: int, note: str = "") -> st
     return "\n".join(out).rstrip() + "\n"
 
 
-def unedited_row(done: list) -> str | None:
+def unedited_row(done: list, columns: list) -> str | None:
     """The pre-edit scores, when every run of the table measured the same ones."""
     cells = []
-    for metric, protocol, _ in COLUMNS:
+    for metric, protocol, _ in columns:
         pres = {None if (v := value(r["summary"], metric, protocol, "pre")) is None else round(v, 3)
                 for _, r in done}
         if len(pres) > 1:
             return None
         (p,) = pres
-        cells.append(fmt(p, 4 if protocol == "kl" else 3))
+        cells.append(fmt(p, DIGITS.get(protocol, 3)))
     n = {r["summary"].get("n") for _, r in done}
     return "| *unedited model* | | | " + (str(n.pop()) if len(n) == 1 else "") + " | " + " | ".join(cells) + " | | |"
 
