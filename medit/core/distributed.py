@@ -132,11 +132,13 @@ def all_reduce_sum(tensor: Any) -> Any:
     return tensor
 
 
-def all_gather_objects(obj: T) -> list[T]:
-    """Every sharing rank's ``obj`` (picklable), in rank order (``[obj]`` alone)."""
-    if collective_world() <= 1:
+def all_gather_objects(obj: T, ranks: int | None = None) -> list[T]:
+    """Every rank's ``obj`` (picklable), in rank order, over the ranks sharing the work
+    (:func:`collective_world`) or, given ``ranks``, that many (``[obj]`` for one)."""
+    n = collective_world() if ranks is None else ranks
+    if n <= 1:
         return [obj]
     import torch.distributed as dist
-    out: list[Any] = [None] * world()
+    out: list[Any] = [None] * n
     dist.all_gather_object(out, obj)
     return out

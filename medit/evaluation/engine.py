@@ -25,7 +25,7 @@ from medit.core.progress import progress_bar
 from medit.core.requests import EditRequest
 from medit.evaluation.monitor import Monitor, MonitorConfig, RunCollapsed
 from medit.evaluation import sharding
-from medit.evaluation.rundir import check_out_dir, check_resumable
+from medit.evaluation.rundir import case_files, check_out_dir, check_resumable
 from medit.core import distributed
 from medit.evaluation.summary import summarise
 from medit.scoring.engine import Scorer
@@ -326,7 +326,7 @@ class Evaluator:
         if stopped is not None:
             summary["stopped"] = {"reason": str(stopped), "cases_scored": len(records), "cases": len(requests)}
         if out is not None and me == 0:
-            if world > 1 or len(sharding.case_files(out)) > 1:  # rank files: merged into cases.jsonl
+            if world > 1 or len(case_files(out)) > 1:  # rank files: merged into cases.jsonl
                 sharding.finish(out, records)
             atomic_write_json(out / "manifest.json", self._manifest(requests, start,
                                                                     _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")))

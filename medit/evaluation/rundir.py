@@ -37,6 +37,18 @@ def is_run_dir(path: Path) -> bool:
     return isinstance(manifest, dict) and "medit_version" in manifest and "method" in manifest
 
 
+def case_files(out: Path) -> list[Path]:
+    """Every case file in the run folder: ``cases.jsonl`` first, then the rank files of a torchrun
+    launch (``cases.rank-K.jsonl``, see :mod:`medit.evaluation.sharding`) by rank."""
+    def key(p: Path) -> int:
+        try:
+            return int(p.name[len("cases.rank-"):-len(".jsonl")])
+        except ValueError:
+            return 1 << 30
+    ranked = sorted((p for p in out.glob("cases.rank-*.jsonl") if p.is_file()), key=key)
+    return [p for p in [out / CASES, *ranked] if p.is_file()]
+
+
 def _own_entry(path: Path, name: str) -> bool:
     """Entries medit may find in its own run folder: results, rank files, monitor, report files,
     atomic-write leftovers and saved patches."""
@@ -67,7 +79,7 @@ def check_out_dir(out: str | Path, resume: bool) -> None:
             raise MeditError(f"run folder {str(p)!r} is finished (it holds {SUMMARY}), so there is nothing to "
                              "resume; read it with `medit report` or choose another --out to run again")
         raise MeditError(f"run folder {str(p)!r} already holds results ({SUMMARY}); choose another --out")
-    written = [q.name for q in [p / CASES, *sorted(p.glob("cases.rank-*.jsonl"))] if _has_results(q)]
+    written = [q.name for q in case_files(p) if _has_results(q)]
     if written and not resume:
         raise MeditError(f"run folder {str(p)!r} already holds results ({written[0]}); pass --resume to continue "
                          "it or choose another --out")
@@ -125,8 +137,9 @@ def check_resumable(out: Path, manifest: dict[str, Any]) -> None:
                          "resume it with the settings it started with, or choose another --out")
 
 
-def _rewrite_cases(path: Path, records: list[dict[str, Any]]) -> None:
-    """Drop a torn trailing line left by a crash so appends continue on a clean file."""
+def rewrite_cases(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write ``records`` as the case file ``path`` (atomically): drops a torn trailing line left by
+    a crash so appends continue on a clean file, or writes a merged file."""
     from medit.core.io import atomic_write_text
     import json
     atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))

@@ -21,10 +21,9 @@ from typing import Any, Sequence, TypeVar
 from medit.core import distributed
 from medit.core.io import read_jsonl_records
 from medit.errors import MeditError
+from medit.evaluation.rundir import CASES, case_files, rewrite_cases
 
 T = TypeVar("T")
-
-CASES = "cases.jsonl"
 
 
 def ranks() -> int:
@@ -52,17 +51,6 @@ def case_file(out: Path, which: int, world: int) -> Path:
     return out / (CASES if world <= 1 else f"cases.rank-{which}.jsonl")
 
 
-def case_files(out: Path) -> list[Path]:
-    """Every case file in the run folder: ``cases.jsonl`` first, then rank files by rank."""
-    def key(p: Path) -> int:
-        try:
-            return int(p.name[len("cases.rank-"):-len(".jsonl")])
-        except ValueError:
-            return 1 << 30
-    ranked = sorted((p for p in out.glob("cases.rank-*.jsonl") if p.is_file()), key=key)
-    return [p for p in [out / CASES, *ranked] if p.is_file()]
-
-
 def finished(out: Path) -> dict[str, dict[str, Any]]:
     """The rows already written in ``out`` by case id (every case file; the first row of a case
     wins; a crash's torn last line is dropped)."""
@@ -75,7 +63,6 @@ def finished(out: Path) -> dict[str, dict[str, Any]]:
 
 def clean(path: Path) -> None:
     """Drop a torn last line (and repeated cases) of the file this process appends to."""
-    from medit.evaluation.rundir import _rewrite_cases
     found, torn = read_jsonl_records(path)
     seen: set[str] = set()
     keep = []
@@ -85,7 +72,7 @@ def clean(path: Path) -> None:
             seen.add(cid)
             keep.append(rec)
     if torn or len(keep) < len(found):
-        _rewrite_cases(path, keep)
+        rewrite_cases(path, keep)
 
 
 def split(todo: Sequence[T], mode: str, batch_size: int, world: int, which: int) -> list[T]:
@@ -100,19 +87,13 @@ def split(todo: Sequence[T], mode: str, batch_size: int, world: int, which: int)
 
 def gather(records: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
     """Every rank's new rows (each rank's list, concatenated in rank order)."""
-    if world <= 1:
-        return records
-    import torch.distributed as dist
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, records)
-    return [r for part in out for r in part]
+    return [r for part in distributed.all_gather_objects(records, world) for r in part]
 
 
 def finish(out: Path, records: list[dict[str, Any]]) -> None:
     """Rank 0: write the run's rows (already in dataset order) as ``cases.jsonl`` and remove the
     rank files they came from."""
-    from medit.evaluation.rundir import _rewrite_cases
     ranked = [p for p in case_files(out) if p.name != CASES]
-    _rewrite_cases(out / CASES, records)
+    rewrite_cases(out / CASES, records)
     for p in ranked:
         p.unlink(missing_ok=True)
