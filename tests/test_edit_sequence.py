@@ -2,6 +2,8 @@
 a whole, refuses to revert (or save) a sharing member alone, and saves as one patch."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -54,3 +56,29 @@ def test_unshared_edits_still_revert_alone(tiny_handle):
     CompositeEdit(h, [e])
     e.revert()
     assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
+
+
+def test_factors_that_outgrow_the_matrix_are_dropped_for_a_dense_patch(tiny_handle, tmp_path):
+    """A long sequence does not pile up low-rank factors: once a parameter's factors are as large
+    as the matrix, every edit drops them and the sequence's patch stores that parameter dense."""
+    h = tiny_handle("llama")
+    a, b = h.param_name("mlp_out", 0), h.param_name("mlp_out", 1)
+    rows, cols = dict(h.model.named_parameters())[a].shape
+    rank_fill = rows * cols // (rows + cols)  # rank-one edits until the factors outweigh the matrix
+    edits = [_rank_one(h, a, i) for i in range(rank_fill)] + [_rank_one(h, b, 99)]
+    share_originals(edits)
+    assert all(a in e.factors for e in edits[:-1]), "kept while smaller than the matrix"
+    edits.append(_rank_one(h, a, rank_fill))
+    after = model_state(h)
+    share_originals(edits)
+    assert not any(a in e.factors for e in edits) and b in edits[-2].factors
+    whole = CompositeEdit(h, edits)
+    path = whole.save(tmp_path / "long")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["params"][a]["storage"] == "dense" and manifest["params"][b]["storage"] == "lowrank"
+    whole.revert()
+    fresh = tiny_handle("llama", fresh=True)
+    applied = load_patch(fresh, path)
+    for name in (a, b):
+        torch.testing.assert_close(dict(fresh.model.named_parameters())[name], after[name], rtol=1e-5, atol=1e-6)
+    applied.revert()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -164,6 +164,14 @@ class WeightEdit(Edit):
         self.shared: set[str] = set()
         self._in_sequence_revert = False
 
+    def share(self, names: Iterable[str]) -> None:
+        """An earlier edit of the same sequence holds the originals of ``names``: drop this edit's
+        copies and whatever else it kept to revert those parameters alone (subclasses that keep
+        run state extend this), so the sequence's memory does not grow with its length."""
+        for name in names:
+            self.originals.pop(name, None)
+            self.shared.add(name)
+
     def _whole_only(self, what: str) -> None:
         if self.shared and not self._in_sequence_revert:
             raise EditError(f"this {self.method} edit shares original weights with earlier edits of its sequence, "
@@ -300,15 +308,22 @@ def share_originals(edits: Sequence[Edit]) -> None:
     """``edits`` were applied in this order: keep each parameter's original weights only in the
     first weight edit that changed it. Reverting the sequence (last edit first) restores them
     exactly, and memory no longer grows by a full copy of every edited matrix per edit (100
-    sequential MEMIT edits of LLaMA-2-7B's five layers would hold ~90 GB of copies). Idempotent."""
-    held: set[str] = set()
-    for e in edits:
-        if not isinstance(e, WeightEdit):
-            continue
-        for name in [n for n in e.originals if n in held]:
-            del e.originals[name]
-            e.shared.add(name)
-        held.update(e.originals)
+    sequential MEMIT edits of LLaMA-2-7B's five layers would hold ~90 GB of copies), nor by the
+    low-rank factors of every edit once they outgrow the matrix. Idempotent."""
+    held: dict[str, int] = {}  # parameter -> its number of elements
+    factor_sizes: dict[str, int] = {}
+    weights = [e for e in edits if isinstance(e, WeightEdit)]
+    for e in weights:
+        e.share([n for n in e.originals if n in held])
+        held.update({n: t.numel() for n, t in e.originals.items()})
+        for name, (u, v) in e.factors.items():
+            factor_sizes[name] = factor_sizes.get(name, 0) + u.numel() + v.numel()
+    # Low-rank factors of one parameter pile up over a long sequence; once they are as large as
+    # the matrix, the sequence's patch stores a dense delta (from the originals) instead.
+    for name, size in factor_sizes.items():
+        if len(weights) > 1 and size >= held.get(name, size + 1):
+            for e in weights:
+                e.factors.pop(name, None)
 
 
 def _merge_weight_edits(handle: "ModelHandle", edits: Sequence[WeightEdit]) -> WeightEdit:

@@ -2,9 +2,9 @@
 
 :class:`RunningMoments` keeps the mean and standard deviation of a stream of feature vectors
 (UltraEdit's "lifelong normalization": the statistics of every key and gradient seen so far in a
-run, updated turn by turn). They are kept as float64 sums, so a reverted edit can withdraw exactly
-the rows it added (:meth:`RunningMoments.remove`) and the statistics do not depend on the order in
-which single-mode edits were tried and reverted.
+run, updated turn by turn). They are kept as float64 sums that an update replaces rather than changes
+in place, so a reverted edit restores the moments it found exactly (:meth:`RunningMoments.copy`)
+and the statistics do not depend on which single-mode edits were tried and reverted before.
 """
 from __future__ import annotations
 
@@ -32,16 +32,10 @@ class RunningMoments:
         self.squares = q if self.squares is None else self.squares + q.to(self.squares.device)
         self.n += x.shape[0]
 
-    def remove(self, x: torch.Tensor) -> None:
-        """Withdraw rows previously given to :meth:`add` (an edit's revert)."""
-        if self.total is None or self.squares is None or x.shape[0] > self.n:
-            raise ValueError("removing rows that were never added")
-        xd = x.detach().double().to(self.total.device)
-        self.total = self.total - xd.sum(0)
-        self.squares = self.squares - (xd * xd).sum(0)
-        self.n -= x.shape[0]
-        if self.n == 0:
-            self.total = self.squares = None
+    def copy(self) -> "RunningMoments":
+        """A copy that shares the sum tensors: :meth:`add` replaces them instead of changing them in
+        place, so it stays as it is now (what a reverted edit restores)."""
+        return RunningMoments(self.n, self.total, self.squares)
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) per feature; with fewer than two rows the std is 1 (nothing to scale by)."""

@@ -11,7 +11,7 @@ is the ridge least-squares map from the raw keys to the pseudo-values,
 
 computed on the right-hand side (a T×T solve, T = target tokens of the turn). Nothing is trained
 and no covariance corpus is read; what persists is the running moments, which
-:meth:`UltraEdit.start_run` resets and an edit withdraws its rows from on revert.
+:meth:`UltraEdit.start_run` resets and a reverted edit restores.
 
 Differences from the reference implementation: moments are kept per edited parameter (the
 reference shares them between parameters of the same shape), and the layers are medit's standard
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ from medit.model.handle import ModelHandle
 from medit.plugins.methods.ultraedit import DESCRIPTION
 from medit.scoring.engine import Scorer
 from medit.toolkit.gradient_editors import EditedWeights, edit_pairs, edited_params, token_grads
-from medit.toolkit.lifelong import LifelongMoments
+from medit.toolkit.lifelong import LifelongMoments, RunningMoments
 from medit.toolkit.norm_anchor import NormAnchorHParams, NormAnchors, anchor_weights
 from medit.toolkit.spread import CovarianceSolver, covariance_solver, storage_factors
 from medit.toolkit.stats import PACKAGED_CORPUS, second_moments
@@ -83,20 +83,27 @@ class UltraEditHParams(EditedWeights, NormAnchorHParams, HParams):
 
 
 class UltraEditEdit(WeightEdit):
-    """A WeightEdit that also withdraws its keys and gradients from the run's moments on revert.
+    """A WeightEdit that also restores the run's moments of its weights on revert.
 
-    It keeps those rows (T × (d_in + d_out) float32 per edited weight, about 8 KB per target token
-    and weight on SmolLM2): what must grow with a run for a revert to be exact."""
+    It keeps the moments as they were before it (their tensors, which :class:`RunningMoments`
+    never changes in place, so this costs no copy). In a sequence only the first edit of each
+    weight keeps them (:meth:`share`): reverting the sequence restores them, and a long run holds
+    no per-edit rows."""
 
-    added: dict[str, torch.Tensor]
+    before: dict[str, RunningMoments]
+
+    def share(self, names: Iterable[str]) -> None:
+        names = list(names)
+        super().share(names)
+        for name in names:
+            getattr(self, "before", {}).pop(name, None)
 
     def revert(self) -> None:
         if self.active:
             self._whole_only("revert")  # before touching the moments: a refused revert changes nothing
             moments = self.handle.state(LifelongMoments)
-            for name, rows in getattr(self, "added", {}).items():
-                if name in moments.by_param:
-                    moments.by_param[name].remove(rows)
+            for name, m in getattr(self, "before", {}).items():
+                moments.by_param[name] = m
         super().revert()
 
 
@@ -154,15 +161,15 @@ class UltraEdit(Method[UltraEditHParams]):
         moments = handle.state(LifelongMoments)
         solvers, stats_s = self._preserving(handle, names, hparams) if hparams.preserve else ({}, 0.0)
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        added: dict[str, torch.Tensor] = {}
+        before: dict[str, RunningMoments] = {}
         for name in names:
             keys, out_grads = grads[name]
             if keys.shape[0] == 0:  # no target position reached this weight's gradient
                 continue
             if hparams.normalise:
                 rows = torch.cat([keys, out_grads], 1)
+                before[name] = moments.of(name).copy()
                 moments.of(name).add(rows)
-                added[name] = rows.cpu()
                 normed = moments.of(name).normalise(rows)
                 kn, gn = normed[:, :keys.shape[1]], normed[:, keys.shape[1]:]
             else:
@@ -173,11 +180,10 @@ class UltraEdit(Method[UltraEditHParams]):
         try:
             edit = UltraEditEdit.from_deltas(handle, self.name, requests, hparams.to_dict(), factors=factors)
         except BaseException:
-            for name, rows in added.items():
-                moments.of(name).remove(rows)
+            moments.by_param.update(before)
             raise
         assert isinstance(edit, UltraEditEdit)
-        edit.added = added
+        edit.before = before
         anchor_weights(handle, edit, hparams)
         edit.info.update(edited=list(factors), stats_s=stats_s, target_tokens={n: int(grads[n][0].shape[0]) for n in names})
         return edit
