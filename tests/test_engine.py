@@ -211,12 +211,18 @@ def test_pre_score_cache_hit_miss_and_invalidation(tiny_handle, cache_root, monk
     assert not hit and len(calls) == 1 and len(_cache_files(cache_root)) == 1
     second, hit = scorecache.cached_run(h, Scorer(h), list(reversed(queries)), settings)
     assert hit and len(calls) == 1  # order of the queries does not matter
+    direct = Scorer(h).run(queries)
     for q in queries:
-        if isinstance(q, DistQuery):
+        if isinstance(q, DistQuery):  # kept on disk, read when asked for
+            assert first[q]._held is None and second[q]._held is None
             assert torch.equal(first[q].logprobs, second[q].logprobs)
+            assert torch.equal(first[q].logprobs, direct[q].logprobs)
         else:
-            assert first[q] == second[q]
+            assert first[q] == second[q] == direct[q]
     assert not [p for p in (cache_root / "scores").rglob("*.tmp")]
+    from safetensors import safe_open  # the entry stays a safetensors file
+    with safe_open(str(_cache_files(cache_root)[0]), "pt") as f:
+        assert f.get_tensor("dists").shape[0] == sum(isinstance(q, DistQuery) for q in set(queries))
 
     # Anything the scores depend on gives another entry.
     for qs, st, sc in ((queries[:-1], settings, Scorer(h)),
@@ -242,7 +248,23 @@ def test_pre_score_cache_hit_miss_and_invalidation(tiny_handle, cache_root, monk
     n = len(calls)
     _, hit = scorecache.cached_run(h, Scorer(h), queries, settings)
     assert not hit and len(calls) == n + 1
-    assert scorecache.load(path, scorecache.cache_key(h, scorer, queries, settings), queries) is not None
+    key = scorecache.cache_key(h, scorer, queries, settings)
+    assert scorecache.load(path, key, queries) is not None
+    path.write_bytes(path.read_bytes()[:-10])  # cut inside the last distribution
+    assert scorecache.load(path, key, queries) is None
+
+
+def test_dist_file_rows_round_trip_outside_memory(cache_root):
+    from medit.scoring.dists import DistFile
+    store = DistFile.temporary()
+    lps = [torch.randn(50).log_softmax(-1) for _ in range(3)]
+    kept = [store.append(lp) for lp in lps]
+    assert [k._held for k in kept] == [None] * 3
+    for k, lp in zip(kept, lps):
+        assert torch.equal(k.logprobs, lp.to(torch.float16))
+    with pytest.raises(ValueError, match="50"):
+        store.append(torch.zeros(49))
+    assert kl_divergence(kept[0], kept[0]) == 0.0 and kl_divergence(kept[0], kept[1]) > 0
 
 
 def test_engine_reuses_pre_scores_across_methods(tiny_handle, cache_root, tmp_path):
@@ -327,6 +349,41 @@ def test_sequential_batches_apply_chunks_in_order(tiny_handle, cache_root, tmp_p
     last = rows[2]["metrics"]["reliability"]["prob"]
     assert last["immediate"] == pytest.approx(last["post"], abs=1e-9)
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["batch_size"] == 2
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}/{key}").items()}
+    return {prefix: tree}
+
+
+def test_sequence_is_scored_in_groups_after_its_last_edit(tiny_handle, cache_root, monkeypatch):
+    """After a sequence's last edit its cases are scored ``POST_GROUP`` at a time (a long run never
+    holds every case's post-edit results) with the scores of one pass over all of them."""
+    from medit.evaluation import engine
+
+    h = tiny_handle("gpt2")
+    hp = get_plugins().methods.get("ft-l").resolve_hparams(h, overrides=FT)
+    calls: list[int] = []
+    real = Scorer.run
+
+    def counting(self, queries, transform=None, progress=None):
+        if transform is not None:
+            calls.append(1)
+        return real(self, queries, transform, progress)
+
+    monkeypatch.setattr(Scorer, "run", counting)
+    protos = ("exact", "prob")
+    one = evaluate(h, "ft-l", REQS, hp, mode="sequential", protocols=protos, score_cache=False)
+    once = len(calls)
+    monkeypatch.setattr(engine, "POST_GROUP", 1)
+    grouped = evaluate(h, "ft-l", REQS, hp, mode="sequential", protocols=protos, score_cache=False)
+    assert len(calls) - once == once + len(REQS) - 1  # one scoring pass per case instead of one for all
+    for a, b in zip(one["cases"], grouped["cases"]):
+        fa, fb = _flat(a["metrics"]), _flat(b["metrics"])
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            assert fa[k] == pytest.approx(fb[k], abs=1e-5), k
 
 
 def test_batch_size_outside_batches_is_refused(tiny_handle):

@@ -4,7 +4,7 @@ torch (a :class:`NextToken` holds a tensor, built by the engines)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -59,12 +59,36 @@ class TFResult:
         return sum(self.logprobs) / len(self.logprobs)
 
 
-@dataclass(frozen=True, eq=False)
+class RowSource(Protocol):
+    """Where stored distributions live (:class:`medit.scoring.dists.DistFile`)."""
+
+    def row(self, i: int) -> "torch.Tensor": ...
+
+
 class NextToken:
     """A next-token distribution as float16 log-probabilities on the CPU (98 KB for a 49k
-    vocabulary), so the pre-edit distributions of many prompts can be kept for the whole run."""
+    vocabulary): held in memory, or row ``row`` of a file (``source``) read each time it is asked
+    for, so the pre-edit distributions of a long run need not all be in memory."""
 
-    logprobs: torch.Tensor = field(repr=False)
+    __slots__ = ("_held", "_source", "_row")
+
+    def __init__(self, logprobs: "torch.Tensor | None" = None, *, source: RowSource | None = None,
+                 row: int = 0) -> None:
+        if (logprobs is None) == (source is None):
+            raise ValueError("a NextToken holds its log-probs or names a source row, not both or neither")
+        self._held = logprobs
+        self._source = source
+        self._row = row
+
+    @property
+    def logprobs(self) -> "torch.Tensor":
+        if self._held is not None:
+            return self._held
+        assert self._source is not None
+        return self._source.row(self._row)
+
+    def __repr__(self) -> str:
+        return "NextToken(held)" if self._held is not None else f"NextToken(row {self._row})"
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor) -> "NextToken":

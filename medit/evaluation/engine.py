@@ -138,13 +138,18 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return progress_bar(total, desc, "case", enabled)
 
 
-def _case_progress(bar: Any, n_cases: int) -> Any:
-    """A scorer progress callback (work done / total) that advances ``bar`` in cases."""
+def _case_progress(bar: Any, n_cases: int, start: int = 0) -> Any:
+    """A scorer progress callback (work done / total) that advances ``bar`` in cases, from case
+    ``start`` to ``start + n_cases``."""
     def update(done: float, total: float) -> None:
-        target = n_cases if total <= 0 else min(n_cases, int(n_cases * done / total))
+        target = start + (n_cases if total <= 0 else min(n_cases, int(n_cases * done / total)))
         if target > bar.n:
             bar.update(target - bar.n)
     return update
+
+
+#: cases scored together after a sequence's last edit: full scoring batches, bounded results.
+POST_GROUP = 256
 
 
 class Evaluator:
@@ -380,6 +385,28 @@ class Evaluator:
             scores = {**post, **run_post} if run_post and req.case_id == target else post
             yield self._case_record(req, pre, scores, ctx, immediate, edit=edit_record(edit, j, len(chunk)))
 
+    def _sequence_records(self, steps: list[tuple[list[EditRequest], Edit, float, float | None, dict | None]],
+                          whole: Edit, pre: dict, wanted: set[str], run_post: dict, last: str | None) -> Any:
+        """Records of a sequence's cases, scored after its last edit ``POST_GROUP`` cases at a
+        time, so that a run of thousands of cases never holds all their post-edit results."""
+        todo = [r for chunk, *_ in steps for r in chunk if r.case_id in wanted]
+        bar = _progress(len(todo), f"{self.method.name} post-edit scoring", self.cfg.progress)
+        try:
+            group: list[tuple[list[EditRequest], Edit, float, float | None, dict | None]] = []
+            for k, step in enumerate(steps):
+                group.append(step)
+                cases = [r for chunk, *_ in group for r in chunk if r.case_id in wanted]
+                if len(cases) < POST_GROUP and k + 1 < len(steps):
+                    continue
+                post = self.scorer.run(self._queries(cases), whole.transform_prompts,
+                                       progress=_case_progress(bar, len(cases), bar.n)) if cases else {}
+                for chunk, edit, s, mb, now in group:
+                    yield from self._chunk_records(chunk, edit, s, pre, post, mb, now, wanted,
+                                                   run_post=run_post, run_case=last)
+                group = []
+        finally:
+            bar.close()
+
     def _monitor(self, sequence: Sequence[EditRequest]) -> Monitor | None:
         cfg = self.cfg
         if not cfg.monitor_every:
@@ -455,16 +482,11 @@ class Evaluator:
                         break
                 bar.close()
                 whole = CompositeEdit(self.handle, edits)
-                applied = {r.case_id for chunk, *_ in steps for r in chunk}
-                post = self._score([r for r in todo if r.case_id in applied], whole,
-                                   desc=f"{self.method.name} post-edit scoring")
                 # run-level metrics once, after the last edit, on the last case edited
                 tail = steps[-1][0][-1].case_id if steps else None
                 last = tail if tail in wanted else None
                 run_post = self._run_scores(whole) if last is not None else {}
-                for chunk, edit, s, mb, now in steps:
-                    yield from self._chunk_records(chunk, edit, s, pre, post, mb, now, wanted,
-                                                   run_post=run_post, run_case=last)
+                yield from self._sequence_records(steps, whole, pre, wanted, run_post, last)
                 ok = True
             finally:
                 if ok and self.cfg.keep_edit:

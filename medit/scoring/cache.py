@@ -12,18 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from medit.core.queries import DistQuery, GenQuery, NextToken, Progress, TFQuery, TFResult
+from medit.scoring.dists import ITEM, DistFile
 
 if TYPE_CHECKING:
     from medit.model.handle import ModelHandle
     from medit.scoring.engine import Scorer
 
-FORMAT = 1
+FORMAT = 1  # the file is still a safetensors file, written row by row
 
 
 def tokenizer_fingerprint(tok: Any) -> str:
@@ -72,9 +74,10 @@ def cache_path(key: dict[str, Any]) -> Path:
     return cache_dir("scores") / key["model"] / f"{digest}.safetensors"
 
 
-def _encode(results: dict[Any, Any]) -> tuple[str, torch.Tensor]:
+def _entries(results: dict[Any, Any]) -> tuple[str, list[Any]]:
+    """The results as JSON entries, and the distributions in the order the entries number them."""
     entries: list[list[Any]] = []
-    dists: list[torch.Tensor] = []
+    dists: list[Any] = []
     for q, r in results.items():
         if isinstance(q, TFQuery):
             entries.append(_canon(q) + [list(r.target_ids), list(r.logprobs), list(r.argmax)])
@@ -82,12 +85,11 @@ def _encode(results: dict[Any, Any]) -> tuple[str, torch.Tensor]:
             entries.append(_canon(q) + [r])
         elif isinstance(q, DistQuery):
             entries.append(_canon(q) + [len(dists)])
-            dists.append(r.logprobs)
-    table = torch.stack(dists) if dists else torch.zeros((1, 1), dtype=torch.float16)
-    return json.dumps(entries), table.contiguous()
+            dists.append(r)
+    return json.dumps(entries), dists
 
 
-def _decode(text: str, table: torch.Tensor) -> dict[Any, Any]:
+def _decode(text: str, table: DistFile) -> dict[Any, Any]:
     out: dict[Any, Any] = {}
     for e in json.loads(text):
         kind = e[0]
@@ -96,38 +98,64 @@ def _decode(text: str, table: torch.Tensor) -> dict[Any, Any]:
         elif kind == "gen":
             out[GenQuery(e[1], int(e[2]))] = str(e[3])
         elif kind == "dist":
-            out[DistQuery(e[1])] = NextToken(table[int(e[2])].clone())
+            out[DistQuery(e[1])] = NextToken(source=table, row=int(e[2]))
         else:
             raise ValueError(f"unknown entry kind {kind!r}")
     return out
 
 
 def load(path: Path, key: dict[str, Any], queries: Sequence[Any]) -> dict[Any, Any] | None:
-    """The cached results for ``key`` when present, intact and complete; else None."""
-    from safetensors import safe_open
+    """The cached results for ``key`` when present, intact and complete; else None. Distributions
+    stay in the file and are read when asked for (:mod:`medit.scoring.dists`)."""
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if json.loads(meta.get("key", "null")) != key:
-                return None
-            res = _decode(meta["results"], f.get_tensor("dists"))
+        handle = open(path, "rb", buffering=0)
+    except OSError:
+        return None
+    ok = False
+    try:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(size))
+        meta = header.get("__metadata__") or {}
+        if json.loads(meta.get("key", "null")) != key:
+            return None
+        spec = header["dists"]
+        rows, width = (int(x) for x in spec["shape"])
+        start, end = (int(x) for x in spec["data_offsets"])
+        if spec["dtype"] != "F16" or end - start != rows * width * ITEM:
+            return None
+        if os.fstat(handle.fileno()).st_size < 8 + size + end:  # truncated
+            return None
+        res = _decode(meta["results"], DistFile.view(handle, 8 + size + start, width, rows))
+        ok = not any(q not in res for q in queries)
     except Exception:  # truncated, corrupt or from another version: recompute
         return None
-    if any(q not in res for q in queries):
-        return None
-    return res
+    finally:
+        if not ok:
+            handle.close()
+    return res if ok else None
 
 
 def store(path: Path, key: dict[str, Any], results: dict[Any, Any]) -> None:
-    """Write an entry atomically (temporary file in the same folder, then rename)."""
-    from safetensors.torch import save_file
+    """Write an entry atomically (temporary file in the same folder, then rename), one
+    distribution at a time: a safetensors file whose tensor ``dists`` holds them as rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text, table = _encode(results)
+    text, dists = _entries(results)
+    width = dists[0].logprobs.numel() if dists else 1
+    rows = max(1, len(dists))
+    header = json.dumps({"__metadata__": {"key": json.dumps(key), "results": text},
+                         "dists": {"dtype": "F16", "shape": [rows, width],
+                                   "data_offsets": [0, rows * width * ITEM]}}).encode()
+    header += b" " * (-len(header) % 8)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({"dists": table}, str(tmp), metadata={"key": json.dumps(key), "results": text})
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            for d in dists:
+                f.write(d.logprobs.to(torch.float16).contiguous().numpy().tobytes())
+            if not dists:
+                f.write(bytes(ITEM))
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # the cache is an optimisation: a failed write costs a recompute
@@ -138,10 +166,12 @@ def cached_run(handle: "ModelHandle", scorer: "Scorer", queries: Sequence[Any], 
                model_fp: str | None = None) -> tuple[dict[Any, Any], bool]:
     """Score ``queries`` on the unedited model, through the disk cache when ``enabled``.
 
-    Returns (query -> result, whether the results came from the cache).
+    Returns (query -> result, whether the results came from the cache). Next-token distributions
+    are not held in memory but read from a file when asked for (:mod:`medit.scoring.dists`).
     """
     if not enabled:
-        return scorer.run(queries, progress=progress), False
+        with scorer.dists_in(DistFile.temporary()):
+            return scorer.run(queries, progress=progress), False
     key = cache_key(handle, scorer, queries, settings, model_fp)
     path = cache_path(key)
     hit = load(path, key, queries)
@@ -149,6 +179,7 @@ def cached_run(handle: "ModelHandle", scorer: "Scorer", queries: Sequence[Any], 
         if progress is not None:
             progress(1.0, 1.0)
         return hit, True
-    res = scorer.run(queries, progress=progress)
+    with scorer.dists_in(DistFile.temporary()):
+        res = scorer.run(queries, progress=progress)
     store(path, key, res)
     return res, False

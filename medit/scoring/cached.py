@@ -183,7 +183,7 @@ class CachedRunner:
 
     def _run_batch(self, batch: list[_Prompt], tf_out: list[Any], dist_out: list[Any],
                    gen_out: list[list[int]]) -> None:
-        from medit.core.queries import NextToken, TFResult, F16_FLOOR as _F16_FLOOR
+        from medit.core.queries import TFResult
 
         ids, mask = self.scorer.pad([p.ids for p in batch], left=True)  # every prompt ends in the last column
         n, width = ids.shape
@@ -194,7 +194,7 @@ class CachedRunner:
 
         for r, p in enumerate(batch):
             for j in p.dist:
-                dist_out[j] = NextToken(last[r].clamp_min(_F16_FLOOR).to(torch.float16).cpu())
+                dist_out[j] = self.scorer.keep_dist(last[r])
             for j, tgt in p.tf:
                 if len(tgt) == 1:
                     tf_out[j] = TFResult((tgt[0],), (float(last[r, tgt[0]]),), (int(first[r]),))

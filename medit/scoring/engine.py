@@ -27,6 +27,7 @@ from medit.model.tracing import foreign_hooks
 
 if TYPE_CHECKING:
     from medit.model.handle import ModelHandle
+    from medit.scoring.dists import DistFile
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
@@ -72,6 +73,24 @@ class Scorer:
         self.batch_size = max(1, int(batch_size))
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.use_cache = use_cache
+        #: where next-token distributions go: memory, or a file while :meth:`dists_in` is active.
+        self._dist_file: "DistFile | None" = None
+
+    @contextlib.contextmanager
+    def dists_in(self, store: "DistFile") -> Iterator["DistFile"]:
+        """Within the block, next-token distributions are written to ``store`` as they are
+        computed and the results name their rows (a long run's pre-edit scores, see
+        :mod:`medit.scoring.dists`)."""
+        old, self._dist_file = self._dist_file, store
+        try:
+            yield store
+        finally:
+            self._dist_file = old
+
+    def keep_dist(self, logprobs: torch.Tensor) -> NextToken:
+        """A computed next-token distribution [vocab] as the results hold it (float16, CPU)."""
+        lp = logprobs.clamp_min(F16_FLOOR).to(torch.float16)
+        return NextToken(lp.cpu()) if self._dist_file is None else self._dist_file.append(lp)
 
     @property
     def engine(self) -> str:
@@ -236,10 +255,9 @@ class Scorer:
         lp = logits.float().log_softmax(-1)
         return {rc: lp[k] for k, rc in enumerate(reads)}
 
-    @staticmethod
-    def _read(job: _Job, b: int, lps: dict[tuple[int, int], torch.Tensor]) -> TFResult | NextToken:
+    def _read(self, job: _Job, b: int, lps: dict[tuple[int, int], torch.Tensor]) -> TFResult | NextToken:
         if not job.tgt:
-            return NextToken(lps[(b, job.col)].clamp_min(F16_FLOOR).to(torch.float16).cpu())
+            return self.keep_dist(lps[(b, job.col)])
         sel = torch.stack([lps[(b, c)] for c in range(job.col, job.col + job.n)])
         tgt = torch.tensor(job.tgt, device=sel.device)
         return TFResult(tuple(job.tgt), tuple(sel.gather(1, tgt[:, None])[:, 0].tolist()),
