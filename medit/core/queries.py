@@ -3,7 +3,7 @@ scores, next-token distributions and greedy generations. Importing this module d
 torch (a :class:`NextToken` holds a tensor, built by the engines)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
