@@ -301,3 +301,21 @@ def test_cases_with_other_requests_are_not_paired_and_other_data_warns(tmp_path)
     assert "Warning: the runs were evaluated on different data" in render(rep)
     files = write_report(rep, tmp_path / "out")
     assert [f.name for f in files][-2:] == ["report.png", "tradeoff.png"]
+
+
+def test_efficiency_not_measured_reads_as_not_measured(tmp_path):
+    """A run evaluated without the ``efficiency`` metric has no edit or setup times: its summary
+    holds None for them (not 0) and the report shows them as missing."""
+    from medit.evaluation.summary import summarise
+
+    records = [{"case_id": str(i), "metrics": {"reliability": {"token_acc": {"pre": 0.0, "post": 1.0}}},
+                "efficiency": {}} for i in range(3)]
+    eff = summarise(records, "rome", "m", "single", 2.0)["efficiency"]
+    assert eff["edit_s_mean"] is None and eff["edit_s_total"] is None and eff["stats_s"] is None
+    timed = [{**r, "efficiency": {"edit_s": 0.5, "stats_s": 0.0 if i else 1.25}} for i, r in enumerate(records)]
+    eff = summarise(timed, "rome", "m", "single", 2.0)["efficiency"]
+    assert eff["edit_s_total"] == 1.5 and eff["stats_s"] == 1.25 and eff["template_s"] is None
+    run = make_run(tmp_path, "untimed", "rome", ROME,
+                   efficiency={"edit_s_mean": None, "edit_s_total": None, "eval_s_total": 3.0, "peak_rss_mb": 9.0})
+    line = next(ln for ln in render(build_report(load_runs([run]))).splitlines() if "edit_s_total" in ln)
+    assert line.split()[-1] == "-"
