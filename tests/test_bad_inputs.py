@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from medit import cli
+from medit.cli import options as cli_options
 from medit.cli import app
 from medit.errors import MeditError
 
@@ -67,7 +67,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if the command gets as far as loading a model."""
     def refuse(*a: Any, **k: Any) -> Any:
         raise AssertionError("the model was loaded before the bad input was reported")
-    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.setattr(cli_options, "load", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,4 @@
+"""``python -m medit.cli``."""
+from medit.cli import main
+
+main()
