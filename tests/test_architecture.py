@@ -35,7 +35,7 @@ def layer_of(module: str) -> int:
     best, best_len = -1, -1
     for i, names in enumerate(LAYERS):
         for name in names:
-            exact = name in ("medit", "medit.api", "medit.testing", "medit.__main__", "medit.errors")
+            exact = name in ("medit", "medit.api", "medit.__main__", "medit.errors")
             if (module == name or (not exact and module.startswith(name + "."))) and len(name) > best_len:
                 best, best_len = i, len(name)
     return best
