@@ -314,7 +314,7 @@ def test_efficiency_not_measured_reads_as_not_measured(tmp_path):
     assert eff["edit_s_mean"] is None and eff["edit_s_total"] is None and eff["stats_s"] is None
     timed = [{**r, "efficiency": {"edit_s": 0.5, "stats_s": 0.0 if i else 1.25}} for i, r in enumerate(records)]
     eff = summarise(timed, "rome", "m", "single", 2.0)["efficiency"]
-    assert eff["edit_s_total"] == 1.5 and eff["stats_s"] == 1.25 and eff["template_s"] is None
+    assert eff["edit_s_total"] == 1.5 and eff["stats_s"] == 1.25 and eff["template_s"] == 0.0  # timed, none made
     run = make_run(tmp_path, "untimed", "rome", ROME,
                    efficiency={"edit_s_mean": None, "edit_s_total": None, "eval_s_total": 3.0, "peak_rss_mb": 9.0})
     line = next(ln for ln in render(build_report(load_runs([run]))).splitlines() if "edit_s_total" in ln)
