@@ -141,3 +141,22 @@ def test_preserve_edits_and_reverts(tiny_handle):
 def test_bad_preserve_refused(bad):
     with pytest.raises(HParamsError):
         UltraEditHParams.from_dict(bad)
+
+
+@pytest.mark.parametrize("family,at_targets", [("llama", True), ("gpt2", False), ("t5", True)])
+def test_token_grads_in_small_passes_equal_one_pass(tiny_handle, monkeypatch, family, at_targets):
+    """token_grads runs GRAD_BATCH prompts per backward pass (bounded memory for a turn of many
+    edits); the rows are those of one pass over every prompt."""
+    from medit.scoring.engine import Scorer
+    from medit.toolkit import gradient_editors as ge
+
+    handle = tiny_handle(family)
+    names = ge.edited_params(handle, ["mlp_in"], [0, 1])
+    pairs = ge.edit_pairs(Scorer(handle), training_requests(5))
+    one = ge.token_grads(handle, names, pairs, at_targets=at_targets)
+    monkeypatch.setattr(ge, "GRAD_BATCH", 2)
+    parts = ge.token_grads(handle, names, pairs, at_targets=at_targets)
+    for n in names:
+        for a, b in zip(one[n], parts[n]):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

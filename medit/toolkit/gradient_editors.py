@@ -82,17 +82,41 @@ def target_positions(handle: "ModelHandle", pairs: Pairs) -> tuple[torch.Tensor,
     return rows, torch.cat(cols)
 
 
+#: prompts per forward and backward pass of :func:`token_grads`. The factors are per position and
+#: each prompt's loss is its own, so passes of a few prompts give the rows one pass over all would;
+#: one pass over a turn of 100 CounterFact edits held ~0.6 GB of activations on SmolLM2.
+GRAD_BATCH = 16
+
+
 def token_grads(handle: "ModelHandle", names: Sequence[str], pairs: Pairs,
                 weights: dict[str, torch.Tensor] | None = None,
                 at_targets: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-token gradient factors of the summed per-request target NLL: name -> (U [T, in], D [T, out]).
+    """Per-token gradient factors of ``len(pairs)`` × the mean target-token NLL of ``pairs``:
+    name -> (U [T, in], D [T, out]), rows in the order of the pairs and their positions.
 
     Positions whose output gradient is exactly zero (padding, tokens after the last target) are
     dropped; with ``at_targets`` only the positions that predict a target token are kept (the
     prompt's other positions also get gradient, through attention). ``weights`` optionally
     replaces parameters while tracing (see :func:`swapped_params`). The factors are detached
-    float32 tensors.
+    float32 tensors, computed :data:`GRAD_BATCH` prompts at a time.
     """
+    if not pairs:
+        raise ValueError("token_grads needs at least one (context, target) pair")
+    total = sum(len(t) for _, t in pairs)
+    parts = []
+    for i in range(0, len(pairs), GRAD_BATCH):
+        part = pairs[i:i + GRAD_BATCH]
+        scale = len(pairs) * sum(len(t) for _, t in part) / total  # this part's share of the whole loss
+        parts.append(_token_grads(handle, names, part, scale, weights, at_targets))
+    if len(parts) == 1:
+        return parts[0]
+    return {n: (torch.cat([p[n][0] for p in parts]), torch.cat([p[n][1] for p in parts])) for n in names}
+
+
+def _token_grads(handle: "ModelHandle", names: Sequence[str], pairs: Pairs, scale: float,
+                 weights: dict[str, torch.Tensor] | None, at_targets: bool
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`token_grads` of one pass: the gradient of ``scale`` × the mean target NLL of ``pairs``."""
     inputs: dict[str, torch.Tensor] = {}
     zeros: dict[str, torch.Tensor] = {}
     hooks = []
@@ -115,7 +139,7 @@ def token_grads(handle: "ModelHandle", names: Sequence[str], pairs: Pairs,
             mod = _module_of(handle, n)
             hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
         with torch.enable_grad(), swapped_params(handle, weights or {}):
-            loss = scorer.target_nll(pairs) * len(pairs)
+            loss = scorer.target_nll(pairs) * scale
             grads = torch.autograd.grad(loss, [zeros[n] for n in names])
     finally:
         for h in hooks:
