@@ -27,6 +27,7 @@ from medit.evaluation import sharding
 from medit.evaluation.rundir import case_files, check_out_dir, check_resumable
 from medit.core import distributed
 from medit.evaluation.summary import summarise
+from medit.scoring.dists import DistFile
 from medit.scoring.engine import Scorer
 from medit.core.timing import SETUP_FIELDS, setup_since, setup_totals
 
@@ -358,6 +359,7 @@ class Evaluator:
             ok = False
             wanted = {r.case_id for r in todo}
             monitor = self._monitor(sequence)
+            immediate = DistFile.temporary() if self.cfg.also_immediate else None
             collapsed: RunCollapsed | None = None
             try:
                 if monitor is not None:
@@ -374,8 +376,10 @@ class Evaluator:
                             collapsed = e
                     mb = current_rss_mb()
                     mine = [r for r in chunk if r.case_id in wanted]
-                    now = (self._score(mine, CompositeEdit(self.handle, edits))
-                           if self.cfg.also_immediate and mine else None)
+                    now = None
+                    if immediate is not None and mine:  # kept to the end: distributions on disk
+                        with self.scorer.dists_in(immediate):
+                            now = self._score(mine, CompositeEdit(self.handle, edits))
                     steps.append((chunk, edit, s, mb, now))
                     bar.update(len(mine))
                     if collapsed is not None:
