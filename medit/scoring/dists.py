@@ -4,7 +4,7 @@ A pre-edit distribution is 98 KB (float16 over SmolLM2's 49k vocabulary) and a r
 locality prompt until its cases are scored after the edits: 10,000 CounterFact cases with ten
 neighbourhood prompts each would hold 10 GB. :class:`DistFile` stores them as rows of a file, a
 :class:`~medit.core.queries.NextToken` names its row, and a row is read (``pread``, not a memory
-map, so it never counts as the process's memory) when a metric asks for it.
+map, so the file never counts as the process's memory) when a metric asks for it.
 """
 from __future__ import annotations
 
@@ -51,7 +51,12 @@ class DistFile:
         if row.numel() != self.width:
             raise ValueError(f"a distribution over {row.numel()} tokens cannot join rows of {self.width}")
         data = row.numpy().tobytes()
-        written = os.pwrite(self._file.fileno(), data, self.offset + self.rows * self.width * ITEM)
+        at = self.offset + self.rows * self.width * ITEM
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(self._file.fileno(), data, at)
+        else:  # pragma: no cover - Windows has no pwrite
+            self._file.seek(at)
+            written = self._file.write(data) or 0
         if written != len(data):
             raise OSError(f"short write to the distributions file ({written} of {len(data)} bytes)")
         self.rows += 1
@@ -61,7 +66,11 @@ class DistFile:
         if not 0 <= i < self.rows or self.width is None:
             raise IndexError(f"row {i} of {self.rows}")
         size = self.width * ITEM
-        data = os.pread(self._file.fileno(), size, self.offset + i * size)
+        if hasattr(os, "pread"):
+            data = os.pread(self._file.fileno(), size, self.offset + i * size)
+        else:  # pragma: no cover - Windows has no pread
+            self._file.seek(self.offset + i * size)
+            data = self._file.read(size)
         if len(data) != size:
             raise OSError(f"the distributions file ended inside row {i}")
         return torch.frombuffer(bytearray(data), dtype=torch.float16)
