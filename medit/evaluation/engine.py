@@ -294,9 +294,10 @@ class Evaluator:
         bar = _progress(len(todo), f"{self.method.name} post-edit scoring", self.cfg.progress)
         try:
             group: list[tuple[list[EditRequest], Edit, float, float | None, dict | None]] = []
+            cases: list[EditRequest] = []
             for k, step in enumerate(steps):
                 group.append(step)
-                cases = [r for chunk, *_ in group for r in chunk if r.case_id in wanted]
+                cases += [r for r in step[0] if r.case_id in wanted]
                 if len(cases) < POST_GROUP and k + 1 < len(steps):
                     continue
                 post = self.scorer.run(self._queries(cases), whole.transform_prompts,
@@ -304,7 +305,7 @@ class Evaluator:
                 for chunk, edit, s, mb, now in group:
                     yield from self._chunk_records(chunk, edit, s, pre, post, mb, now, wanted,
                                                    run_post=run_post, run_case=last)
-                group = []
+                group, cases = [], []
         finally:
             bar.close()
 

@@ -45,16 +45,18 @@ def summarise(records: list[dict[str, Any]], method: str, model: str, mode: str,
             if "immediate" in st:
                 entry["immediate"] = mean(st["immediate"])
             metrics.setdefault(m, {})[p] = entry
-    edit_s = [r["efficiency"]["edit_s"] for r in records if (r.get("efficiency") or {}).get("edit_s") is not None]
+    def timed(field: str) -> list[float]:
+        return [r["efficiency"][field] for r in records if (r.get("efficiency") or {}).get(field) is not None]
 
-    def total(field: str, digits: int) -> float | None:
+    edit_s = timed("edit_s")
+
+    def total(vals: list[float], digits: int) -> float | None:
         """The sum over cases of an efficiency field (0 when no case had that setup); None when no
         case was timed (the ``efficiency`` metric was not asked for): not measured, rather than 0."""
-        vals = [r["efficiency"][field] for r in records if (r.get("efficiency") or {}).get(field) is not None]
-        return round(sum(vals), digits) if vals or edit_s else None
+        return round(float(sum(vals)), digits) if vals or edit_s else None
 
-    eff = {"edit_s_mean": mean(edit_s), "edit_s_total": total("edit_s", 4), "eval_s_total": round(eval_s, 3),
-           **{f: total(f, 3) for f in SETUP_FIELDS.values()}, "peak_rss_mb": peak_rss_mb()}
+    eff = {"edit_s_mean": mean(edit_s), "edit_s_total": total(edit_s, 4), "eval_s_total": round(eval_s, 3),
+           **{f: total(timed(f), 3) for f in SETUP_FIELDS.values()}, "peak_rss_mb": peak_rss_mb()}
     if torch.cuda.is_available():
         eff["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return {"method": method, "model": model, "mode": mode, "n": len(records), "metrics": metrics, "efficiency": eff}

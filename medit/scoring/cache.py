@@ -127,7 +127,7 @@ def load(path: Path, key: dict[str, Any], queries: Sequence[Any]) -> dict[Any, A
             return None
         if os.fstat(handle.fileno()).st_size < 8 + size + end:  # truncated
             return None
-        res = _decode(meta["results"], DistFile.view(handle, 8 + size + start, width, rows))
+        res = _decode(meta["results"], DistFile(handle, 8 + size + start, width, rows))
         ok = not any(q not in res for q in queries)
     except Exception:  # truncated, corrupt or from another version: recompute
         return None
@@ -169,17 +169,16 @@ def cached_run(handle: "ModelHandle", scorer: "Scorer", queries: Sequence[Any], 
     Returns (query -> result, whether the results came from the cache). Next-token distributions
     are not held in memory but read from a file when asked for (:mod:`medit.scoring.dists`).
     """
-    if not enabled:
-        with scorer.dists_in(DistFile.temporary()):
-            return scorer.run(queries, progress=progress), False
-    key = cache_key(handle, scorer, queries, settings, model_fp)
-    path = cache_path(key)
-    hit = load(path, key, queries)
-    if hit is not None:
-        if progress is not None:
-            progress(1.0, 1.0)
-        return hit, True
+    if enabled:
+        key = cache_key(handle, scorer, queries, settings, model_fp)
+        path = cache_path(key)
+        hit = load(path, key, queries)
+        if hit is not None:
+            if progress is not None:
+                progress(1.0, 1.0)
+            return hit, True
     with scorer.dists_in(DistFile.temporary()):
         res = scorer.run(queries, progress=progress)
-    store(path, key, res)
+    if enabled:
+        store(path, key, res)
     return res, False

@@ -23,8 +23,8 @@ ITEM = 2
 class DistFile:
     """Rows of float16 log-probabilities in a file, from byte ``offset`` on, ``width`` values each.
 
-    :meth:`temporary` appends to an anonymous file (gone when the last reference is); :meth:`view`
-    reads the rows of an existing file, e.g. a score-cache entry. The file stays open as long as
+    :meth:`temporary` appends to an anonymous file (gone when the last reference is); made on an
+    open file with its rows' ``offset``, ``width`` and count, it reads them, e.g. a score-cache entry. The file stays open as long as
     this object lives, so replacing or deleting the path meanwhile does not change what it reads.
     """
 
@@ -38,10 +38,6 @@ class DistFile:
     def temporary(cls) -> "DistFile":
         from medit.core.io import cache_dir
         return cls(tempfile.TemporaryFile(dir=cache_dir("tmp"), buffering=0))
-
-    @classmethod
-    def view(cls, handle: IO[bytes], offset: int, width: int, rows: int) -> "DistFile":
-        return cls(handle, offset, width, rows)
 
     def append(self, logprobs: torch.Tensor) -> NextToken:
         """Store one distribution [vocab] (as float16) and return the NextToken that reads it back."""

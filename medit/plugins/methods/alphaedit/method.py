@@ -59,6 +59,15 @@ class PreservedKeys:
     by_layer: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+def restore_keys(keys: PreservedKeys, before: dict[int, torch.Tensor | None]) -> None:
+    """Put back each layer's K_p K_pᵀ as an edit found it (None: the layer had none)."""
+    for layer, kept in before.items():
+        if kept is None:
+            keys.by_layer.pop(layer, None)
+        else:
+            keys.by_layer[layer] = kept
+
+
 class AlphaEditEdit(WeightEdit):
     """A WeightEdit that also restores the run's preserved-key cache on revert.
 
@@ -77,12 +86,7 @@ class AlphaEditEdit(WeightEdit):
     def revert(self) -> None:
         if self.active:
             self._whole_only("revert")  # before touching the cache: a refused revert changes nothing
-            cache = self.handle.state(PreservedKeys).by_layer
-            for layer, kept in getattr(self, "before", {}).items():
-                if kept is None:
-                    cache.pop(layer, None)
-                else:
-                    cache[layer] = kept
+            restore_keys(self.handle.state(PreservedKeys), getattr(self, "before", {}))
         super().revert()
 
 
@@ -169,11 +173,7 @@ class AlphaEdit(Method[AlphaEditHParams]):
         try:
             edit = apply_spread(handle, requests, hparams, self.name, layers, stats_s, solve, AlphaEditEdit, remember)
         except BaseException:  # the weights are restored by the edit's recording; the cache here
-            for layer, kept in before.items():
-                if kept is None:
-                    cache.pop(layer, None)
-                else:
-                    cache[layer] = kept
+            restore_keys(handle.state(PreservedKeys), before)
             raise
         edit.before = before  # type: ignore[attr-defined]
         edit.info["nullspace_protected"] = {layer: ns.protected for layer, ns in spaces.items()}
