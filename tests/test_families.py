@@ -15,7 +15,7 @@ import torch
 from medit import testing
 from medit.core.queries import GenQuery, TFQuery
 from medit.core.requests import EditRequest
-from medit.model.tracing import add_to_output, capture, layers_above, mlp_post_norm
+from medit.model.tracing import add_to_output, capture, layers_above, low_precision_above, mlp_post_norm
 from medit.scoring.engine import Scorer
 from medit.toolkit.context import subject_token_index
 from medit.toolkit.target_vectors import DeltaSpec, optimise_deltas, residual_change, rewrite_change
@@ -116,6 +116,45 @@ def test_target_vector_optimisation_predicts_the_inserted_change(family, tiny_ha
 
     assert nll(shifted) == pytest.approx(info[0]["nll"], abs=2e-3), family
     assert info[0]["nll"] < nll(lambda y: y) - 0.5, family  # and the optimisation did move it
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_low_precision_above_runs_in_bfloat16_and_restores_everything(family, tiny_handle):
+    """Inside ``low_precision_above`` the layers above the edit layer and the head hold bfloat16
+    weights and give nearly the float32 logits, the layers below keep theirs; afterwards every
+    parameter is the same tensor with the same bits, and attention is back to its own kernel. The
+    target vectors optimised that way are nearly the float32 ones."""
+    h = tiny_handle(family)
+    before = {k: v.clone() for k, v in h.model.state_dict().items()}
+    data = {n: p.data_ptr() for n, p in h.model.named_parameters()}
+    text = h.config.get_text_config(decoder=True)
+    attn = text._attn_implementation
+    ids, mask = Scorer(h).pad([h.tokenizer(p).input_ids for p in PROMPTS])
+    with torch.no_grad():
+        with capture(h, "layers", [0], what="output") as hs:
+            h.model(input_ids=ids, attention_mask=mask)
+        with layers_above(h, 0) as above:
+            ref = h.module("lm_head")(above(hs[0], mask))
+        with low_precision_above(h, 0, "bfloat16"):
+            assert h.module("mlp_out", 1).weight.dtype == torch.bfloat16
+            assert h.module("mlp_out", 0).weight.dtype == torch.float32
+            assert text._attn_implementation == "eager"
+            with layers_above(h, 0) as above:
+                low = h.module("lm_head")(above(hs[0], mask)).float()
+    real = mask.bool()
+    assert float((low[real] - ref[real]).norm() / ref[real].norm()) < 0.05, family
+    assert text._attn_implementation == attn
+    assert all(p.data_ptr() == data[n] for n, p in h.model.named_parameters())
+    assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
+
+    req = EditRequest(prompt="The mother tongue of Danielle Darrieux", subject="Danielle Darrieux",
+                      target_new="Paris", case_id="t")
+    spec = DeltaSpec(steps=10, lr=0.5, clamp_norm_factor=100.0, early_stop_nll=0.0)
+    d32, _ = optimise_deltas(h, [req], 0, ["{}"], spec, "mlp")
+    spec.autocast = "bfloat16"
+    d16, _ = optimise_deltas(h, [req], 0, ["{}"], spec, "mlp")
+    assert float(torch.cosine_similarity(d16, d32)) > 0.95, family
+    assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
 
 
 def test_post_norm_residual_and_rewrite_changes(tiny_handle):

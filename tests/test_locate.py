@@ -283,15 +283,18 @@ def test_default_corpus_is_the_packaged_text_from_any_directory(tiny_handle, tmp
         Corpus("nope.txt").fingerprint()
 
 
-@pytest.mark.parametrize("method", ["rome", "rome-negatives", "memit", "alphaedit"])
+@pytest.mark.parametrize("method", ["rome", "rome-negatives", "rome-bf16", "memit", "memit-bf16", "alphaedit"])
 @pytest.mark.parametrize("family", CAUSAL)
 def test_locate_methods_take_revert_and_patch(tiny_handle, tmp_path, method, family):
     h = tiny_handle(family)
     m = get_plugins().methods.get(method.split("-")[0])
     # Tiny random keys are isotropic, so the covariance weight / ridge that suit a trained model
     # would swamp the update; scale them to the tiny model.
+    # (-bf16: the target vectors optimised with bfloat16 matrix products, v_autocast)
     layer_key = {"rome": {"layer": "0"}, "rome-negatives": {"layer": "0", "v_negative_subjects": "[Germany, Paris]"},
+                 "rome-bf16": {"layer": "0", "v_negative_subjects": "[Germany, Paris]", "v_autocast": "bfloat16"},
                  "memit": {"layers": "[0]", "mom2_update_weight": "10"},
+                 "memit-bf16": {"layers": "[0]", "mom2_update_weight": "10", "v_autocast": "bfloat16"},
                  "alphaedit": {"layers": "[0]", "L2": "0.01", "nullspace_threshold": "0.5"}}[method]
     hp = m.resolve_hparams(h, overrides={**FAST, **layer_key, "stats_corpus": str(CORPUS)})
     m.start_run(h)
@@ -523,6 +526,9 @@ def test_rome_negative_hparams_are_validated(tiny_handle):
         m.resolve_hparams(tiny_handle("gpt2"), overrides={"v_negative_subjects": "[Paris, ' ']"})
     with pytest.raises(HParamsError, match="v_negative_kl_factor"):
         m.resolve_hparams(tiny_handle("gpt2"), overrides={"v_negative_kl_factor": "-1"})
+    with pytest.raises(HParamsError, match="'v_autocast' must be bfloat16, float16 or null.*'int8'"):
+        m.resolve_hparams(tiny_handle("gpt2"), overrides={"v_autocast": "int8"})
+    assert m.resolve_hparams(tiny_handle("gpt2"), overrides={"v_autocast": "null"}).v_autocast is None
 
 
 def test_rome_refuses_batch_mode(tiny_handle):

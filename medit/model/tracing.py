@@ -164,7 +164,7 @@ def head_logits(handle: "ModelHandle", final: torch.Tensor) -> torch.Tensor:
     weight = getattr(head, "weight", None)
     plain = (final.device.type != "cpu" or final.dim() != 2 or final.shape[0] > 64 or not isinstance(head, nn.Linear)
              or weight is None or weight.requires_grad or weight.dtype != final.dtype
-             or head._forward_hooks or head._forward_pre_hooks)
+             or head._forward_hooks or head._forward_pre_hooks or torch.is_autocast_enabled("cpu"))
     if plain:
         return head(final)
     out = _WideHead.apply(final, weight)
@@ -210,6 +210,44 @@ def layers_above(handle: "ModelHandle", layer: int) -> Iterator[Above]:
             text.layer_types = types
         for m, name, idx in renumbered:
             setattr(m, name, idx)
+
+
+@contextlib.contextmanager
+def low_precision_above(handle: "ModelHandle", layer: int, dtype: str | None) -> Iterator[None]:
+    """Run what follows with matrix products in ``dtype`` (``bfloat16``/``float16``) through
+    ``torch.autocast``, for the layers above ``layer`` and the LM head: the residual stream, norms
+    and softmaxes stay in float32. Meanwhile those layers' and the head's weight matrices are
+    held as ``dtype`` copies (autocast would otherwise cast each weight again on every call), and on
+    CPU attention runs eager (the fused attention kernel's half-precision backward is about ten
+    times slower there than its float32 one). Weights and attention setting are restored on exit.
+    ``dtype`` None: a no-op."""
+    if dtype is None:
+        yield
+        return
+    target = getattr(torch, dtype)
+    layers = list(handle.model.get_submodule(handle.adapter.path("layers")))[layer + 1:]
+    # the matrices of linear maps (nn.Linear, GPT-2's Conv1D); embeddings are looked up, not multiplied
+    weights = [m.weight for blk in [*layers, handle.module("lm_head")] for m in blk.modules()
+               if not isinstance(m, nn.Embedding) and isinstance(getattr(m, "weight", None), nn.Parameter)
+               and m.weight.dim() == 2]
+    swapped: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    text = handle.config.get_text_config(decoder=True) if hasattr(handle.config, "get_text_config") \
+        else handle.config
+    attn = getattr(text, "_attn_implementation", None)
+    try:
+        for w in weights:
+            if id(w) not in swapped and w.is_floating_point() and w.dtype != target:
+                swapped[id(w)] = (w, w.data)
+                w.data = w.data.to(target)
+        if handle.device.type == "cpu" and attn is not None:
+            text._attn_implementation = "eager"
+        with torch.autocast(handle.device.type, dtype=target):
+            yield
+    finally:
+        for w, data in swapped.values():
+            w.data = data
+        if handle.device.type == "cpu" and attn is not None:
+            text._attn_implementation = attn
 
 
 def foreign_hooks(module: torch.nn.Module) -> list[Callable[..., Any]]:

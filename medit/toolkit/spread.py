@@ -55,6 +55,9 @@ class LocateHParams(NormAnchorHParams):
     v_max_clamp_steps: int = 25
     v_early_stop_nll: float = 0.05
     v_chunk: int = 8
+    #: dtype of the matrix products while the target vectors are optimised (``bfloat16``:
+    #: ``torch.autocast``, several times faster on GPUs and on CPUs with AMX); None: the model's.
+    v_autocast: str | None = None
     #: extra prompts (``{}`` marks the subject) that should also produce target_new while δ is
     #: optimised, e.g. ``"{} is associated with"``; they ask for the new fact beyond one wording.
     v_extra_prompts: list[str] = field(default_factory=list)
@@ -72,6 +75,9 @@ class LocateHParams(NormAnchorHParams):
                                f"({self.v_clamp_norm_factor}), got {self.v_clamp_norm_factor_max}")
         if self.fact_token not in ("last", "first"):
             raise HParamsError(f"hparam 'fact_token' must be 'last' or 'first', got {self.fact_token!r}")
+        if self.v_autocast not in (None, "bfloat16", "float16"):
+            raise HParamsError(f"hparam 'v_autocast' must be bfloat16, float16 or null (the model's own dtype), "
+                               f"got {self.v_autocast!r}")
         if self.stats_dtype not in ("float32", "float64"):
             raise HParamsError(f"hparam 'stats_dtype' must be float32 or float64, got {self.stats_dtype!r}")
         bad = [p for p in self.v_extra_prompts if not isinstance(p, str) or p.count("{}") != 1]
@@ -87,7 +93,7 @@ class LocateHParams(NormAnchorHParams):
                          weight_decay=self.v_weight_decay, clamp_norm_factor=self.v_clamp_norm_factor,
                          clamp_norm_factor_max=self.v_clamp_norm_factor_max, max_clamp_steps=self.v_max_clamp_steps,
                          early_stop_nll=self.v_early_stop_nll, chunk=self.v_chunk,
-                         extra_prompts=tuple(self.v_extra_prompts))
+                         extra_prompts=tuple(self.v_extra_prompts), autocast=self.v_autocast)
 
     def templates(self, handle: "ModelHandle") -> list[str]:
         return context_templates(handle, [tuple(x) for x in self.context_templates])  # type: ignore[misc]

@@ -23,7 +23,8 @@ from medit.core import distributed
 from medit.toolkit.context import fill, subject_token_index, swapped_prompts
 from medit.scoring.engine import Scorer
 from medit.core.queries import kl_per_row
-from medit.model.tracing import capture, head_logits, layers_above, mlp_post_norm, run_until
+from medit.model.tracing import (capture, head_logits, layers_above, low_precision_above, mlp_post_norm,
+                                 run_until)
 
 if TYPE_CHECKING:
     from medit.model.handle import ModelHandle
@@ -195,6 +196,9 @@ class DeltaSpec:
     #: further prompts (``{}``: the subject) whose continuation should also be target_new; they
     #: follow the templates' rows (without templates), before the KL row.
     extra_prompts: tuple[str, ...] = ()
+    #: dtype of the matrix products in the layers above the edit layer while δ is optimised
+    #: (:func:`medit.model.tracing.low_precision_above`); None: the model's own.
+    autocast: str | None = None
 
 
 @dataclass
@@ -413,7 +417,7 @@ def _optimise_chunk(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
     kl_ref = neg_ref = None
     total = spec.steps + (0 if spec.clamp_norm_factor_max is None else spec.max_clamp_steps)
     infos = [{"steps": total, "nll": None} for _ in range(n)]
-    with layers_above(handle, layer) as above:
+    with low_precision_above(handle, layer, spec.autocast), layers_above(handle, layer) as above:
         live = None
         cache: Any = None
         cached_rows: torch.Tensor | None = None  # the rows ``cache`` holds
