@@ -18,7 +18,8 @@ from medit.core.requests import EditRequest
 from medit.model.tracing import add_to_output, capture, layers_above, low_precision_above, mlp_post_norm
 from medit.scoring.engine import Scorer
 from medit.toolkit.context import subject_token_index
-from medit.toolkit.target_vectors import DeltaSpec, optimise_deltas, residual_change, rewrite_change
+from medit.toolkit.layer_keys import LayerKeys
+from medit.toolkit.target_vectors import DeltaSpec, compute_keys, optimise_deltas, residual_change, rewrite_change
 
 CAUSAL = tuple(f for f in testing.FAMILIES if f != "t5")
 PROMPTS = ["The capital of France is",
@@ -155,6 +156,48 @@ def test_low_precision_above_runs_in_bfloat16_and_restores_everything(family, ti
     d16, _ = optimise_deltas(h, [req], 0, ["{}"], spec, "mlp")
     assert float(torch.cosine_similarity(d16, d32)) > 0.95, family
     assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_layer_keys_equal_whole_passes_while_layers_are_edited(family, tiny_handle):
+    """MEMIT's key measurements between layer updates: after layer 1 is edited only layer 1 runs
+    again, and every key and residual equals a whole forward pass's."""
+    h = tiny_handle(family)
+    reqs = [EditRequest(prompt=p, subject=p.split()[-1], target_new=" x", case_id=str(i))
+            for i, p in enumerate(["The mother tongue of Danielle Darrieux", "The capital of France"])]
+    templates = ["{}", "Once upon a time. {}"]
+    measure = LayerKeys(h, reqs, templates, "last", 1)
+    runs = []
+    hook = h.module("layers", 0).register_forward_pre_hook(lambda *a: runs.append(1))
+    gen = torch.Generator().manual_seed(0)
+    originals = {i: h.module("mlp_out", i).weight.detach().clone() for i in (0, 1)}
+
+    def check(layer: int) -> None:
+        keys, resid = measure(layer)
+        ref_keys, ref_resid = compute_keys(h, reqs, [layer], templates, out_layer=1)
+        torch.testing.assert_close(keys, ref_keys[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(resid, ref_resid, rtol=1e-5, atol=1e-5)
+
+    def edit(layer: int) -> None:
+        w = h.module("mlp_out", layer).weight
+        with torch.no_grad():
+            w.add_(0.5 * w.std() * torch.randn(w.shape, generator=gen))
+        measure.edited(layer)
+
+    try:
+        check(0)
+        edit(0)
+        check(1)
+        edit(1)
+        before = len(runs)
+        keys, resid = measure(0)
+        assert len(runs) == before, "layer 0 ran again although only layer 1 changed"
+        check(0)
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            for i, w in originals.items():
+                h.module("mlp_out", i).weight.copy_(w)
 
 
 def test_post_norm_residual_and_rewrite_changes(tiny_handle):

@@ -13,7 +13,8 @@ from medit.model.tracing import mlp_post_norm
 from medit.toolkit.context import context_templates
 from medit.errors import HParamsError
 from medit.toolkit.norm_anchor import NormAnchorHParams, anchor_values
-from medit.toolkit.target_vectors import DeltaSpec, compute_keys, optimise_deltas, rewrite_change, subject_outputs
+from medit.toolkit.layer_keys import LayerKeys
+from medit.toolkit.target_vectors import DeltaSpec, optimise_deltas, rewrite_change, subject_outputs
 from medit.toolkit.stats import PACKAGED_CORPUS, second_moments
 
 if TYPE_CHECKING:
@@ -186,11 +187,10 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
     z_layer = layers[-1]
     deltas, infos = optimise_deltas(handle, reqs, z_layer, templates, hp.delta_spec(), "resid", hp.fact_token)
     deltas = anchor_values(handle, reqs, z_layer, deltas, hp, hp.fact_token)
-    # Keys at the first layer come from the same forward pass as the residual they are measured
-    # against: before the first pass, and after each pass (which also measures what it realised).
-    ahead = compute_keys(handle, reqs, [layers[0]], templates, hp.fact_token, out_layer=z_layer)
-    assert ahead[1] is not None
-    targets = ahead[1] + deltas.float()
+    # keys and the residual after the last edited layer, measured again after each layer's update
+    # (running only the layers from the one just edited up)
+    measure = LayerKeys(handle, reqs, templates, hp.fact_token, z_layer)
+    targets = measure(layers[0])[1] + deltas.float()
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     params = dict(handle.model.named_parameters())
     first_keys: dict[int, torch.Tensor] = {}
@@ -199,10 +199,8 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
     active = torch.ones(len(reqs), dtype=torch.bool, device=targets.device)
     while True:
         for i, layer in enumerate(layers):
-            keys, cur = ahead if i == 0 else \
-                compute_keys(handle, reqs, [layer], templates, hp.fact_token, out_layer=z_layer)
-            assert cur is not None
-            K = keys[layer].T  # [d_in, n]
+            keys, cur = measure(layer)
+            K = keys.T  # [d_in, n]
             first_keys.setdefault(layer, K)
             R = (targets - cur) * active[:, None] / (len(layers) - i)  # [n, d_out]
             if mlp_post_norm(handle, layer) is not None:  # residual-stream change -> rewrite-module change
@@ -214,14 +212,13 @@ def spread_update(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: 
             p = params[name]
             with torch.no_grad():
                 p.add_((u @ v.T).to(p.dtype))
+            measure.edited(layer)
             u, v = u.detach().cpu(), v.detach().cpu()
             if name in factors:  # a later pass: the patch holds the columns of every pass
                 u, v = torch.cat([factors[name][0], u], 1), torch.cat([factors[name][1], v], 1)
             factors[name] = (u, v)
         done += 1
-        ahead = compute_keys(handle, reqs, [layers[0]], templates, hp.fact_token, out_layer=z_layer)
-        final = ahead[1]
-        assert final is not None
+        final = measure(layers[0])[1]
         # the share of the optimised residual change the update realises at the last edited layer
         realised = 1 - (targets - final).norm(dim=1) / deltas.float().norm(dim=1).clamp_min(1e-12)
         active = realised < hp.spread_min_realised

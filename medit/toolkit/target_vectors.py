@@ -66,8 +66,10 @@ def _aligned(handle: "ModelHandle", seqs: list[list[int]], lookup: list[int]
     return ids, mask, pos, left
 
 
-def _subject_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates: Sequence[str],
-                  which: str) -> tuple[list[list[int]], list[int], list[int]]:
+def subject_rows(handle: "ModelHandle", reqs: Sequence["EditRequest"], templates: Sequence[str],
+                 which: str) -> tuple[list[list[int]], list[int], list[int]]:
+    """Token ids of each request's prompt in each template, the subject token's position in each
+    row, and the request each row belongs to."""
     seqs, lookup, owner = [], [], []
     for i, r in enumerate(reqs):
         for text, at in _template_texts(r, templates):
@@ -83,7 +85,7 @@ def compute_keys(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: S
                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """Keys [n_requests, d_in] per layer, averaged over templates; optionally also the residual
     stream after ``out_layer`` at the subject token of the bare prompt (template ``"{}"``)."""
-    seqs, lookup, owner = _subject_rows(handle, reqs, templates, which)
+    seqs, lookup, owner = subject_rows(handle, reqs, templates, which)
     rows_k, rows_z = _row_keys(handle, seqs, lookup, layers, out_layer)
     own = torch.tensor(owner, device=handle.device)
     keys: dict[int, torch.Tensor] = {}
@@ -103,7 +105,7 @@ def subject_outputs(handle: "ModelHandle", reqs: Sequence["EditRequest"], layer:
                     ) -> torch.Tensor:
     """The rewrite module's output [n_requests, d_out] at ``layer`` at the subject token of each
     bare prompt (the row :func:`compute_keys` measures the residual stream on)."""
-    seqs, lookup, _ = _subject_rows(handle, reqs, ["{}"], which)
+    seqs, lookup, _ = subject_rows(handle, reqs, ["{}"], which)
     ids, mask = _pad(handle, seqs)
     ids, mask = ids.to(handle.device), mask.to(handle.device)
     with capture(handle, "mlp_out", [layer], what="output") as ms, \
@@ -117,7 +119,7 @@ def template_keys(handle: "ModelHandle", req: "EditRequest", layer: int, templat
                   which: str = "last") -> tuple[torch.Tensor, list[int]]:
     """The rewrite module's input at the subject token of ``req.prompt`` under each template
     ([len(templates), d_in]), and that token's position in each row."""
-    seqs, lookup, _ = _subject_rows(handle, [req], templates, which)
+    seqs, lookup, _ = subject_rows(handle, [req], templates, which)
     return _row_keys(handle, seqs, lookup, [layer])[0][layer], lookup
 
 
