@@ -22,8 +22,14 @@ def _queries() -> list:
     return qs
 
 
-@pytest.mark.parametrize("family", CAUSAL)
-def test_cached_engine_equals_whole_sequence_passes(tiny_handle, family):
+@pytest.mark.parametrize("family,max_reads", [(f, 1024) for f in CAUSAL] + [("llama", 4)])
+def test_cached_engine_equals_whole_sequence_passes(tiny_handle, family, max_reads, monkeypatch):
+    """(``max_reads`` 4: the targets' passes split into groups of at most 4 read positions, a
+    longer target alone.)"""
+    monkeypatch.setattr("medit.scoring.cached.MAX_READS", max_reads)
+    groups = []
+    real = CachedRunner._target_group
+    monkeypatch.setattr(CachedRunner, "_target_group", lambda self, jobs, *a: groups.append(len(jobs)) or real(self, jobs, *a))
     h = tiny_handle(family)
     qs = _queries()
     cached, full = Scorer(h, batch_size=3), Scorer(h, batch_size=3, use_cache=False)
@@ -41,6 +47,7 @@ def test_cached_engine_equals_whole_sequence_passes(tiny_handle, family):
     assert cached.generate(gens) == [want[q] for q in gens]
     _, _, toks = CachedRunner(cached).run([], [], [(cached.encode_prompt(q.prompt), q.max_new_tokens) for q in gens])
     assert all(0 < len(t) <= q.max_new_tokens for t, q in zip(toks, gens))  # never past the query's limit
+    assert (max(groups) == 1) == (max_reads == 4)  # each long target went alone under the small cap
 
 
 def test_a_hooked_model_is_scored_with_whole_sequences(tiny_handle):

@@ -32,6 +32,10 @@ TOKEN_BUDGET = 4096
 #: what one more forward pass costs, in padded tokens: below about a thousand rows the matrix
 #: products run slower per row (measured on a 2-core CPU: 77 GFLOP/s at 320 rows, 104 at 1280).
 BATCH_COST = 128
+#: most target positions read in one pass over targets: their log-probs over the vocabulary are
+#: materialised (SmolLM2: 49k x 4 bytes each, twice: logits and log-softmax), so 64 held-out
+#: paragraphs of 63 scored tokens would otherwise take 1.6 GB at once.
+MAX_READS = 1024
 
 
 def split_sorted(lengths: Sequence[int], max_count: int, budget: int = TOKEN_BUDGET,
@@ -208,7 +212,18 @@ class CachedRunner:
 
     def _targets(self, jobs: list[tuple[int, int, list[int]]], cache: Any, mask: torch.Tensor,
                  last: torch.Tensor, first: torch.Tensor, tf_out: list[Any]) -> None:
-        """Feed targets' tokens (all but the last) after their prompts; read each next token."""
+        """Feed targets' tokens (all but the last) after their prompts; read each next token. Jobs
+        go in groups of at most :data:`MAX_READS` read positions (a longer target goes alone)."""
+        start, reads = 0, 0
+        for k, (_, _, t) in enumerate(jobs):
+            if k > start and reads + len(t) - 1 > MAX_READS:
+                self._target_group(jobs[start:k], cache, mask, last, first, tf_out)
+                start, reads = k, 0
+            reads += len(t) - 1
+        self._target_group(jobs[start:], cache, mask, last, first, tf_out)
+
+    def _target_group(self, jobs: list[tuple[int, int, list[int]]], cache: Any, mask: torch.Tensor,
+                      last: torch.Tensor, first: torch.Tensor, tf_out: list[Any]) -> None:
         from medit.core.queries import TFResult
 
         src = torch.tensor([r for r, _, _ in jobs])
