@@ -325,11 +325,23 @@ class Scorer:
         return res
 
     # ------------------------------------------------------------------ batching
-    def _batches(self, items: list[int], length: Callable[[int], Any]) -> Iterator[list[int]]:
-        """Items sorted by length (ties keep their order), cut into batches of ``batch_size``."""
-        order = sorted(items, key=length)
-        for start in range(0, len(order), self.batch_size):
-            yield order[start:start + self.batch_size]
+    def _batches(self, items: list[int], length: Callable[[int], Any],
+                 reads: Callable[[int], int] | None = None) -> Iterator[list[int]]:
+        """Items sorted by length (ties keep their order), cut into batches of ``batch_size``
+        and, with ``reads``, of at most :data:`~medit.scoring.cached.MAX_READS` read positions
+        (an item with more goes alone)."""
+        from medit.scoring.cached import MAX_READS
+        batch: list[int] = []
+        total = 0
+        for i in sorted(items, key=length):
+            n = reads(i) if reads is not None else 0
+            if batch and (len(batch) == self.batch_size or total + n > MAX_READS):
+                yield batch
+                batch, total = [], 0
+            batch.append(i)
+            total += n
+        if batch:
+            yield batch
 
     def run(self, queries: Iterable[Any], transform: Transform | None = None,
             progress: Progress | None = None) -> dict:
@@ -401,7 +413,7 @@ class Scorer:
             by_row.setdefault(job.row, []).append(j)
         outs: list[Any] = [None] * len(jobs)
         with torch.inference_mode():
-            for idx in self._batches(list(range(len(rows))), lambda i: rows[i].cost):
+            for idx in self._batches(list(range(len(rows))), lambda i: rows[i].cost, lambda i: len(rows[i].cols)):
                 lps = self._forward([rows[i] for i in idx])
                 for b, i in enumerate(idx):
                     for j in by_row[i]:
