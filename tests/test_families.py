@@ -193,6 +193,8 @@ def test_layer_keys_equal_whole_passes_while_layers_are_edited(family, tiny_hand
         keys, resid = measure(0)
         assert len(runs) == before, "layer 0 ran again although only layer 1 changed"
         check(0)
+        edit(0)  # a second pass of the spreading edits the lowest layer again
+        check(1)
     finally:
         hook.remove()
         with torch.no_grad():

@@ -74,7 +74,7 @@ class LayerKeys:
             need = min(need, self.lowest_edit)
         starts = [k for k in self.entering if k <= need]
         start = max(starts) if starts else 0
-        keep = sorted({layer, self.first or layer} - {0})  # the streams worth keeping: see edited()
+        keep = sorted({layer, self.first or layer} - {0})  # (layer 0's input is the embeddings': not kept)
         h, top = self.handle, self.out_layer
         if start == 0:
             with self._captures(layer, keep, 0) as (ks, es, zs):
@@ -90,6 +90,8 @@ class LayerKeys:
         for k in keep:
             if k > start:
                 self.entering[k] = es[k - 1 - start]
+        # only these are read again (the next edit is at ``layer``; a new pass starts at ``first``)
+        self.entering = {k: v for k, v in self.entering.items() if k in keep}
         self.resid = zs[top - start].float()[self.bare, self.pos[self.bare]]
         self.lowest_edit = None
 
