@@ -225,7 +225,7 @@ def low_precision_above(handle: "ModelHandle", layer: int, dtype: str | None) ->
         yield
         return
     target = getattr(torch, dtype)
-    layers = list(handle.model.get_submodule(handle.adapter.path("layers")))[layer + 1:]
+    layers = list(handle.model.get_submodule(handle.adapter.path("layers")).children())[layer + 1:]
     # the matrices of linear maps (nn.Linear, GPT-2's Conv1D); embeddings are looked up, not multiplied
     weights = [m.weight for blk in [*layers, handle.module("lm_head")] for m in blk.modules()
                if not isinstance(m, nn.Embedding) and isinstance(getattr(m, "weight", None), nn.Parameter)

@@ -84,8 +84,8 @@ class LayerKeys:
             with layers_above(h, start - 1) as above, self._captures(layer, keep, start) as (ks, es, zs):
                 run_until(h, lambda: above(hidden, self.mask))
         if layer not in self.keys:
-            k = ks[layer - start].float()[self.rows, self.pos]
-            summed = torch.zeros(self.n, k.shape[1], device=k.device).index_add_(0, self.own, k)
+            rows_k = ks[layer - start].float()[self.rows, self.pos]
+            summed = torch.zeros(self.n, rows_k.shape[1], device=rows_k.device).index_add_(0, self.own, rows_k)
             self.keys[layer] = summed / torch.bincount(self.own, minlength=self.n)[:, None]
         for k in keep:
             if k > start:
