@@ -34,6 +34,10 @@ $PY bench/edit_speed.py --method rome --model $MODEL --random-init --device $DEV
 $PY bench/edit_speed.py --method memit --model $MODEL --random-init --device $DEVICE --n 3 \
     --dataset "counterfact:$DATA/counterfact/dev.json" --stats-corpus "$DATA/wikitext-2/valid.txt" \
     --fresh-stats --out "$RESULTS/gpu-memit-$MODEL.json" || rc=1
+# the same with the target vectors optimised in bfloat16 (v_autocast; the statistics are cached now)
+$PY bench/edit_speed.py --method memit --model $MODEL --random-init --device $DEVICE --n 3 \
+    --dataset "counterfact:$DATA/counterfact/dev.json" --stats-corpus "$DATA/wikitext-2/valid.txt" \
+    --set v_autocast=bfloat16 --out "$RESULTS/gpu-memit-$MODEL-bf16.json" || rc=1
 # ROME on the other families' 7-8B shapes (issue 28): Llama 3 (128k vocabulary, 8 key/value heads)
 # and Qwen2.5 (152k vocabulary, 4 key/value heads); OTHER_MODELS="" skips them
 for other in ${OTHER_MODELS-llama-3-8b qwen2.5-7b}; do
