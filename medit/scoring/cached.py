@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -36,6 +36,24 @@ BATCH_COST = 128
 #: materialised (SmolLM2: 49k x 4 bytes each, twice: logits and log-softmax), so 64 held-out
 #: paragraphs of 63 scored tokens would otherwise take 1.6 GB at once.
 MAX_READS = 1024
+
+T = TypeVar("T")
+
+
+def cap_reads(items: Sequence[T], reads: Callable[[T], int], max_count: int | None = None) -> Iterator[list[T]]:
+    """``items`` in order, cut into groups of at most :data:`MAX_READS` read positions (an item
+    with more goes alone) and at most ``max_count`` items."""
+    group: list[T] = []
+    total = 0
+    for item in items:
+        n = reads(item)
+        if group and (len(group) == max_count or total + n > MAX_READS):
+            yield group
+            group, total = [], 0
+        group.append(item)
+        total += n
+    if group:
+        yield group
 
 
 def split_sorted(lengths: Sequence[int], max_count: int, budget: int = TOKEN_BUDGET,
@@ -214,13 +232,8 @@ class CachedRunner:
                  last: torch.Tensor, first: torch.Tensor, tf_out: list[Any]) -> None:
         """Feed targets' tokens (all but the last) after their prompts; read each next token. Jobs
         go in groups of at most :data:`MAX_READS` read positions (a longer target goes alone)."""
-        start, reads = 0, 0
-        for k, (_, _, t) in enumerate(jobs):
-            if k > start and reads + len(t) - 1 > MAX_READS:
-                self._target_group(jobs[start:k], cache, mask, last, first, tf_out)
-                start, reads = k, 0
-            reads += len(t) - 1
-        self._target_group(jobs[start:], cache, mask, last, first, tf_out)
+        for group in cap_reads(jobs, lambda job: len(job[2]) - 1):
+            self._target_group(group, cache, mask, last, first, tf_out)
 
     def _target_group(self, jobs: list[tuple[int, int, list[int]]], cache: Any, mask: torch.Tensor,
                       last: torch.Tensor, first: torch.Tensor, tf_out: list[Any]) -> None:

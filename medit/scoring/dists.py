@@ -24,8 +24,9 @@ class DistFile:
     """Rows of float16 log-probabilities in a file, from byte ``offset`` on, ``width`` values each.
 
     :meth:`temporary` appends to an anonymous file (gone when the last reference is); made on an
-    open file with its rows' ``offset``, ``width`` and count, it reads them, e.g. a score-cache entry. The file stays open as long as
-    this object lives, so replacing or deleting the path meanwhile does not change what it reads.
+    open file with its rows' ``offset``, ``width`` and count, it reads them, e.g. a score-cache
+    entry. The file stays open as long as this object lives, so replacing or deleting the path
+    meanwhile does not change what it reads.
     """
 
     def __init__(self, handle: IO[bytes], offset: int = 0, width: int | None = None, rows: int = 0) -> None:

@@ -330,18 +330,8 @@ class Scorer:
         """Items sorted by length (ties keep their order), cut into batches of ``batch_size``
         and, with ``reads``, of at most :data:`~medit.scoring.cached.MAX_READS` read positions
         (an item with more goes alone)."""
-        from medit.scoring.cached import MAX_READS
-        batch: list[int] = []
-        total = 0
-        for i in sorted(items, key=length):
-            n = reads(i) if reads is not None else 0
-            if batch and (len(batch) == self.batch_size or total + n > MAX_READS):
-                yield batch
-                batch, total = [], 0
-            batch.append(i)
-            total += n
-        if batch:
-            yield batch
+        from medit.scoring.cached import cap_reads
+        yield from cap_reads(sorted(items, key=length), reads or (lambda i: 0), self.batch_size)
 
     def run(self, queries: Iterable[Any], transform: Transform | None = None,
             progress: Progress | None = None) -> dict:

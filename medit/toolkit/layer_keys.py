@@ -16,7 +16,7 @@ import torch
 
 from medit.model.tracing import capture, layers_above, run_until
 from medit.scoring.engine import Scorer
-from medit.toolkit.target_vectors import subject_rows
+from medit.toolkit.target_vectors import bare_rows, request_means, subject_rows
 
 if TYPE_CHECKING:
     from medit.core.requests import EditRequest
@@ -37,8 +37,7 @@ class LayerKeys:
         self.rows = torch.arange(len(seqs), device=handle.device)
         self.pos = torch.tensor(lookup, device=handle.device)
         self.own = torch.tensor(owner, device=handle.device)
-        self.bare = torch.tensor([templates.index("{}") + i * len(templates) for i in range(len(reqs))],
-                                 device=handle.device)
+        self.bare = torch.tensor(bare_rows(templates, len(reqs)), device=handle.device)
         #: layer -> residual stream entering it ([rows, T, d]), kept while nothing below it changes
         self.entering: dict[int, torch.Tensor] = {}
         #: layer -> per-request keys there, kept while nothing below it changes
@@ -84,9 +83,7 @@ class LayerKeys:
             with layers_above(h, start - 1) as above, self._captures(layer, keep, start) as (ks, es, zs):
                 run_until(h, lambda: above(hidden, self.mask))
         if layer not in self.keys:
-            rows_k = ks[layer - start].float()[self.rows, self.pos]
-            summed = torch.zeros(self.n, rows_k.shape[1], device=rows_k.device).index_add_(0, self.own, rows_k)
-            self.keys[layer] = summed / torch.bincount(self.own, minlength=self.n)[:, None]
+            self.keys[layer] = request_means(ks[layer - start].float()[self.rows, self.pos], self.own, self.n)
         for k in keep:
             if k > start:
                 self.entering[k] = es[k - 1 - start]

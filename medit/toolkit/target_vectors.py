@@ -88,16 +88,22 @@ def compute_keys(handle: "ModelHandle", reqs: Sequence["EditRequest"], layers: S
     seqs, lookup, owner = subject_rows(handle, reqs, templates, which)
     rows_k, rows_z = _row_keys(handle, seqs, lookup, layers, out_layer)
     own = torch.tensor(owner, device=handle.device)
-    keys: dict[int, torch.Tensor] = {}
-    for layer in layers:
-        k = rows_k[layer]
-        summed = torch.zeros(len(reqs), k.shape[1], device=k.device).index_add_(0, own, k)
-        keys[layer] = summed / torch.bincount(own, minlength=len(reqs))[:, None]
-    resid = None
-    if rows_z is not None:
-        bare = [templates.index("{}") + i * len(templates) for i in range(len(reqs))]
-        resid = rows_z[bare]
+    keys = {layer: request_means(rows_k[layer], own, len(reqs)) for layer in layers}
+    resid = rows_z[bare_rows(templates, len(reqs))] if rows_z is not None else None
     return keys, resid
+
+
+def request_means(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """The mean [n, d] of the per-row vectors ``rows`` [rows, d] of each request (``owner``: the
+    request of each row)."""
+    summed = torch.zeros(n, rows.shape[1], device=rows.device).index_add_(0, owner, rows)
+    return summed / torch.bincount(owner, minlength=n)[:, None]
+
+
+def bare_rows(templates: Sequence[str], n: int) -> list[int]:
+    """The row of each of ``n`` requests' bare prompt (template ``"{}"``) among
+    :func:`subject_rows`' rows."""
+    return [templates.index("{}") + i * len(templates) for i in range(n)]
 
 
 @torch.no_grad()
