@@ -74,7 +74,7 @@ def run(handle: ModelHandle, method: str | Method, requests: Sequence[EditReques
     if dataset_info is not None:
         dataset = {"path": str(dataset_info.path), "format": dataset_info.format,
                    "fingerprint": dataset_info.fingerprint, "n_total": dataset_info.n_total,
-                   "offset": dataset_info.offset, "seed": dataset_info.seed,
+                   "n": dataset_info.n, "offset": dataset_info.offset, "seed": dataset_info.seed,
                    "skipped": getattr(dataset_info, "skipped", 0), "invalid": getattr(dataset_info, "invalid", 0),
                    "source": getattr(dataset_info, "source", "file")}
     metrics = cfg.get("metrics") or DEFAULT_METRICS

@@ -303,6 +303,19 @@ def test_cases_with_other_requests_are_not_paired_and_other_data_warns(tmp_path)
     assert [f.name for f in files][-2:] == ["report.png", "tradeoff.png"]
 
 
+def test_other_data_warning_names_n_from_older_manifests(tmp_path):
+    """Manifests written before the dataset record carried ``n`` keep it at the top level."""
+    runs = []
+    for name, offset in (("a", 0), ("b", 100)):
+        d = make_run(tmp_path, name, "rome", ROME)
+        ds = {k: v for k, v in DATASET.items() if k != "n"}
+        (d / "manifest.json").write_text(json.dumps({"method": "rome", "mode": "single", "n": 10,
+                                                     "dataset": dict(ds, offset=offset)}))
+        runs.append(d)
+    (warning,) = build_report(load_runs(runs))["warnings"]
+    assert "offset 100 n 10" in warning and "None" not in warning
+
+
 def test_efficiency_not_measured_reads_as_not_measured(tmp_path):
     """A run evaluated without the ``efficiency`` metric has no edit or setup times: its summary
     holds None for them (not 0) and the report shows them as missing."""

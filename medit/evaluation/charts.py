@@ -75,10 +75,16 @@ def _bars(ax: Any, rows: list[dict[str, Any]], labels: list[str], fraction: bool
     ax.set_xlim(-0.5, len(rows) - 0.5)
     ax.set_ylim(0, top * (1.22 if fraction else 1.3))
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([f"{r['metric']}\n{r['protocol']}" + ("" if r["stage"] == "post" else f"\n({r['stage']})")
-                        for r in rows], fontsize=fontsize * 0.85)
+    ax.set_xticklabels([_tick(r) for r in rows], fontsize=fontsize * 0.85)
     ax.tick_params(axis="y", labelsize=fontsize * 0.85)
     ax.grid(axis="y", alpha=0.3)
+
+
+def _tick(row: dict[str, Any]) -> str:
+    """A group's axis label, long snake_case names broken at their underscores so that
+    neighbouring labels do not run into each other."""
+    words = [w.replace("_", "_\n") if len(w) > 11 else w for w in (row["metric"], row["protocol"])]
+    return "\n".join(words) + ("" if row["stage"] == "post" else f"\n({row['stage']})")
 
 
 def write_chart(report: dict[str, Any], path: str | Path) -> Path:

@@ -216,7 +216,9 @@ def _warnings(runs: Sequence[Run]) -> list[str]:
 
     def data(r: Run) -> tuple[Any, ...] | None:
         ds = r.manifest.get("dataset")
-        return tuple(ds.get(k) for k in keys) if isinstance(ds, dict) and ds else None
+        if not isinstance(ds, dict) or not ds:
+            return None
+        return tuple(ds.get(k, r.manifest.get(k)) for k in keys)  # older manifests keep n only at the top
 
     found = {r.label: data(r) for r in runs}
     unknown = [lab for lab, d in found.items() if d is None]
