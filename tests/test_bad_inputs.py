@@ -51,13 +51,18 @@ def run_cli(*args: Any) -> Any:
 
 
 @pytest.fixture
-def guard(tmp_path: Path) -> Iterator[Any]:
+def guard(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     """``guard(args, *needles)``: the command is refused with one ``Error:`` line naming the
-    needles, and nothing under ``tmp_path`` changed. Returns the message."""
+    needles, and nothing under ``tmp_path`` changed, nor (for tests using ``made``) the finished
+    run, its patch and its data. Returns the message."""
+    roots = [tmp_path]
+    if "made" in request.fixturenames:
+        roots.append(request.getfixturevalue("made")["data"].parent)
+
     def check(args: list[Any], *needles: str) -> str:
-        before = tree(tmp_path)
+        before = [tree(r) for r in roots]
         msg = assert_one_line_error(run_cli(*args), *needles)
-        assert tree(tmp_path) == before, "a refused command changed files"
+        assert [tree(r) for r in roots] == before, "a refused command changed files"
         return msg
     yield check
 
@@ -243,6 +248,36 @@ def test_edit_options_are_checked_before_the_model_loads(made, tmp_path, guard, 
     guard(_edit(made, "--out", tmp_path / "r", "--gen-tokens", "0"), "--gen-tokens")
     guard(_edit(made, "--out", tmp_path / "r", "--mode", "single"), "single")
     guard(_edit(made, "--out", tmp_path / "r", "--set", "lr=abc"), "lr", "abc")
+
+
+def test_a_missing_statistics_corpus_is_reported_before_the_model_loads(made, tmp_path, guard, no_model):
+    args = ["eval", "--method", "rome", "--model", made["model"], "--dataset", made["data"], "--out",
+            tmp_path / "r", "--stats-corpus", tmp_path / "missing.txt"]
+    guard(args, "missing.txt", "does not exist")
+    assert not (tmp_path / "r").exists()
+
+
+def test_corpus_out_never_replaces_a_file_unasked(made, tmp_path, guard, no_model):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes\n")
+    guard(["corpus", "--facts", made["data"], "--out", mine], "notes.txt", "--force")
+    guard(["corpus", "--facts", made["data"], "--out", tmp_path], "is a folder")
+    result = run_cli("corpus", "--facts", made["data"], "--out", mine, "--force")
+    assert result.exit_code == 0, result.output
+    assert mine.read_text() != "my notes\n"
+
+
+def test_report_out_never_replaces_files_it_did_not_write(made, tmp_path, guard):
+    mine = tmp_path / "paper"
+    mine.mkdir()
+    (mine / "report.md").write_text("# my own report\n")
+    guard(["report", made["run"], "--out", mine], "report.md", "--force")
+    assert run_cli("report", made["run"], "--out", tmp_path / "new").exit_code == 0
+    again = run_cli("report", made["run"], "--out", tmp_path / "new")  # an earlier medit report: rewritten
+    assert again.exit_code == 0, again.output
+    assert run_cli("report", made["run"], "--out", mine, "--force").exit_code == 0
+    assert (mine / "report.md").read_text() != "# my own report\n"
+    assert not [p for p in (tmp_path / "new").iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
 def test_usage_errors_are_one_line(guard):

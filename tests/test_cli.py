@@ -626,6 +626,7 @@ def test_bad_device_cuda_without_gpu(runner, one_case, gpt2_dir, tmp_path):
     assert_one_line_error(invoke(runner, _edit(one_case, gpt2_dir, tmp_path, "--device", "cuda")),
                           "'cuda'", "--device cpu")
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="no-GPU test: a GPU is present")
 def test_bad_device_cuda_without_gpu_apply(runner, saved_patch, gpt2_dir):
     assert_one_line_error(invoke(runner, ["apply", "--model", gpt2_dir, "--patch", saved_patch["patch"],
                                           "--device", "cuda:0"]), "'cuda:0'")

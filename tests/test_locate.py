@@ -90,11 +90,14 @@ def test_batched_deltas_drop_finished_edits_and_equal_one_by_one(tiny_handle, fa
     """Edits that reach the early-stop NLL at different steps leave the batch's forward pass; every
     edit still gets the vector, step count and NLL of its own one-by-one optimisation. The losses
     are independent per edit and Adam is elementwise, so the only differences are float rounding
-    of differently shaped batched products, which 30 Adam steps carry to ~1e-7 (GPT-2, LLaMA) and,
-    through Gemma's post-MLP norm, ~1e-5 of the vectors' norm (~10): the bound is 1e-5 x the
-    largest norm. ``stop`` sits
+    of differently shaped batched products. In float32, Adam's normalised steps carry that rounding
+    in near-zero gradient entries up to ~1e-4 of the vectors' norm through Gemma's post-MLP norm,
+    by an amount that depends on the CPU's kernels; the model runs in float64 here, where it stays
+    below float32's resolution, so the bound is 1e-6 x the largest norm. ``stop`` sits
     between the tiny model's NLLs so that some edits stop early, at different steps, and some never."""
-    h = tiny_handle(family)
+    h = tiny_handle(family, fresh=True)
+    h.model.double()
+    h.dtype = torch.float64
     # prompts end with the subject: on random weights little flows between positions (see PROMPT)
     cases = [(PROMPT, SUBJECT, " the"), ("The home of Danielle Darrieux", "Danielle Darrieux", " of"),
              ("A friend of Toko Yasuda", "Toko Yasuda", " and"), ("Near the Eiffel Tower", "Eiffel Tower", " in")]
@@ -111,7 +114,7 @@ def test_batched_deltas_drop_finished_edits_and_equal_one_by_one(tiny_handle, fa
     assert len(set(steps)) > 2 and min(steps) < spec.steps  # finished edits really left mid-run
     assert [i["steps"] for i in info_b] == steps
     one_by_one = torch.cat([d for d, _ in single])
-    tol = 1e-5 * float(one_by_one.norm(dim=1).max())
+    tol = 1e-6 * float(one_by_one.norm(dim=1).max())
     torch.testing.assert_close(batch, one_by_one, atol=tol, rtol=0)
     # chunks of 2, formed by suffix length: results come back in request order
     pairs, _ = optimise_deltas(h, reqs, 0, templates, dataclasses.replace(spec, chunk=2))

@@ -1,9 +1,10 @@
-"""Patches saved by earlier medit versions still load, bit for bit.
+"""Patches saved by earlier medit versions still load to the same model.
 
 ``tests/data/legacy-patches`` holds patches written before the patch kinds were registered in core
 (manifest versions 1 and 2, read back then by method-specific loaders), made on the tiny random
 models of ``medit.testing`` (same builder, same seed), and the teacher-forced log-probs the model
-gave with each patch applied as that code loaded it. Today's loader must give exactly those.
+gave with each patch applied as that code loaded it. Today's loader must give those (to float32
+rounding: the CPU that recorded them may round differently), and revert bit for bit.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _hooks(handle) -> int:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED["cases"]))
-def test_legacy_patch_loads_bit_for_bit(tiny_handle, name):
+def test_legacy_patch_loads_to_the_same_model(tiny_handle, name):
     case = EXPECTED["cases"][name]
     handle = tiny_handle(case["family"], fresh=True)
     before, hooks = model_state(handle), _hooks(handle)
@@ -38,7 +39,10 @@ def test_legacy_patch_loads_bit_for_bit(tiny_handle, name):
     manifest = json.loads((LEGACY / name / "manifest.json").read_text())
     assert edit.kind == manifest["kind"] and edit.method == case["method"]
     got = [list(r.logprobs) for r in Scorer(handle, use_cache=False).teacher_forced(QUERIES, edit.transform_prompts)]
-    assert got == case["loaded"], f"legacy {name} patch no longer loads to the same model"
+    # the recorded log-probs came from another CPU: its kernels round the last float32 bits
+    # differently, while a patch loaded wrongly moves them by far more than 1e-5
+    for g, want in zip(got, case["loaded"], strict=True):
+        assert g == pytest.approx(want, abs=1e-5, rel=0), f"legacy {name} patch no longer loads to the same model"
     edit.revert()
     assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())
     assert _hooks(handle) == hooks

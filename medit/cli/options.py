@@ -114,6 +114,9 @@ def method_flags(method: Any, overrides: dict[str, Any], corpus: Optional[str],
                   checkpoint: Optional[str]) -> dict[str, Any]:
     """Route --stats-corpus and --checkpoint into the method's hparams."""
     overrides = route(method, overrides, "stats_corpus", corpus, "--stats-corpus", "uses no covariance statistics")
+    if corpus is not None:  # a missing file fails here, not after the model has loaded
+        from medit.toolkit.stats import Corpus
+        Corpus(corpus).check()
     overrides = route(method, overrides, "checkpoint", checkpoint, "--checkpoint", "uses no trained editor")
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise MeditError(f"checkpoint folder {checkpoint!r} does not exist; pass the --out folder of `medit train`")

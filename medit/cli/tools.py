@@ -59,10 +59,13 @@ def corpus(facts: str = typer.Option(..., "--facts", metavar="DATASET",
                                               help="text corpus whose paragraphs come first"),
            text_n: int = typer.Option(1000, "--text-n", metavar="N", help="paragraphs of --text to take"),
            facts_n: Optional[int] = typer.Option(None, "--facts-n", metavar="N",
-                                                 help="most fact lines to take (default all)")) -> None:
+                                                 help="most fact lines to take (default all)"),
+           force: bool = typer.Option(False, "--force", help="let --out replace an existing file")) -> None:
     """Write a statistics corpus: text paragraphs, then true facts from a dataset's training split."""
     o.one_process("corpus")
-    from medit.toolkit.fact_corpus import build_corpus, write_corpus
+    from medit.toolkit.fact_corpus import build_corpus, check_corpus_target, write_corpus
+
+    check_corpus_target(out, force)
 
     lines, counts = build_corpus(facts, exclude or [], text, text_n, facts_n)
     path = write_corpus(lines, out)
@@ -149,9 +152,11 @@ def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR",
                                        "check, with what the method reported about their edit"),
            miss_on: Optional[list[str]] = typer.Option(None, "--miss-on", metavar="METRIC.PROTOCOL",
                                                        help="a check for --misses (repeatable; default "
-                                                       "reliability.token_acc and locality.agreement)")) -> None:
+                                                       "reliability.token_acc and locality.agreement)"),
+           force: bool = typer.Option(False, "--force", help="let --out replace report files that an earlier "
+                                      "medit report did not write")) -> None:
     """Compare finished runs side by side: metrics × protocols per run (post-edit means, with pre)."""
-    from medit.evaluation.report import FORMATS, build_report, load_runs, render, write_report
+    from medit.evaluation.report import FORMATS, build_report, check_report_dir, load_runs, render, write_report
 
     if fmt not in FORMATS:
         raise UnknownNameError("report format", fmt, FORMATS, hint="pass --format table, markdown or json")
@@ -162,10 +167,12 @@ def report(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR",
         from medit.evaluation.misses import DEFAULT_CHECKS, parse_checks, render_misses
         typer.echo(render_misses(load_runs(run_dirs), parse_checks(miss_on or DEFAULT_CHECKS), fmt))
         return
+    if out:
+        check_report_dir(out, force)
     rep = build_report(load_runs(run_dirs))
     typer.echo(render(rep, fmt))
     if out:
-        files = write_report(rep, out)
+        files = write_report(rep, out, force)
         typer.echo("report: " + ", ".join(str(f) for f in files), err=True)
 
 

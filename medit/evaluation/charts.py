@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from medit.core.io import atomic_write_with
 from medit.evaluation.report import UNITS
 
 
@@ -148,7 +149,7 @@ def write_chart(report: dict[str, Any], path: str | Path) -> Path:
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=fontsize, frameon=False,
                bbox_to_anchor=(0.5, 0.05 / fig_h))
     out = Path(path)
-    fig.savefig(out, dpi=100)
+    atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return out
 
@@ -237,6 +238,6 @@ def write_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
               borderpad=1.2, handletextpad=1.5, frameon=False, title=f"generalization: {gen or 'not measured'}",
               title_fontsize=fontsize * 0.85)
     out = Path(path)
-    fig.savefig(out, dpi=100)
+    atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return out

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from medit.core.edit import Edit, WeightEdit
-from medit.core.io import JsonlAppender
+from medit.core.io import JsonlAppender, atomic_write_with
 from medit.core.queries import TFQuery
 from medit.errors import MeditError
 from medit.evaluation.memory import current_rss_mb, peak_rss_mb
@@ -204,6 +204,6 @@ def write_monitor_chart(curves: dict[str, list[dict[str, Any]]], path: str | Pat
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=110)
+    atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return out

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 from tabulate import tabulate
 
+from medit.core.io import atomic_write_text
 from medit.errors import InputFileError, UnknownNameError
 from medit.evaluation.intervals import SUMMARY_FIELDS, half_width, paired_difference
 
@@ -346,17 +347,40 @@ def _paired_table(report: dict[str, Any], tablefmt: str) -> str:
                                       tablefmt=tablefmt, disable_numparse=True)
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """Write ``report.md``, ``report.json``, ``report.png`` and ``tradeoff.png`` into ``out_dir`` (created),
-    and ``monitor.png`` when a run has a health monitor curve."""
+#: the files ``write_report`` writes into its folder
+REPORT_FILES = ("report.md", "report.json", "report.png", "tradeoff.png", "monitor.png")
+
+
+def check_report_dir(out_dir: str | Path, force: bool = False) -> None:
+    """Refuse a report folder that is a file, or whose report file names hold files medit did not
+    write (no medit ``report.json`` beside them), unless ``force``: rewriting an earlier report is
+    fine, replacing somebody's own ``report.md`` is not."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise InputFileError(f"--out '{out}' is a file; pass a folder for report.md, report.json and the charts")
+    present = [name for name in REPORT_FILES if (out / name).exists()] if out.is_dir() else []
+    if not present or force:
+        return
+    try:
+        earlier = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and {"runs", "rows"} <= set(earlier)):
+        raise InputFileError(f"--out '{out}' already holds {present[0]}, which is not from a medit report; "
+                             "pass --force to replace it, or choose another folder")
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, force: bool = False) -> list[Path]:
+    """Write ``report.md``, ``report.json``, ``report.png`` and ``tradeoff.png`` into ``out_dir`` (created),
+    and ``monitor.png`` when a run has a health monitor curve; each file atomically. A folder holding
+    such files that an earlier medit report did not write is refused unless ``force``."""
+    check_report_dir(out_dir, force)
+    out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     md = out / "report.md"
-    md.write_text(render(report, "markdown"), encoding="utf-8")
+    atomic_write_text(md, render(report, "markdown"))
     js = out / "report.json"
-    js.write_text(render(report, "json") + "\n", encoding="utf-8")
+    atomic_write_text(js, render(report, "json") + "\n")
     from medit.evaluation.charts import write_chart, write_tradeoff
     files = [md, js, write_chart(report, out / "report.png"), write_tradeoff(report, out / "tradeoff.png")]
     if report.get("monitor"):

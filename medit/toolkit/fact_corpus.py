@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medit.core.dataset import load_dataset
-from medit.errors import ValidationError
+from medit.errors import InputFileError, ValidationError
 from medit.core.io import atomic_write_text
 from medit.core.requests import EditRequest
 from medit.toolkit.stats import Corpus
@@ -66,6 +66,15 @@ def build_corpus(facts: str, exclude: Sequence[str] = (), text: str | None = Non
     paragraphs = Corpus(text).paragraphs(text_n) if text else []
     return paragraphs + out, {"text": len(paragraphs), "facts": len(out), "cases_read": read,
                               "excluded_cases": excluded}
+
+
+def check_corpus_target(out: str | Path, force: bool = False) -> None:
+    """Refuse to write the corpus over a folder, or over an existing file unless ``force``."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise InputFileError(f"--out '{out}' is a folder; name the corpus file to write, e.g. {Path(out) / 'corpus.txt'}")
+    if path.exists() and not force:
+        raise InputFileError(f"--out '{out}' already exists; pass --force to replace it, or choose another file")
 
 
 def write_corpus(lines: Sequence[str], out: str | Path) -> Path:

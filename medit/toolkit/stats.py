@@ -61,6 +61,12 @@ class Corpus:
         from medit.core.dataset import packaged_path
         return packaged_path(self.spec)
 
+    def check(self) -> None:
+        """Raise the one-line error of a local corpus file that does not exist (a hub name is
+        checked only when it is streamed)."""
+        if self.is_local:
+            self._path()
+
     def fingerprint(self) -> str:
         if self.is_local:
             p = self._path()
