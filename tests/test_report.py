@@ -332,3 +332,17 @@ def test_efficiency_not_measured_reads_as_not_measured(tmp_path):
                    efficiency={"edit_s_mean": None, "edit_s_total": None, "eval_s_total": 3.0, "peak_rss_mb": 9.0})
     line = next(ln for ln in render(build_report(load_runs([run]))).splitlines() if "edit_s_total" in ln)
     assert line.split()[-1] == "-"
+
+
+def test_answer_protocol_is_shown_first(tmp_path):
+    """``answer`` (would a user see the new fact) leads each metric's rows, whatever order the
+    summary holds the protocols in."""
+    metrics = {"reliability": {"token_acc": {"pre": 0.1, "post": 1.0}, "generate": {"pre": 0.0, "post": 0.9},
+                               "answer": {"pre": 0.0, "post": 0.8}},
+               "locality": {"agreement": {"pre": None, "post": 0.95}, "answer_agreement": {"pre": None, "post": 0.9}}}
+    rows = build_report(load_runs([make_run(tmp_path, "chat", "rome", metrics)]))["rows"]
+    order = [(r["metric"], r["protocol"]) for r in rows if r["stage"] == "post"]
+    assert order[0] == ("reliability", "answer")
+    assert [p for m, p in order if m == "reliability"] == ["answer", "generate", "token_acc"]
+    table = render(build_report(load_runs([tmp_path / "chat"])))
+    assert table.index("answer") < table.index("generate")

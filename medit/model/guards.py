@@ -75,11 +75,11 @@ def gb(n: float) -> str:
 
 def count_parameters(config: Any) -> int:
     """Parameters (and buffers) of the model ``config`` describes, counted on the meta device."""
-    from medit.model.loading import _model_class
+    from medit.model.loading import model_class
 
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
-        model = _model_class(config).from_config(config)
+        model = model_class(config).from_config(config)
     return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
 
 
@@ -112,11 +112,11 @@ def estimate_model(spec: str, *, alias: "ModelAlias | None", src: str, gguf: str
     None when none can be made without loading it. Raises ModelError for an unsupported family."""
     from transformers import AutoConfig
 
-    from medit.model.loading import _gguf_cache, _hub_kw, adapter_for_model_type
+    from medit.model.loading import gguf_cache, hub_kwargs, adapter_for_model_type
 
     width = torch.empty((), dtype=dtype).element_size()
     gguf_path = Path(src) / gguf if gguf else None
-    if gguf_path is not None and _gguf_cache(gguf_path) is not None:
+    if gguf_path is not None and gguf_cache(gguf_path) is not None:
         gguf_path = None  # the float32 conversion is cached: loaded straight into ``dtype``
     per_param = max(width, 4) if gguf_path is not None else width
     config = None
@@ -125,7 +125,7 @@ def estimate_model(spec: str, *, alias: "ModelAlias | None", src: str, gguf: str
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     elif gguf_path is None:
         try:
-            config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **_hub_kw(src))
+            config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **hub_kwargs(src))
         except Exception:  # unreachable hub id, broken folder: the loader says what is wrong
             config = None
     if config is not None:

