@@ -156,7 +156,8 @@ def test_statistics_and_memit_batch_split_over_ranks(tmp_path, tiny_model_dirs):
     assert list((tmp_path / "cache2" / "stats").rglob("*.safetensors"))  # rank 0 wrote the entries
 
 
-def test_killed_rank_then_resume_has_every_case_once(tmp_path, tiny_model_dirs):
+@pytest.mark.parametrize("resume_world", [1, 2], ids=["resumed-by-one-process", "resumed-by-two-ranks"])
+def test_killed_rank_then_resume_has_every_case_once(tmp_path, tiny_model_dirs, resume_world):
     out = tmp_path / "run"
     args = ["eval", "--method", "rome", "--model", tiny_model_dirs["gpt2"], "--dataset",
             f"counterfact:{COUNTERFACT}", "--n", "12", "--out", out, *FAST]
@@ -175,9 +176,13 @@ def test_killed_rank_then_resume_has_every_case_once(tmp_path, tiny_model_dirs):
     assert not (out / "summary.json").exists() and rank1.is_file()
     done = len(_cases(out / "cases.rank-0.jsonl")) + len(_cases(rank1))
     assert 1 <= done < 12
-    # resume under another world size (one process): the rest is done once, the rank files merged
-    res = _medit([*args, "--resume"], None, tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    # resume per rank (two ranks again) or under another world size (one process): the rest is
+    # done once, the rank files merged
+    if resume_world == 1:
+        res = _medit([*args, "--resume"], None, tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    else:
+        _ranks([*args, "--resume"], 2, tmp_path)
     ids = [c["case_id"] for c in _cases(out / "cases.jsonl")]
     assert len(ids) == len(set(ids)) == 12
     assert not list(out.glob("cases.rank-*.jsonl"))
