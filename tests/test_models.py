@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from medit.model import loading as handle_mod
+from medit.model import sources
 from medit import testing
 from medit.core.adapter import OPTIONAL_PER_LAYER, PER_LAYER, STANDARD_NAMES, ModelAdapter, ModelAlias
 from medit.errors import DeviceError, ModelError
@@ -492,7 +493,7 @@ def test_unreachable_hub_fails_fast(monkeypatch):
     import time
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(handle_mod, "_hub_reachable", None)
+    monkeypatch.setattr(sources, "_hub_reachable", None)
     assert handle_mod.hub_reachable() is False
     t0 = time.perf_counter()
     with pytest.raises(ModelError, match="gpt2-xl"):

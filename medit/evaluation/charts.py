@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medit.core.io import atomic_write_with
-from medit.evaluation.report import UNITS
+
+#: protocols whose values are not fractions in [0, 1], with the unit a chart shows them in
+UNITS = {"kl": "KL(pre ‖ post), nats (lower is better)", "ngram_entropy": "n-gram entropy, bits",
+         "perplexity": "perplexity (lower is better)"}
 
 
 def describe(report: dict[str, Any]) -> list[str]:

@@ -42,9 +42,6 @@ METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "att
 PROTOCOL_ORDER = ("answer", "generate", "token_acc", "exact", "prob", "agreement", "answer_agreement",
                   "generate_agreement", "kl",
                   "ngram_entropy", "perplexity", "mc_acc", "mc_agreement")
-#: protocols whose values are not fractions in [0, 1], with the unit a chart shows them in
-UNITS = {"kl": "KL(pre ‖ post), nats (lower is better)", "ngram_entropy": "n-gram entropy, bits",
-         "perplexity": "perplexity (lower is better)"}
 EFFICIENCY_KEYS = ("edit_s_mean", "edit_s_total", "eval_s_total", "stats_s", "template_s", "pool_s", "peak_rss_mb",
                    "peak_gpu_mb")
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import torch
 
 from medit.errors import ModelError, ValidationError
+from medit.model.sources import adapter_for_model_type, gguf_cache, hub_kwargs, model_class
 
 if TYPE_CHECKING:
     from medit.core.adapter import ModelAlias
@@ -75,7 +76,6 @@ def gb(n: float) -> str:
 
 def count_parameters(config: Any) -> int:
     """Parameters (and buffers) of the model ``config`` describes, counted on the meta device."""
-    from medit.model.loading import model_class
 
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
@@ -112,7 +112,6 @@ def estimate_model(spec: str, *, alias: "ModelAlias | None", src: str, gguf: str
     None when none can be made without loading it. Raises ModelError for an unsupported family."""
     from transformers import AutoConfig
 
-    from medit.model.loading import gguf_cache, hub_kwargs, adapter_for_model_type
 
     width = torch.empty((), dtype=dtype).element_size()
     gguf_path = Path(src) / gguf if gguf else None

