@@ -50,7 +50,7 @@ def run(handle: ModelHandle, method: str | Method, requests: Sequence[EditReques
         hparams: HParams | None = None, hparams_file: str | None = None,
         overrides: dict[str, Any] | None = None, n: int | None = None, offset: int = 0,
         seed: int | None = None, keep_edit: bool = False, dataset_info: Any = None,
-        skip_invalid: bool = False, attribute_pool: Sequence[str] | Any = None,
+        skip_invalid: bool = False, attribute_pool: Sequence[str] | Any = None, max_length: int | None = None,
         **cfg: Any) -> tuple[dict[str, Any], Edit | None]:
     """Evaluate ``method`` on requests (a list or a dataset spec such as ``counterfact:PATH``).
 
@@ -64,6 +64,9 @@ def run(handle: ModelHandle, method: str | Method, requests: Sequence[EditReques
     With the ``attribute`` metric, requests without ``attribute`` prompts get them from
     ``attribute_pool`` (dataset specs, or an :class:`~medit.plugins.metrics.attribute.AttributePool`;
     default: the whole dataset file ``requests`` names, else the requests themselves).
+
+    A prompt or target longer than ``max_length`` tokens (default, and at most, the model's
+    context length) is refused before anything is edited.
     """
     m = get_method(method) if isinstance(method, str) else method
     if isinstance(requests, str):
@@ -92,7 +95,7 @@ def run(handle: ModelHandle, method: str | Method, requests: Sequence[EditReques
     elif attribute_pool is not None:
         raise MeditError("an attribute pool is for the attribute metric, which this run does not evaluate; add "
                          "attribute to the metrics (--metrics) or drop --attribute-pool")
-    check_lengths(handle, reqs)  # an over-long prompt or target: one line now, not an OOM kill later
+    check_lengths(handle, reqs, max_length)  # an over-long prompt or target: one line now, not an OOM kill later
     hp = hparams if hparams is not None else m.resolve_hparams(handle, hparams_file, overrides)
     ev = Evaluator(handle, m, hp, EvalConfig(dataset=dataset, keep_edit=keep_edit,
                                              seed=seed or 0, **cfg))

@@ -219,6 +219,22 @@ def test_long_fields_are_refused_naming_case_field_and_limit(tiny_handle):
     assert guards.check_lengths(t5, [pair]) == guards.DEFAULT_CONTEXT
 
 
+def test_max_length_lowers_the_limit_and_never_raises_it(tiny_model_dirs, tiny_handle, tmp_path):
+    handle = tiny_handle("gpt2")
+    assert guards.check_lengths(handle, [CASE], 10_000) == 128  # at most the model's context
+    assert guards.check_lengths(handle, [CASE], 40) == 40
+    with pytest.raises(ValidationError, match=r"case '0': .* the limit of 3 tokens"):
+        guards.check_lengths(handle, [replace(CASE, case_id="0")], 3)
+    data = _write_jsonl(tmp_path / "one.jsonl", CASE.to_dict())
+    for flag in ("3", "0"):
+        r = CliRunner().invoke(app, ["eval", "--method", "ft-l", "--model", str(tiny_model_dirs["gpt2"]), "--device",
+                                     "cpu", "--dataset", str(data), "--out", str(tmp_path / "run"), "--max-length", flag])
+        assert r.exit_code == 2, r.output
+        (error,) = _errors(r.output)
+        assert ("limit of 3 tokens" if flag == "3" else "--max-length 0 must be at least 1") in error, error
+        assert not (tmp_path / "run" / "cases.jsonl").exists()
+
+
 def test_a_5_mb_prompt_is_refused_at_once(tiny_model_dirs, tiny_handle, tmp_path):
     """A valid record whose prompt is 5 MB: `medit eval` refuses it in one line naming the case,
     the field and the limit, before any editing or scoring (it used to be OOM-killed)."""

@@ -24,6 +24,7 @@ def edit(file: str = typer.Argument(..., metavar="FILE",
                                                   help="write the edit as a patch folder"),
          force: bool = typer.Option(False, "--force", help="let --save-patch replace an existing medit patch"),
          out: Optional[str] = o.OutOpt, protocol: Optional[str] = o.ProtoOpt, gen_tokens: int = o.GenOpt,
+         max_length: Optional[int] = o.MaxLenOpt,
          stats_corpus: Optional[str] = o.CorpusOpt, checkpoint: Optional[str] = o.CheckpointOpt,
          chat: bool = o.ChatOpt, chat_prompt: str = o.ChatPromptOpt, answer_tokens: int = o.AnswerOpt,
          skip_invalid: bool = o.SkipInvalidOpt,
@@ -42,6 +43,7 @@ def edit(file: str = typer.Argument(..., metavar="FILE",
     api.check_edit_mode(mode)
     o.check_ranks(out, device_map, out_needed=False)  # torchrun: all ranks apply the one edit together
     o.at_least(gen_tokens, 1, "--gen-tokens", 8)
+    o.at_least(max_length, 1, "--max-length", 512)
     protos = o.protocols(protocol)
     protos.update(o.chat_options(chat, chat_prompt, answer_tokens))
     run_dir = Path(out) if out else api.default_run_dir("edit", method)
@@ -67,7 +69,7 @@ def edit(file: str = typer.Argument(..., metavar="FILE",
         summary, _ = api.edit(handle, meth, requests, dataset_info=info, mode=mode,
                               save_patch=save_patch if main else None, force=force, hparams_file=hparams,
                               overrides=overrides, out_dir=run_dir if main else None, gen_tokens=gen_tokens,
-                              progress=main, **protos, **extra)
+                              max_length=max_length, progress=main, **protos, **extra)
     o.print_completions(summary)
     o.print_summary(summary, run_dir)
     if save_patch:
@@ -87,7 +89,8 @@ def eval_(method: str = o.MethodOpt, model: str = o.ModelOpt,
                                          help="edits per batch: batch mode (0: all at once) or sequential mode "
                                          "(batches applied one after another; 0: one edit at a time)"),
           hparams: Optional[str] = o.HparamsOpt, set_: Optional[list[str]] = o.SetOpt,
-          protocol: Optional[str] = o.ProtoOpt, gen_tokens: int = o.GenOpt, stats_corpus: Optional[str] = o.CorpusOpt,
+          protocol: Optional[str] = o.ProtoOpt, gen_tokens: int = o.GenOpt, max_length: Optional[int] = o.MaxLenOpt,
+          stats_corpus: Optional[str] = o.CorpusOpt,
           checkpoint: Optional[str] = o.CheckpointOpt, chat: bool = o.ChatOpt, chat_prompt: str = o.ChatPromptOpt,
           answer_tokens: int = o.AnswerOpt, skip_invalid: bool = o.SkipInvalidOpt,
           metrics: Optional[str] = typer.Option(None, "--metrics", metavar="LIST",
@@ -131,6 +134,7 @@ def eval_(method: str = o.MethodOpt, model: str = o.ModelOpt,
         check_shardable(mode, batch_size, distributed.world())
         o.check_ranks(out, device_map)
     o.at_least(gen_tokens, 1, "--gen-tokens", 8)
+    o.at_least(max_length, 1, "--max-length", 512)
     o.at_least(n, 1, "--n", 20)
     o.at_least(offset, 0, "--offset", 0)
     run_dir = Path(out) if out else api.default_run_dir("eval", method)
@@ -159,7 +163,7 @@ def eval_(method: str = o.MethodOpt, model: str = o.ModelOpt,
     meth.precheck_hparams(hparams, overrides)
     handle = o.load(model, dtype, device, device_map, random_init, trust_remote_code, no_memory_check)
     summary, _ = api.run(handle, meth, requests, dataset_info=info, seed=seed, hparams_file=hparams,
-                         overrides=overrides, out_dir=run_dir, resume=resume,
+                         overrides=overrides, out_dir=run_dir, resume=resume, max_length=max_length,
                          attribute_pool=extra.get("attribute_pool"), **cfg)
     o.print_summary(summary, run_dir)
 

@@ -75,6 +75,9 @@ ProtoOpt = typer.Option(None, "--protocol", metavar="LIST",
                         "with --chat all)")
 OutOpt = typer.Option(None, "--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
 GenOpt = typer.Option(8, "--gen-tokens", metavar="N", help="max new tokens for the generate protocol")
+MaxLenOpt = typer.Option(None, "--max-length", metavar="N",
+                         help="refuse prompts and targets longer than N tokens (default and most: the model's "
+                         "context length)")
 CorpusOpt = typer.Option(None, "--stats-corpus", metavar="CORPUS",
                          help="text/JSONL corpus (or HF dataset name[:config]) for covariance statistics (default: "
                          "the WikiText-2 text medit ships)")

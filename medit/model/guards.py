@@ -253,10 +253,12 @@ def _fields(r: "EditRequest") -> Iterator[tuple[str, str, str | None]]:
 
 def check_lengths(handle: "ModelHandle", requests: Iterable["EditRequest"], limit: int | None = None) -> int:
     """Refuse (ValidationError, naming the case, field and limit) any prompt or target longer than
-    ``limit`` tokens (default :func:`context_limit`); for a decoder-only model also a prompt
-    whose answer, read after it, takes it past the limit. A text longer than
+    ``limit`` tokens (default, and at most, :func:`context_limit`); for a decoder-only model also
+    a prompt whose answer, read after it, takes it past the limit. A text longer than
     ``limit × CHARS_PER_TOKEN`` characters is refused without tokenising it. Returns the limit."""
-    limit = limit if limit is not None else context_limit(handle)
+    context = context_limit(handle)
+    limit = min(limit, context) if limit is not None else context
+    what = f"the model's context of {limit:,} tokens" if limit == context else f"the limit of {limit:,} tokens"
     reqs: Sequence["EditRequest"] = list(requests)
     max_chars = limit * CHARS_PER_TOKEN
     texts: dict[str, int] = {}
@@ -264,7 +266,7 @@ def check_lengths(handle: "ModelHandle", requests: Iterable["EditRequest"], limi
         for name, text, _ in _fields(r):  # every answer is also a field of its own
             if len(text) > max_chars:
                 raise ValidationError(f"case {r.case_id!r}: {name} is {len(text):,} characters long, far beyond "
-                                      f"the model's context of {limit:,} tokens; shorten it (or drop the case)")
+                                      f"{what}; shorten it (or drop the case)")
             texts[text] = 0
     if not texts:
         return limit
@@ -281,8 +283,8 @@ def check_lengths(handle: "ModelHandle", requests: Iterable["EditRequest"], limi
         for name, text, _ in _fields(r):
             n = texts[text] + extra
             if n > limit:
-                raise ValidationError(f"case {r.case_id!r}: {name} is {n:,} tokens long, longer than the model's "
-                                      f"context of {limit:,} tokens; shorten it (or drop the case)")
+                raise ValidationError(f"case {r.case_id!r}: {name} is {n:,} tokens long, longer than {what}; "
+                                      "shorten it (or drop the case)")
     if handle.is_encoder_decoder:  # the answer goes to the decoder, not after the prompt
         return limit
     for r in reqs:
@@ -290,6 +292,6 @@ def check_lengths(handle: "ModelHandle", requests: Iterable["EditRequest"], limi
             n = texts[text] + extra
             if answer is not None and n + texts[answer] > limit:
                 raise ValidationError(f"case {r.case_id!r}: {name} followed by its answer is "
-                                      f"{n + texts[answer]:,} tokens long, longer than the model's context of "
-                                      f"{limit:,} tokens; shorten them (or drop the case)")
+                                      f"{n + texts[answer]:,} tokens long, longer than {what}; shorten them "
+                                      "(or drop the case)")
     return limit
