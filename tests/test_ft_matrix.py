@@ -1,4 +1,4 @@
-"""FT-L / FT-M × every family on tiny random models: the edit takes, revert is bit-exact,
+"""FT-L / FT-M × every family (the tiny Gemma aside, see FAMILIES) on tiny random models: the edit takes, revert is bit-exact,
 unrelated prompts keep their prediction, and a patch round-trips onto a fresh model."""
 from __future__ import annotations
 
@@ -11,9 +11,16 @@ from medit.core.requests import EditRequest
 from medit.scoring.engine import Scorer
 from medit.core.queries import TFQuery
 
+from conftest import FAMILIES as ALL_FAMILIES
 from snapshots import model_state
 
-FAMILIES = ("gpt2", "gptj", "gptneox", "llama", "t5")
+# Not the tiny Gemma: its post-MLP norm caps what one layer's output can move, and the 3-token
+# target's log-prob gain stops at 2.99 whatever the step size, steps or bound (measured: lr 0.05 /
+# 0.2, 100 / 300 steps, norm_constraint 0.2 / 1.0), short of the argmax. FT-L / FT-M on Gemma are
+# checked by the conformance kit (tests/test_conformance.py) on its own request, and on real
+# Gemma-3-270M weights in docs/results.md.
+FAMILIES = tuple(f for f in ALL_FAMILIES if f != "gemma")
+
 REQ = EditRequest(prompt="The capital of France is", subject="France", target_new="Paris",
                   case_id="t1")
 UNRELATED = [TFQuery("The quick brown fox jumps over the", "lazy dog"),
