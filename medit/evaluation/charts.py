@@ -4,6 +4,7 @@ report that :func:`medit.evaluation.report.build_report` built."""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -191,8 +192,10 @@ def write_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
         return 150.0 + 2400.0 * max(0.0, min(1.0, g))
 
     fontsize = 15.0
+    warning = textwrap.wrap("Warning: " + " / ".join(report["warnings"]), 150) if report.get("warnings") else []
     fig, ax = plt.subplots(figsize=(16.0, 10.0))
-    fig.subplots_adjust(left=0.08, right=0.80, top=0.84, bottom=0.09)
+    # the warning's lines sit below the x-axis label, never on it
+    fig.subplots_adjust(left=0.08, right=0.80, top=0.84, bottom=0.09 + 0.025 * len(warning))
     missing = []
     seen: list[float] = []  # every drawn coordinate and interval bound, to zoom on them
     for j, r in enumerate(report["runs"]):
@@ -229,9 +232,9 @@ def write_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
                  weight="bold", y=0.975)
     note = "\n".join(describe(report)) + "\nerror bars: 95% bootstrap interval over cases"
     fig.text(0.08, 0.925, note, ha="left", va="top", fontsize=fontsize * 0.8)
-    if report.get("warnings"):
-        fig.text(0.5, 0.005, "Warning: " + " / ".join(report["warnings"]), ha="center", va="bottom",
-                 fontsize=fontsize * 0.8, color="#b00000", weight="bold", wrap=True)
+    if warning:
+        fig.text(0.5, 0.008, "\n".join(warning), ha="center", va="bottom", fontsize=fontsize * 0.8,
+                 color="#b00000", weight="bold")
     # marker-size key: what generalization a marker's area means
     for g in (0.25, 0.5, 1.0):
         ax.scatter([], [], s=size(g), color="0.7", edgecolors="black", label=f"generalization {g:g}")
