@@ -785,6 +785,23 @@ def test_saved_hugging_face_dataset_folder(tmp_path):
         load_dataset(f"zsre:{bad}")
 
 
+def test_saved_knowedit_and_mquake_folders_read_like_their_files(tmp_path):
+    """The other two hub-backed formats read a `save_to_disk` folder too (one KnowEdit subset per
+    table, as its splits are published: Arrow cannot hold its subsets' differing fields together)."""
+    require_module("datasets", DATASETS_WHEEL)
+    import datasets
+
+    other = dict(KE_CF, subject="Leo Arons", prompt="The name of the position held by Leo Arons is")
+    for fmt, recs in (("knowedit", [KE_CF, other]), ("mquake", [MQ_ONE, MQ_TWO])):
+        file = write_json(tmp_path / f"{fmt}.json", recs)
+        folder = tmp_path / f"{fmt}-saved"
+        datasets.Dataset.from_list(recs).save_to_disk(str(folder))
+        from_file, _ = load_dataset(f"{fmt}:{file}")
+        from_folder, info = load_dataset(f"{fmt}:{folder}")
+        assert _plain(from_folder) == _plain(from_file) and from_file
+        assert (info.format, info.source) == (fmt, "saved")
+
+
 def test_hub_id_offline_is_a_one_line_error_naming_the_local_alternative(monkeypatch):
     require_module("datasets", DATASETS_WHEEL)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

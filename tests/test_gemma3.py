@@ -2,7 +2,8 @@
 GGUF (the ``gemma-3-270m`` alias). It knows where the Eiffel Tower is; medit's scoring equals a
 plain forward pass through its sliding-window layers (window 512, one prompt longer than that,
 left-padded beside short ones in the cached engine); one ROME edit with default hyperparameters
-takes and reverts bit for bit. Slow: run with ``pytest -m slow``.
+takes and reverts bit for bit; MEMIT (a batch) and AlphaEdit edit five CounterFact cases. Slow: run
+with ``pytest -m slow``.
 """
 from __future__ import annotations
 
@@ -75,3 +76,29 @@ def test_gemma3_rome_edit_takes_and_reverts(gemma3):
     finally:
         edit.revert()
     assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
+
+
+@pytest.mark.parametrize("method,mode", [("memit", "batch"), ("alphaedit", "single")])
+def test_gemma3_locate_then_edit_on_counterfact(gemma3, tmp_path, method, mode):
+    """MEMIT all five at once and AlphaEdit one at a time on five CounterFact dev cases (the
+    family defaults of hparams/*/gemma.yaml, fewer statistics rows): the edits take, unrelated
+    prompts keep their predictions, and the model is restored exactly afterwards."""
+    from pathlib import Path
+
+    from medit import api
+    from medit.evaluation.summary import summary_table
+
+    data = Path(__file__).resolve().parent / "data" / "counterfact-dev-300.json"
+    before = {k: v.detach().clone() for k, v in gemma3.model.state_dict().items()}
+    summary, _ = api.run(gemma3, method, f"counterfact:{data}", n=5, mode=mode,
+                         overrides={"stats_samples": "300"}, protocols=("token_acc", "exact"),
+                         out_dir=tmp_path / "run", progress=False)
+    print()
+    print(summary_table(summary))
+    m = summary["metrics"]
+    assert m["reliability"]["token_acc"]["post"] >= 0.9, m["reliability"]
+    # AlphaEdit's protected directions hold only about half the keys' second moment on Gemma's
+    # layers 1-4, and its locality is 0.92 over 50 cases (docs/methods.md, Gemma): here one of the
+    # five neighbourhood prompts changes (measured), so its floor is four of five
+    assert m["locality"]["agreement"]["post"] >= (0.8 if method == "alphaedit" else 0.9), m["locality"]
+    assert all(torch.equal(v, before[k]) for k, v in gemma3.model.state_dict().items())
